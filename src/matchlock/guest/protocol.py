@@ -1,0 +1,367 @@
+"""Host side of the host/guest agent protocol, without I/O (see docs/guest-protocol.md).
+
+Everything the guest sends is hostile: lengths are bounded before anything is buffered, every
+field is checked, and any violation raises ProtocolError, which ends the sandbox.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+
+PROTOCOL_VERSION = 1
+HEADER = struct.Struct(">B3xII")
+HEADER_SIZE = HEADER.size
+MAX_GUEST_PAYLOAD = 65536
+MAX_HOST_PAYLOAD = 1 << 20
+MAX_DATA = 65536
+STDIN_WINDOW = 262144
+MAX_LOG_LINE = 4096
+_TLV = struct.Struct(">HI")
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol; the connection cannot be trusted any more."""
+
+
+class T(IntEnum):
+    """Frame types."""
+
+    # host -> guest
+    SETUP = 0x01
+    EXEC = 0x02
+    STDIN = 0x03
+    SIGNAL = 0x04
+    RESIZE = 0x05
+    FILE_WRITE = 0x06
+    FILE_READ = 0x07
+    FILE_LIST = 0x08
+    FILE_DATA_IN = 0x09
+    SHUTDOWN = 0x0A
+    PING = 0x0B
+    KILL = 0x0C
+    # guest -> host
+    HELLO = 0x81
+    STDOUT = 0x82
+    STDERR = 0x83
+    EXIT = 0x84
+    STDIN_ACK = 0x85
+    FILE_DATA = 0x86
+    DIRENT = 0x87
+    RESULT = 0x88
+    PONG = 0x89
+    LOG = 0x8A
+    STARTED = 0x8B
+
+
+GUEST_TYPES = frozenset(t for t in T if t >= 0x80)
+_CONTROL_ONLY = frozenset({T.HELLO, T.PONG, T.LOG})
+
+
+class SetupTag(IntEnum):
+    HOSTNAME = 1
+    ROOT_DEV = 2
+    UPPER_DEV = 3
+    CLOCK_NS = 4
+    ENTROPY = 5
+    HOSTS_LINE = 6
+    RESOLV = 7
+
+
+class ExecTag(IntEnum):
+    ARG = 1
+    ENV = 2
+    CWD = 3
+    USER = 4
+    FLAGS = 5
+    ROWS = 6
+    COLS = 7
+
+
+class FileTag(IntEnum):
+    PATH = 1
+    MODE = 2
+    NAME = 3
+    SIZE = 4
+    MTIME = 5
+
+
+EXEC_TTY = 1
+EXEC_PRIVILEGED = 2
+EXEC_STDIN = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    type: T
+    channel: int
+    payload: bytes
+
+
+def encode_frame(ftype: T, channel: int, payload: bytes = b"") -> bytes:
+    if not 0 <= channel <= 0xFFFFFFFF:
+        raise ValueError(f"channel out of range: {channel}")
+    if len(payload) > MAX_HOST_PAYLOAD:
+        raise ValueError(f"payload too large: {len(payload)}")
+    return HEADER.pack(int(ftype), channel, len(payload)) + payload
+
+
+class FrameDecoder:
+    """Incremental decoder for guest frames; never buffers more than one bounded frame."""
+
+    def __init__(self, max_payload: int = MAX_GUEST_PAYLOAD) -> None:
+        self._buf = bytearray()
+        self._max = max_payload
+
+    def feed(self, data: bytes) -> list[Frame]:
+        self._buf += data
+        frames: list[Frame] = []
+        while len(self._buf) >= HEADER_SIZE:
+            raw_type = self._buf[0]
+            if self._buf[1:4] != b"\0\0\0":
+                raise ProtocolError("reserved header bytes are not zero")
+            _, channel, length = HEADER.unpack_from(self._buf)
+            if raw_type not in GUEST_TYPES:
+                raise ProtocolError(f"unknown frame type 0x{raw_type:02x}")
+            if length > self._max:
+                raise ProtocolError(f"frame payload of {length} bytes exceeds {self._max}")
+            ftype = T(raw_type)
+            if ftype in _CONTROL_ONLY and channel != 0:
+                raise ProtocolError(f"{ftype.name} on channel {channel}")
+            if ftype not in _CONTROL_ONLY and ftype != T.RESULT and channel == 0:
+                raise ProtocolError(f"{ftype.name} on the control channel")
+            end = HEADER_SIZE + length
+            if len(self._buf) < end:
+                break
+            frames.append(Frame(ftype, channel, bytes(self._buf[HEADER_SIZE:end])))
+            del self._buf[:end]
+        return frames
+
+    @property
+    def pending(self) -> int:
+        return len(self._buf)
+
+
+# --- TLV -------------------------------------------------------------------------------------
+
+
+def encode_tlv(fields: Iterable[tuple[int, bytes]]) -> bytes:
+    out = bytearray()
+    for tag, value in fields:
+        out += _TLV.pack(tag, len(value)) + value
+    return bytes(out)
+
+
+def decode_tlv(payload: bytes) -> list[tuple[int, bytes]]:
+    fields: list[tuple[int, bytes]] = []
+    off = 0
+    while off < len(payload):
+        if len(payload) - off < _TLV.size:
+            raise ProtocolError("truncated TLV header")
+        tag, length = _TLV.unpack_from(payload, off)
+        off += _TLV.size
+        if length > len(payload) - off:
+            raise ProtocolError("TLV value runs past the payload")
+        fields.append((tag, payload[off : off + length]))
+        off += length
+    return fields
+
+
+def _text(value: str, what: str) -> bytes:
+    raw = value.encode("utf-8", "surrogateescape")
+    if b"\0" in raw:
+        raise ValueError(f"{what} contains a NUL byte")
+    return raw
+
+
+def _guest_text(raw: bytes, what: str) -> str:
+    if b"\0" in raw:
+        raise ProtocolError(f"{what} contains a NUL byte")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ProtocolError(f"{what} is not UTF-8") from e
+
+
+# --- host -> guest messages ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SetupRequest:
+    hostname: str
+    root_dev: str
+    upper_dev: str | None
+    clock_ns: int
+    entropy: bytes
+    hosts_lines: tuple[str, ...] = ()
+    resolv: str | None = None
+
+    def encode(self) -> bytes:
+        fields: list[tuple[int, bytes]] = [
+            (SetupTag.HOSTNAME, _text(self.hostname, "hostname")),
+            (SetupTag.ROOT_DEV, _text(self.root_dev, "root device")),
+            (SetupTag.CLOCK_NS, struct.pack(">Q", self.clock_ns)),
+            (SetupTag.ENTROPY, self.entropy),
+        ]
+        if self.upper_dev:
+            fields.append((SetupTag.UPPER_DEV, _text(self.upper_dev, "upper device")))
+        fields += [(SetupTag.HOSTS_LINE, _text(line, "hosts line")) for line in self.hosts_lines]
+        if self.resolv is not None:
+            fields.append((SetupTag.RESOLV, _text(self.resolv, "resolv.conf")))
+        return encode_tlv(fields)
+
+
+@dataclass(frozen=True)
+class ExecRequest:
+    argv: Sequence[str]
+    env: Sequence[str] = ()
+    cwd: str | None = None
+    user: str | None = None
+    tty: bool = False
+    privileged: bool = False
+    stdin: bool = False
+    rows: int = 24
+    cols: int = 80
+
+    def encode(self) -> bytes:
+        if not self.argv:
+            raise ValueError("argv is empty")
+        fields: list[tuple[int, bytes]] = [(ExecTag.ARG, _text(a, "argument")) for a in self.argv]
+        for kv in self.env:
+            if "=" not in kv or kv.startswith("="):
+                raise ValueError(f"environment entry {kv!r} is not KEY=VALUE")
+            fields.append((ExecTag.ENV, _text(kv, "environment entry")))
+        if self.cwd:
+            fields.append((ExecTag.CWD, _text(self.cwd, "working directory")))
+        if self.user:
+            fields.append((ExecTag.USER, _text(self.user, "user")))
+        flags = (
+            (EXEC_TTY if self.tty else 0)
+            | (EXEC_PRIVILEGED if self.privileged else 0)
+            | (EXEC_STDIN if self.stdin else 0)
+        )
+        fields.append((ExecTag.FLAGS, struct.pack(">I", flags)))
+        if self.tty:
+            fields.append((ExecTag.ROWS, struct.pack(">H", _u16(self.rows))))
+            fields.append((ExecTag.COLS, struct.pack(">H", _u16(self.cols))))
+        return encode_tlv(fields)
+
+
+def _u16(n: int) -> int:
+    return max(0, min(0xFFFF, n))
+
+
+def encode_signal(signo: int) -> bytes:
+    return struct.pack(">I", signo)
+
+
+def encode_resize(rows: int, cols: int) -> bytes:
+    return struct.pack(">HH", _u16(rows), _u16(cols))
+
+
+def encode_path(path: str, mode: int | None = None) -> bytes:
+    fields: list[tuple[int, bytes]] = [(FileTag.PATH, _text(path, "path"))]
+    if mode is not None:
+        fields.append((FileTag.MODE, struct.pack(">I", mode & 0o7777)))
+    return encode_tlv(fields)
+
+
+# --- guest -> host messages ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hello:
+    version: int
+    boot_ns: int
+    agent: str
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    code: int
+    signal: int
+
+
+@dataclass(frozen=True)
+class Result:
+    errno: int
+    message: str
+
+
+@dataclass(frozen=True)
+class DirEntry:
+    name: str
+    mode: int
+    size: int
+    mtime: int
+
+    @property
+    def is_dir(self) -> bool:
+        return (self.mode & 0o170000) == 0o040000
+
+
+def _exact(payload: bytes, n: int, what: str) -> None:
+    if len(payload) != n:
+        raise ProtocolError(f"{what} payload must be {n} bytes, got {len(payload)}")
+
+
+def parse_hello(payload: bytes) -> Hello:
+    if len(payload) < 12 or len(payload) > 12 + 256:
+        raise ProtocolError("malformed HELLO")
+    version, boot_ns = struct.unpack_from(">IQ", payload)
+    return Hello(version, boot_ns, _guest_text(payload[12:], "agent version"))
+
+
+def parse_exit(payload: bytes) -> ExitStatus:
+    _exact(payload, 8, "EXIT")
+    code, sig = struct.unpack(">iI", payload)
+    if not 0 <= code <= 255:
+        raise ProtocolError(f"exit code {code} out of range")
+    if sig > 64 or (sig and code != 128 + sig):
+        raise ProtocolError(f"inconsistent exit status {code}/{sig}")
+    return ExitStatus(code, sig)
+
+
+def parse_u32(payload: bytes, what: str) -> int:
+    _exact(payload, 4, what)
+    return int(struct.unpack(">I", payload)[0])
+
+
+def parse_result(payload: bytes) -> Result:
+    if len(payload) < 4:
+        raise ProtocolError("malformed RESULT")
+    (err,) = struct.unpack_from(">i", payload)
+    if err < 0 or err > 4095:
+        raise ProtocolError(f"RESULT errno {err} out of range")
+    return Result(err, _guest_text(payload[4:], "result message"))
+
+
+def parse_dirent(payload: bytes) -> DirEntry:
+    got: dict[int, bytes] = {}
+    for tag, value in decode_tlv(payload):
+        if tag in got:
+            raise ProtocolError(f"DIRENT field {tag} repeated")
+        got[tag] = value
+    try:
+        name = _guest_text(got[FileTag.NAME], "file name")
+        mode_raw, size_raw, mtime_raw = got[FileTag.MODE], got[FileTag.SIZE], got[FileTag.MTIME]
+    except KeyError as e:
+        raise ProtocolError(f"DIRENT lacks field {e.args[0]}") from None
+    if not name or "/" in name or name in (".", ".."):
+        raise ProtocolError(f"bad file name {name!r} in DIRENT")
+    if len(mode_raw) != 4 or len(size_raw) != 8 or len(mtime_raw) != 8:
+        raise ProtocolError("DIRENT field of the wrong size")
+    return DirEntry(
+        name,
+        struct.unpack(">I", mode_raw)[0],
+        struct.unpack(">Q", size_raw)[0],
+        struct.unpack(">q", mtime_raw)[0],
+    )
+
+
+def parse_log(payload: bytes) -> str:
+    if len(payload) > MAX_LOG_LINE:
+        raise ProtocolError("LOG line too long")
+    return payload.decode("utf-8", "replace")

@@ -1,0 +1,24 @@
+"""Where matchlock keeps its cache (rebuildable) and state (per-sandbox)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """Rebuildable artifacts: kernel, agent, initramfs, images, rootfs."""
+    env = os.environ.get("MATCHLOCK_CACHE_DIR")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".cache"
+    return base / "matchlock"
+
+
+def state_dir() -> Path:
+    """Per-sandbox directories and the state database."""
+    env = os.environ.get("MATCHLOCK_STATE_DIR")
+    if env:
+        return Path(env)
+    return Path.home() / ".matchlock"

@@ -1,0 +1,134 @@
+"""The host codec, byte for byte, and its defences against a hostile guest."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from matchlock.guest import protocol as p
+from matchlock.guest.protocol import T
+
+
+def frame(t: int, ch: int, payload: bytes, reserved: bytes = b"\0\0\0") -> bytes:
+    return bytes([t]) + reserved + struct.pack(">II", ch, len(payload)) + payload
+
+
+def test_encode_frame_layout() -> None:
+    assert p.encode_frame(T.STDIN, 7, b"hi") == b"\x03\0\0\0\0\0\0\x07\0\0\0\x02hi"
+    assert p.encode_frame(T.SHUTDOWN, 0) == b"\x0a" + b"\0" * 11
+
+
+def test_decoder_handles_split_and_coalesced_input() -> None:
+    data = frame(0x82, 1, b"abc") + frame(0x83, 1, b"de") + frame(0x84, 1, struct.pack(">iI", 3, 0))
+    dec = p.FrameDecoder()
+    got = []
+    for i in range(len(data)):
+        got += dec.feed(data[i : i + 1])
+    assert [(f.type, f.channel, f.payload) for f in got] == [
+        (T.STDOUT, 1, b"abc"), (T.STDERR, 1, b"de"), (T.EXIT, 1, struct.pack(">iI", 3, 0))
+    ]
+    assert dec.pending == 0
+    again = p.FrameDecoder().feed(data)
+    assert again == got
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (frame(0x02, 1, b""), "unknown frame type"),  # a host type coming from the guest
+        (frame(0x7F, 1, b""), "unknown frame type"),
+        (frame(0x82, 1, b"", reserved=b"\0\1\0"), "reserved"),
+        (frame(0x81, 3, b""), "HELLO on channel 3"),
+        (frame(0x82, 0, b"x"), "STDOUT on the control channel"),
+    ],
+)
+def test_decoder_rejects_malformed_headers(data: bytes, reason: str) -> None:
+    with pytest.raises(p.ProtocolError, match=reason):
+        p.FrameDecoder().feed(data)
+
+
+def test_decoder_rejects_oversized_length_before_buffering() -> None:
+    header = bytes([0x82, 0, 0, 0]) + struct.pack(">II", 1, p.MAX_GUEST_PAYLOAD + 1)
+    dec = p.FrameDecoder()
+    with pytest.raises(p.ProtocolError, match="exceeds"):
+        dec.feed(header)
+
+
+def test_exec_request_encoding() -> None:
+    req = p.ExecRequest(argv=["ls", "-l"], env=["A=1"], cwd="/w", user="1000:1000",
+                        tty=True, stdin=True, rows=30, cols=100)
+    fields = p.decode_tlv(req.encode())
+    assert fields == [
+        (1, b"ls"), (1, b"-l"), (2, b"A=1"), (3, b"/w"), (4, b"1000:1000"),
+        (5, struct.pack(">I", p.EXEC_TTY | p.EXEC_STDIN)),
+        (6, struct.pack(">H", 30)), (7, struct.pack(">H", 100)),
+    ]
+    assert req.encode()[:8] == b"\x00\x01\x00\x00\x00\x02ls"
+
+
+@pytest.mark.parametrize("bad", [
+    p.ExecRequest(argv=[]),
+    p.ExecRequest(argv=["a\0b"]),
+    p.ExecRequest(argv=["a"], env=["NOEQUALS"]),
+    p.ExecRequest(argv=["a"], env=["=x"]),
+])
+def test_exec_request_refuses_bad_values(bad: p.ExecRequest) -> None:
+    with pytest.raises(ValueError):
+        bad.encode()
+
+
+def test_setup_request_round_trip() -> None:
+    req = p.SetupRequest(hostname="h", root_dev="vda", upper_dev="vdb", clock_ns=5,
+                         entropy=b"\x01" * 32, hosts_lines=("10.0.0.1 x",), resolv="nameserver 1\n")
+    fields = dict((t, v) for t, v in p.decode_tlv(req.encode()) if t != p.SetupTag.HOSTS_LINE)
+    assert fields[p.SetupTag.HOSTNAME] == b"h"
+    assert fields[p.SetupTag.CLOCK_NS] == struct.pack(">Q", 5)
+    assert fields[p.SetupTag.UPPER_DEV] == b"vdb"
+    assert fields[p.SetupTag.RESOLV] == b"nameserver 1\n"
+
+
+def test_tlv_rejects_truncation() -> None:
+    good = p.encode_tlv([(1, b"abc")])
+    with pytest.raises(p.ProtocolError):
+        p.decode_tlv(good[:-1])
+    with pytest.raises(p.ProtocolError):
+        p.decode_tlv(good + b"\0")
+
+
+def test_parse_hello() -> None:
+    h = p.parse_hello(struct.pack(">IQ", 1, 123) + b"agent 1")
+    assert h == p.Hello(1, 123, "agent 1")
+    with pytest.raises(p.ProtocolError):
+        p.parse_hello(b"\0\0\0\1")
+    with pytest.raises(p.ProtocolError):
+        p.parse_hello(struct.pack(">IQ", 1, 0) + b"x\0")
+
+
+@pytest.mark.parametrize("code, sig, ok", [
+    (0, 0, True), (42, 0, True), (130, 2, True), (255, 0, True),
+    (-1, 0, False), (256, 0, False), (3, 9, False), (128 + 65, 65, False),
+])
+def test_parse_exit_validates(code: int, sig: int, ok: bool) -> None:
+    payload = struct.pack(">iI", code, sig)
+    if ok:
+        assert p.parse_exit(payload) == p.ExitStatus(code, sig)
+    else:
+        with pytest.raises(p.ProtocolError):
+            p.parse_exit(payload)
+
+
+def test_parse_result_and_dirent() -> None:
+    assert p.parse_result(struct.pack(">i", 2) + b"no such file") == p.Result(2, "no such file")
+    with pytest.raises(p.ProtocolError):
+        p.parse_result(struct.pack(">i", -5))
+    ent = p.encode_tlv([(p.FileTag.NAME, b"f"), (p.FileTag.MODE, struct.pack(">I", 0o40755)),
+                        (p.FileTag.SIZE, struct.pack(">Q", 4096)),
+                        (p.FileTag.MTIME, struct.pack(">q", -1))])
+    d = p.parse_dirent(ent)
+    assert d == p.DirEntry("f", 0o40755, 4096, -1) and d.is_dir
+    for name in (b"", b"..", b"a/b"):
+        bad = p.encode_tlv([(p.FileTag.NAME, name), (p.FileTag.MODE, b"\0" * 4),
+                            (p.FileTag.SIZE, b"\0" * 8), (p.FileTag.MTIME, b"\0" * 8)])
+        with pytest.raises(p.ProtocolError):
+            p.parse_dirent(bad)
