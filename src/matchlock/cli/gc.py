@@ -1,0 +1,18 @@
+"""`matchlock gc`: reclaim what sandboxes whose owner died left behind."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command()
+def gc() -> None:
+    """Kill orphaned VMs and remove the files of dead sandboxes."""
+    from matchlock.state import registry
+
+    collected = registry.gc()
+    for c in collected:
+        extra = " (killed its VM)" if c.killed_vmm else ""
+        click.echo(f"removed {c.id}{extra}")
+    if not collected:
+        click.echo("nothing to collect")

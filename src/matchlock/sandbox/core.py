@@ -1,0 +1,254 @@
+"""One sandbox: a microVM with its own writable layer, reached through the guest agent.
+
+Start-up order is chosen so that every resource is recorded (in the sandbox directory, whose
+owner.json `matchlock gc` reads) before it exists, and `close()` undoes everything on every
+path: success, error, signal, timeout or guest panic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from matchlock.errors import GuestError, MatchlockError
+from matchlock.guest import protocol as p
+from matchlock.guest.client import AgentConnection, AgentGone, Exec
+from matchlock.state import registry
+from matchlock.vm import qemu
+from matchlock.vm.qemu import Disk, VMConfig
+
+_HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+MIN_MEMORY_MB = 64
+
+
+@dataclass
+class SandboxOptions:
+    image: str
+    rootfs: Path | None
+    cpus: float = 1.0
+    memory_mb: int = 512
+    disk_size_mb: int = 5120
+    hostname: str | None = None
+    accel: str | None = None
+    boot_timeout: float = 60.0
+    extra_hosts: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        if not (math.isfinite(self.cpus) and self.cpus > 0):
+            raise MatchlockError(f"--cpus must be a positive number, got {self.cpus}")
+        host = os.cpu_count() or 1
+        if math.ceil(self.cpus) > host:
+            raise MatchlockError(
+                f"--cpus {self.cpus:g} needs {math.ceil(self.cpus)} vCPUs but the host has {host}",
+                hint=f"use --cpus {host} or less",
+            )
+        if self.memory_mb < MIN_MEMORY_MB:
+            raise MatchlockError(
+                f"--memory {self.memory_mb} MiB is too small", hint=f"use at least {MIN_MEMORY_MB}"
+            )
+        if self.hostname is not None and not _HOSTNAME.match(self.hostname):
+            raise MatchlockError(
+                f"invalid hostname {self.hostname!r}",
+                hint="use letters, digits and '-', at most 63 characters",
+            )
+
+
+@dataclass
+class Timings:
+    phases: dict[str, float] = field(default_factory=dict)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.phases[name] = self.phases.get(name, 0.0) + seconds
+
+
+class Sandbox:
+    def __init__(self, opts: SandboxOptions) -> None:
+        opts.validate()
+        self.opts = opts
+        self.timings = Timings()
+        self.accel = ""
+        self.accel_reason = ""
+        self.dir: Path | None = None
+        self.id = ""
+        self._owner: registry.Owner | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._conn: AgentConnection | None = None
+        self._closed = False
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # --- start -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        from matchlock.sandbox import boot, disk
+
+        t0 = time.perf_counter()
+        arts = boot.artifacts()
+        choice = boot.choose_accel(self.opts.accel, arts)
+        self.accel, self.accel_reason = choice.accel, choice.reason
+        self.dir, self._owner = registry.create_dir(self.opts.image)
+        self.id = self._owner.id
+        disks: list[Disk] = []
+        if self.opts.rootfs is not None:
+            upper = disk.make_upper(self.dir / "upper.ext4", self.opts.disk_size_mb)
+            disks = [Disk(self.opts.rootfs, readonly=True), Disk(upper)]
+        host_sock, guest_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        cfg = VMConfig(
+            kernel=arts.kernel,
+            initrd=arts.initrd,
+            accel=self.accel,
+            vcpus=math.ceil(self.opts.cpus),
+            memory_mb=self.opts.memory_mb,
+            console_log=self.dir / "console.log",
+            control_fd=guest_sock.fileno(),
+            disks=disks,
+        )
+        t1 = time.perf_counter()
+        self.timings.add("host_prep", t1 - t0)
+        try:
+            self._proc = qemu.spawn(cfg, self.dir / "vmm.log")
+        finally:
+            guest_sock.close()
+        self._owner.vmm_pid = self._proc.pid
+        self._owner.vmm_start = registry.proc_start_time(self._proc.pid)
+        self._owner.save(self.dir / "owner.json")
+        self._conn = AgentConnection(host_sock, on_log=self._agent_log)
+        hello = self._wait_hello()
+        t2 = time.perf_counter()
+        # The guest's boot clock splits the wait into VMM start-up and kernel boot.
+        boot_s = min(hello.boot_ns / 1e9, t2 - t1)
+        self.timings.add("vmm_start", (t2 - t1) - boot_s)
+        self.timings.add("kernel_to_agent", boot_s)
+        if self.opts.rootfs is not None:
+            self._setup()
+        self.timings.add("agent_ready", time.perf_counter() - t2)
+
+    def _wait_hello(self) -> p.Hello:
+        assert self._conn is not None and self._proc is not None
+        deadline = time.monotonic() + self.opts.boot_timeout
+        while True:
+            try:
+                return self._conn.wait_hello(timeout=0.05)
+            except AgentGone:
+                if self._proc.poll() is not None:
+                    raise self.vm_died() from None
+                if self._conn.error is not None:
+                    raise GuestError(f"guest agent failed to start: {self._conn.error}") from None
+                if time.monotonic() > deadline:
+                    raise GuestError(
+                        f"the VM did not start within {self.opts.boot_timeout:.0f}s "
+                        f"({self.accel.upper()})",
+                        hint=f"see {self.dir}/console.log, or run `matchlock diagnose`",
+                    ) from None
+
+    def _setup(self) -> None:
+        assert self._conn is not None
+        hostname = self.opts.hostname or self.id
+        req = p.SetupRequest(
+            hostname=hostname,
+            root_dev="vda",
+            upper_dev="vdb",
+            clock_ns=time.time_ns(),
+            entropy=secrets.token_bytes(64),
+            hosts_lines=self.opts.extra_hosts,
+        )
+        try:
+            result = self._conn.setup(req, timeout=self.opts.boot_timeout)
+        except AgentGone as e:
+            raise self._agent_failure(e) from None
+        if result.errno:
+            raise GuestError(
+                f"guest set-up failed: {result.message} (errno {result.errno})",
+                hint="the image's root filesystem may be damaged; re-import or re-pull it",
+            )
+
+    def _agent_log(self, line: str) -> None:
+        if self.dir is not None:
+            with open(self.dir / "agent.log", "a") as f:
+                f.write(line.rstrip("\n") + "\n")
+
+    # --- use -------------------------------------------------------------------------------
+
+    @property
+    def conn(self) -> AgentConnection:
+        if self._conn is None:
+            raise MatchlockError("the sandbox is not running")
+        return self._conn
+
+    def exec(self, req: p.ExecRequest) -> Exec:
+        try:
+            return self.conn.exec(req)
+        except AgentGone as e:
+            raise self._agent_failure(e) from None
+
+    def _agent_failure(self, e: AgentGone) -> MatchlockError:
+        if self._proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(timeout=0.5)
+            if self._proc.poll() is not None:
+                return self.vm_died()
+        return GuestError(f"lost the guest agent: {e}")
+
+    def vm_died(self) -> MatchlockError:
+        """Explain why the VMM exited under us: a guest panic, a QEMU error, or a kill."""
+        assert self._proc is not None and self.dir is not None
+        code = self._proc.poll()
+        console = _tail(self.dir / "console.log")
+        panic = [ln for ln in console if "Kernel panic" in ln]
+        if panic:
+            return GuestError(f"guest kernel panic: {panic[-1].split('] ', 1)[-1].strip()}")
+        vmm = [ln for ln in _tail(self.dir / "vmm.log") if ln.strip()]
+        if code is not None and code < 0:
+            return GuestError(f"the VM process was killed by signal {-code}")
+        if vmm:
+            return GuestError(f"the VM exited unexpectedly: {vmm[-1].strip()}")
+        return GuestError(f"the VM exited unexpectedly (status {code})")
+
+    # --- stop ------------------------------------------------------------------------------
+
+    def kill_vm(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGKILL)
+
+    def close(self) -> None:
+        """Tear everything down; safe to call more than once and from any exit path."""
+        if self._closed:
+            return
+        self._closed = True
+        t0 = time.perf_counter()
+        # The writable layer is thrown away, so there is nothing to flush: kill the VMM now
+        # rather than wait for a guest shutdown.
+        self.kill_vm()
+        if self._proc is not None:
+            self._proc.wait()
+        if self._conn is not None:
+            self._conn.close()
+        if self.dir is not None and not os.environ.get("MATCHLOCK_KEEP_SANDBOX"):
+            registry.remove_dir(self.dir)
+        self.timings.add("teardown", time.perf_counter() - t0)
+
+
+def _tail(path: Path, nbytes: int = 16384) -> list[str]:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - nbytes))
+            return f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return []

@@ -1,0 +1,76 @@
+"""Fixtures for tests that boot real microVMs through the `matchlock` CLI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+MATCHLOCK = str(Path(sys.executable).with_name("matchlock"))
+TESTDATA = Path(os.environ.get("MATCHLOCK_TESTDATA", Path.home() / ".cache/matchlock-testdata"))
+PYTHON_IMAGE = "python:3.12-alpine"
+
+
+@pytest.fixture(scope="session")
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("state")
+    os.environ["MATCHLOCK_STATE_DIR"] = str(path)
+    return path
+
+
+def _vmm_processes(state_dir: Path) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"qemu-system" in cmd and str(state_dir).encode() in cmd:
+            pids.append(int(entry.name))
+    return pids
+
+
+def leftovers(state_dir: Path) -> list[str]:
+    found = [f"vmm pid {pid}" for pid in _vmm_processes(state_dir)]
+    root = state_dir / "sandboxes"
+    if root.exists():
+        found += [f"sandbox dir {p.name}" for p in root.iterdir()]
+    return found
+
+
+@pytest.fixture
+def ml(state_dir: Path) -> Iterator[object]:
+    """Run the CLI; after the test, assert that no VM process or sandbox file is left."""
+
+    def run(*args: str, input: bytes | None = None, timeout: float = 180,
+            check: bool = False) -> subprocess.CompletedProcess[bytes]:
+        r = subprocess.run([MATCHLOCK, *args], input=input, capture_output=True,
+                           timeout=timeout, env=os.environ.copy())
+        if check and r.returncode != 0:
+            raise AssertionError(f"matchlock {args} -> {r.returncode}: {r.stderr.decode()}")
+        return r
+
+    yield run
+    assert leftovers(state_dir) == []
+
+
+@pytest.fixture(scope="session")
+def python_image(state_dir: Path) -> str:
+    layout = TESTDATA / "python-3.12-alpine"
+    if not (layout / "index.json").exists():
+        pytest.fail(f"test data missing: {layout} (run scripts/testdata.sh)")
+    r = subprocess.run([MATCHLOCK, "image", "import", PYTHON_IMAGE, str(layout)],
+                       capture_output=True, timeout=600)
+    assert r.returncode == 0, r.stderr.decode()
+    return PYTHON_IMAGE
+
+
+def have_setup() -> bool:
+    return shutil.which("qemu-system-x86_64") is not None

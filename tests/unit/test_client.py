@@ -1,0 +1,123 @@
+"""The agent client against a scripted hostile guest on a socketpair."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+
+import pytest
+
+from matchlock.guest import protocol as p
+from matchlock.guest.client import AgentConnection, AgentGone, Output
+from matchlock.guest.protocol import T
+
+
+def gframe(t: int, ch: int, payload: bytes = b"") -> bytes:
+    return bytes([t, 0, 0, 0]) + struct.pack(">II", ch, len(payload)) + payload
+
+
+def hello() -> bytes:
+    return gframe(T.HELLO, 0, struct.pack(">IQ", 1, 5) + b"test")
+
+
+def read_frame(sock: socket.socket) -> p.Frame:
+    head = b""
+    while len(head) < 12:
+        head += sock.recv(12 - len(head))
+    t, ch, n = struct.unpack(">B3xII", head)
+    body = b""
+    while len(body) < n:
+        body += sock.recv(n - len(body))
+    return p.Frame(T(t), ch, body)
+
+
+@pytest.fixture
+def pair() -> tuple[AgentConnection, socket.socket]:
+    host, guest = socket.socketpair()
+    return AgentConnection(host), guest
+
+
+def test_exec_round_trip(pair: tuple[AgentConnection, socket.socket]) -> None:
+    conn, guest = pair
+    guest.sendall(hello())
+    assert conn.wait_hello(5).agent == "test"
+    ex = conn.exec(p.ExecRequest(argv=["x"]))
+    f = read_frame(guest)
+    assert f.type == T.EXEC and f.channel == ex.channel
+    guest.sendall(
+        gframe(T.STARTED, ex.channel, struct.pack(">I", 9))
+        + gframe(T.STDOUT, ex.channel, b"a")
+        + gframe(T.STDERR, ex.channel, b"b")
+        + gframe(T.EXIT, ex.channel, struct.pack(">iI", 3, 0))
+    )
+    events = list(ex.events())
+    assert events == [Output("stdout", b"a"), Output("stderr", b"b"), p.ExitStatus(3, 0)]
+
+
+@pytest.mark.parametrize(
+    "evil",
+    [
+        gframe(T.STDOUT, 99, b"x"),  # channel never opened
+        gframe(T.STDIN_ACK, 1, struct.pack(">I", 10)),  # ack for unsent stdin
+        gframe(T.DIRENT, 1, b""),  # file frame on an exec channel
+        gframe(T.EXIT, 1, struct.pack(">iI", 999, 0)),  # impossible exit code
+        gframe(T.STDOUT, 1, b""),  # empty output frame
+        hello(),  # second HELLO
+    ],
+)
+def test_hostile_frames_end_the_connection(
+    pair: tuple[AgentConnection, socket.socket], evil: bytes
+) -> None:
+    conn, guest = pair
+    guest.sendall(hello())
+    conn.wait_hello(5)
+    ex = conn.exec(p.ExecRequest(argv=["x"]))
+    guest.sendall(evil)
+    with pytest.raises(AgentGone):
+        list(ex.events())
+    assert conn.error is not None
+
+
+def test_nothing_accepted_after_exit(pair: tuple[AgentConnection, socket.socket]) -> None:
+    conn, guest = pair
+    guest.sendall(hello())
+    conn.wait_hello(5)
+    ex = conn.exec(p.ExecRequest(argv=["x"]))
+    guest.sendall(gframe(T.EXIT, ex.channel, struct.pack(">iI", 0, 0)))
+    assert list(ex.events()) == [p.ExitStatus(0, 0)]
+    guest.sendall(gframe(T.STDOUT, ex.channel, b"late"))
+    ex2 = conn.exec(p.ExecRequest(argv=["y"]))
+    with pytest.raises(AgentGone):
+        list(ex2.events())
+
+
+def test_stdin_respects_the_window(pair: tuple[AgentConnection, socket.socket]) -> None:
+    conn, guest = pair
+    guest.sendall(hello())
+    conn.wait_hello(5)
+    ex = conn.exec(p.ExecRequest(argv=["cat"], stdin=True))
+    read_frame(guest)
+    total = p.STDIN_WINDOW * 3
+    writer = threading.Thread(target=ex.write_stdin, args=(b"z" * total,))
+    writer.start()
+    received = 0
+    outstanding = 0
+    while received < total:
+        f = read_frame(guest)
+        assert f.type == T.STDIN
+        received += len(f.payload)
+        outstanding += len(f.payload)
+        assert outstanding <= p.STDIN_WINDOW
+        if outstanding == p.STDIN_WINDOW or received == total:
+            guest.sendall(gframe(T.STDIN_ACK, ex.channel, struct.pack(">I", outstanding)))
+            outstanding = 0
+    writer.join(5)
+    assert not writer.is_alive()
+
+
+def test_peer_hangup_is_reported(pair: tuple[AgentConnection, socket.socket]) -> None:
+    conn, guest = pair
+    guest.close()
+    with pytest.raises(AgentGone):
+        conn.wait_hello(5)
