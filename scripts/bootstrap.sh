@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Set up a fresh Debian/Ubuntu host for matchlock: system packages, the project venv, and the
+# guest kernel/agent/default image (`matchlock setup`). Idempotent; run as root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "bootstrap: run as root (sudo $0)" >&2
+  exit 1
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+need=()
+for pkg in python3-venv python3-pip qemu-system-x86 qemu-utils busybox-static e2fsprogs \
+           musl-tools linux-source-6.1 flex bison libelf-dev bc make gcc xz-utils \
+           skopeo docker-registry apache2-utils unzip; do
+  dpkg-query -W -f='${db:Status-Status}' "$pkg" 2>/dev/null | grep -qx installed || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  echo "bootstrap: installing ${need[*]}" >&2
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+.venv/bin/pip install -q --disable-pip-version-check -e '.[dev]'
+.venv/bin/matchlock setup --skip-packages
