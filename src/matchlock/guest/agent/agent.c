@@ -1,0 +1,441 @@
+/* matchlock guest agent: frame I/O, dispatch and the single poll loop. See agent.h. */
+#include "agent.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/signalfd.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+bool g_stdio;
+uint64_t g_nofile_soft;
+
+static int g_in = -1, g_out = -1; /* the port (one fd in a VM), or fds 0 and 1 with --stdio */
+static int g_sigfd = -1;          /* signalfd for SIGCHLD: exec inits to reap */
+/* In a VM the port reports a hang-up until the host connects; that only means "end of
+ * session" once the host has spoken. g_port_wait parks the port for one short poll timeout. */
+static bool g_host_seen;
+static bool g_port_wait;
+
+static uint8_t g_outbuf[OUT_CAP];
+static size_t g_out_head, g_out_tail; /* queued bytes are g_outbuf[head, tail) */
+
+static uint8_t g_inbuf[HDR_SIZE + MAX_HOST_PAYLOAD];
+static size_t g_in_len;
+static uint64_t g_in_skip; /* bytes of a rejected frame still to discard */
+
+/* ---- small helpers --------------------------------------------------------------------- */
+
+uint16_t get_be16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
+uint32_t get_be32(const uint8_t *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+uint64_t get_be64(const uint8_t *p) { return (uint64_t)get_be32(p) << 32 | get_be32(p + 4); }
+void put_be16(uint8_t *p, uint16_t v)
+{
+    p[0] = (uint8_t)(v >> 8);
+    p[1] = (uint8_t)v;
+}
+void put_be32(uint8_t *p, uint32_t v)
+{
+    for (int i = 3; i >= 0; i--, v >>= 8) p[i] = (uint8_t)v;
+}
+void put_be64(uint8_t *p, uint64_t v)
+{
+    put_be32(p, (uint32_t)(v >> 32));
+    put_be32(p + 4, (uint32_t)v);
+}
+
+int tlv_next(struct tlv *t, struct tlv_field *f)
+{
+    if (t->off == t->len) return 0;
+    if (t->len - t->off < 6) return -1;
+    f->tag = get_be16(t->p + t->off);
+    f->len = get_be32(t->p + t->off + 2);
+    t->off += 6;
+    if (f->len > t->len - t->off) return -1;
+    f->val = t->p + t->off;
+    t->off += f->len;
+    return 1;
+}
+
+char *tlv_strdup(const struct tlv_field *f)
+{
+    if (memchr(f->val, 0, f->len)) {
+        errno = EINVAL;
+        return NULL;
+    }
+    char *s = malloc(f->len + 1);
+    if (!s) return NULL;
+    memcpy(s, f->val, f->len);
+    s[f->len] = 0;
+    return s;
+}
+
+/* Length of the strict UTF-8 sequence at s (as Python decodes it: no overlongs, no
+ * surrogates, nothing past U+10FFFF), or 0 if s[0, n) does not start with one. */
+static size_t utf8_seq(const unsigned char *s, size_t n)
+{
+    unsigned c = s[0];
+    size_t k;
+    uint32_t cp, min;
+    if (c < 0x80) return 1;
+    if ((c & 0xE0) == 0xC0) k = 1, cp = c & 0x1F, min = 0x80;
+    else if ((c & 0xF0) == 0xE0) k = 2, cp = c & 0x0F, min = 0x800;
+    else if ((c & 0xF8) == 0xF0) k = 3, cp = c & 0x07, min = 0x10000;
+    else return 0;
+    if (n <= k) return 0;
+    for (size_t j = 1; j <= k; j++) {
+        if ((s[j] & 0xC0) != 0x80) return 0;
+        cp = cp << 6 | (s[j] & 0x3F);
+    }
+    if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return 0;
+    return k + 1;
+}
+
+bool utf8_valid(const char *str, size_t n)
+{
+    const unsigned char *s = (const unsigned char *)str;
+    for (size_t i = 0, k; i < n; i += k)
+        if (!(k = utf8_seq(s + i, n - i))) return false;
+    return true;
+}
+
+/* Messages quote host paths and may have been cut mid-character; the host rejects text that
+ * is not UTF-8, so every invalid byte becomes '?'. */
+static void utf8_sanitize(char *str, size_t n)
+{
+    unsigned char *s = (unsigned char *)str;
+    for (size_t i = 0, k; i < n; i += k)
+        if (!(k = utf8_seq(s + i, n - i))) s[i] = '?', k = 1;
+}
+
+/* ---- outgoing frames --------------------------------------------------------------------- */
+
+size_t out_free(void) { return OUT_CAP - (g_out_tail - g_out_head); }
+
+bool out_data_room(void) { return out_free() >= HDR_SIZE + MAX_DATA + CTRL_RESERVE; }
+
+/* Make n contiguous bytes available at the tail (caller checked out_free() >= n). */
+static uint8_t *out_tail_space(size_t n)
+{
+    if (OUT_CAP - g_out_tail < n) {
+        memmove(g_outbuf, g_outbuf + g_out_head, g_out_tail - g_out_head);
+        g_out_tail -= g_out_head;
+        g_out_head = 0;
+    }
+    return g_outbuf + g_out_tail;
+}
+
+static void put_header(uint8_t *h, uint8_t type, uint32_t chan, uint32_t len)
+{
+    h[0] = type;
+    h[1] = h[2] = h[3] = 0;
+    put_be32(h + 4, chan);
+    put_be32(h + 8, len);
+}
+
+bool send_frame(uint8_t type, uint32_t chan, const void *a, size_t alen, const void *b,
+                size_t blen)
+{
+    size_t total = HDR_SIZE + alen + blen;
+    if (out_free() < total) {
+        /* Only reachable for LOG lines when the host stopped reading; the console keeps it. */
+        dprintf(2, "matchlock-agent: dropped frame 0x%02x on channel %u\n", type, chan);
+        return false;
+    }
+    uint8_t *h = out_tail_space(total);
+    put_header(h, type, chan, (uint32_t)(alen + blen));
+    if (alen) memcpy(h + HDR_SIZE, a, alen);
+    if (blen) memcpy(h + HDR_SIZE + alen, b, blen);
+    g_out_tail += total;
+    return true;
+}
+
+ssize_t send_from_fd(uint8_t type, uint32_t chan, int fd)
+{
+    uint8_t *h = out_tail_space(HDR_SIZE + MAX_DATA);
+    ssize_t n;
+    do n = read(fd, h + HDR_SIZE, MAX_DATA);
+    while (n < 0 && errno == EINTR);
+    if (n > 0) {
+        put_header(h, type, chan, (uint32_t)n);
+        g_out_tail += HDR_SIZE + (size_t)n;
+    }
+    return n;
+}
+
+void send_result(uint32_t chan, int err, const char *fmt, ...)
+{
+    char msg[MAX_LOG];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    size_t len = n < 0 ? 0 : (size_t)n >= sizeof msg ? sizeof msg - 1 : (size_t)n;
+    uint8_t code[4];
+    put_be32(code, (uint32_t)(err > 0 && err < 4096 ? err : err ? EIO : 0));
+    utf8_sanitize(msg, len);
+    send_frame(F_RESULT, chan, code, 4, msg, len);
+}
+
+void agent_log(const char *fmt, ...)
+{
+    char msg[MAX_LOG];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    size_t len = n < 0 ? 0 : (size_t)n >= sizeof msg ? sizeof msg - 1 : (size_t)n;
+    utf8_sanitize(msg, len);
+    dprintf(2, "matchlock-agent: %.*s\n", (int)len, msg);
+    send_frame(F_LOG, 0, msg, len, NULL, 0);
+}
+
+/* ---- shutdown ---------------------------------------------------------------------------- */
+
+static __attribute__((noreturn)) void shutdown_agent(const char *why)
+{
+    dprintf(2, "matchlock-agent: shutting down: %s\n", why);
+    exec_kill_all();
+    if (g_stdio) _exit(0);
+    power_off();
+}
+
+/* ---- incoming frames --------------------------------------------------------------------- */
+
+bool channel_busy(uint32_t chan) { return exec_exists(chan) || file_exists(chan); }
+
+static void dispatch(uint8_t type, uint32_t chan, const uint8_t *p, size_t n)
+{
+    bool control;
+    switch (type) {
+    case F_SETUP:
+    case F_SHUTDOWN:
+    case F_PING: control = true; break;
+    case F_EXEC:
+    case F_STDIN:
+    case F_SIGNAL:
+    case F_RESIZE:
+    case F_KILL:
+    case F_FILE_WRITE:
+    case F_FILE_READ:
+    case F_FILE_LIST:
+    case F_FILE_DATA_IN: control = false; break;
+    default: agent_log("ignoring frame of unknown type 0x%02x on channel %u", type, chan); return;
+    }
+    if (control != (chan == 0)) {
+        agent_log("ignoring frame 0x%02x on %s channel %u", type,
+                  control ? "non-control" : "the control", chan);
+        return;
+    }
+    switch (type) {
+    case F_SETUP: handle_setup(p, n); break;
+    case F_PING:
+        if (n > MAX_PING) agent_log("ignoring PING of %zu bytes", n);
+        else send_frame(F_PONG, 0, p, n, NULL, 0);
+        break;
+    case F_SHUTDOWN: shutdown_agent("SHUTDOWN from the host");
+    case F_EXEC: exec_start(chan, p, n); break;
+    case F_STDIN: exec_stdin(chan, p, n); break;
+    case F_SIGNAL: exec_signal(chan, p, n); break;
+    case F_RESIZE: exec_resize(chan, p, n); break;
+    case F_KILL: exec_kill(chan); break;
+    case F_FILE_WRITE: file_write_begin(chan, p, n); break;
+    case F_FILE_READ: file_read_begin(chan, p, n); break;
+    case F_FILE_LIST: file_list_begin(chan, p, n); break;
+    case F_FILE_DATA_IN: file_data(chan, p, n); break;
+    }
+}
+
+/* Handle every complete frame in g_inbuf while replies are guaranteed to fit. */
+static void parse_input(void)
+{
+    size_t pos = 0;
+    for (;;) {
+        if (g_in_skip) {
+            size_t d = g_in_len - pos < g_in_skip ? g_in_len - pos : (size_t)g_in_skip;
+            pos += d;
+            g_in_skip -= d;
+            if (g_in_skip) break;
+        }
+        if (g_in_len - pos < HDR_SIZE || out_free() < CTRL_RESERVE) break;
+        const uint8_t *h = g_inbuf + pos;
+        uint32_t chan = get_be32(h + 4), len = get_be32(h + 8);
+        if (h[1] || h[2] || h[3] || len > MAX_HOST_PAYLOAD) {
+            /* A host bug. Skipping the announced length keeps us in step if only the header's
+             * content is wrong; the host's next PING tells whether we are. */
+            agent_log("ignoring malformed frame header (type 0x%02x, reserved %02x%02x%02x, "
+                      "length %u)", h[0], h[1], h[2], h[3], len);
+            pos += HDR_SIZE;
+            g_in_skip = len;
+            continue;
+        }
+        if (g_in_len - pos < HDR_SIZE + len) break;
+        dispatch(h[0], chan, h + HDR_SIZE, len);
+        pos += HDR_SIZE + len;
+    }
+    memmove(g_inbuf, g_inbuf + pos, g_in_len - pos);
+    g_in_len -= pos;
+}
+
+/* The port hung up or failed: before the host ever spoke that means "not connected yet". */
+static void port_hangup(const char *why)
+{
+    if (!g_stdio && !g_host_seen) {
+        g_port_wait = true;
+        return;
+    }
+    shutdown_agent(why);
+}
+
+static void port_read(void)
+{
+    ssize_t n = read(g_in, g_inbuf + g_in_len, sizeof g_inbuf - g_in_len);
+    if (n > 0) {
+        g_host_seen = true;
+        g_in_len += (size_t)n;
+    } else if (n == 0) {
+        port_hangup("the host closed the connection");
+    } else if (errno != EAGAIN && errno != EINTR) {
+        port_hangup("reading the port failed");
+    }
+}
+
+static void port_write(void)
+{
+    while (g_out_head < g_out_tail) {
+        ssize_t n = write(g_out, g_outbuf + g_out_head, g_out_tail - g_out_head);
+        if (n > 0) {
+            g_out_head += (size_t)n;
+        } else if (n < 0 && errno == EINTR) {
+            continue;
+        } else {
+            if (n < 0 && errno != EAGAIN) port_hangup("writing the port failed");
+            break;
+        }
+    }
+    if (g_out_head == g_out_tail) g_out_head = g_out_tail = 0;
+}
+
+static void drain_signalfd(void)
+{
+    struct signalfd_siginfo si[8];
+    while (read(g_sigfd, si, sizeof si) > 0) {
+    }
+    exec_reap();
+}
+
+/* ---- the loop ---------------------------------------------------------------------------- */
+
+enum { P_IN, P_OUT, P_SIG, P_FIXED };
+
+static __attribute__((noreturn)) void serve(void)
+{
+    struct pollfd *pfd = NULL;
+    size_t cap = 0;
+    for (;;) {
+        size_t need = P_FIXED + exec_poll_count();
+        if (need > cap) {
+            struct pollfd *np = realloc(pfd, need * sizeof *pfd);
+            if (!np) {
+                agent_log("out of memory for the poll set");
+                sleep(1);
+                continue;
+            }
+            pfd = np;
+            cap = need;
+        }
+        /* Producers first: what they queue must be seen by the POLLOUT decision below. */
+        bool busy = file_pump();
+        bool parked = g_port_wait;
+        g_port_wait = false;
+        bool can_read = !parked && g_in_len < sizeof g_inbuf && out_free() >= CTRL_RESERVE;
+        pfd[P_IN] = (struct pollfd){.fd = can_read ? g_in : -1, .events = POLLIN};
+        pfd[P_OUT] = (struct pollfd){
+            .fd = !parked && g_out_tail > g_out_head ? g_out : -1, .events = POLLOUT};
+        pfd[P_SIG] = (struct pollfd){.fd = g_sigfd, .events = POLLIN};
+        size_t n = P_FIXED + exec_poll_fill(pfd + P_FIXED);
+
+        int timeout = busy ? 0 : parked ? 50 : -1;
+        if (poll(pfd, n, timeout) < 0) {
+            if (errno != EINTR) agent_log("poll: %s", strerror(errno));
+            continue;
+        }
+
+        if (pfd[P_OUT].revents & POLLOUT) port_write();
+        if (pfd[P_OUT].revents & (POLLERR | POLLHUP)) port_hangup("the port hung up");
+        if (pfd[P_IN].revents & POLLIN) port_read();
+        else if (pfd[P_IN].revents & (POLLERR | POLLHUP)) port_hangup("the port hung up");
+        if (pfd[P_SIG].revents) drain_signalfd();
+        exec_poll_handle(pfd + P_FIXED);
+        parse_input();
+        if (g_out_tail > g_out_head && !parked) port_write();
+    }
+}
+
+static void set_nonblock(int fd)
+{
+    int fl = fcntl(fd, F_GETFL);
+    if (fl >= 0) fcntl(fd, F_SETFL, fl | O_NONBLOCK);
+}
+
+int main(int argc, char **argv)
+{
+    g_stdio = argc > 1 && strcmp(argv[1], "--stdio") == 0;
+    if (!g_stdio && getpid() != 1) {
+        dprintf(2, "usage: %s --stdio   (without it, it must run as PID 1 of the VM)\n",
+                argv[0]);
+        return 2;
+    }
+    umask(022);
+    /* A process that closes its stdin must not kill the agent: EPIPE is handled instead. */
+    signal(SIGPIPE, SIG_IGN);
+
+    /* Exec inits are reaped from the poll loop through a signalfd. */
+    sigset_t chld;
+    sigemptyset(&chld);
+    sigaddset(&chld, SIGCHLD);
+    sigprocmask(SIG_BLOCK, &chld, NULL);
+    g_sigfd = signalfd(-1, &chld, SFD_NONBLOCK | SFD_CLOEXEC);
+
+    /* Each exec holds a few fds; the kernel's default soft limit of 1024 is needlessly low
+     * for us (commands get the original back). */
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0) {
+        g_nofile_soft = rl.rlim_cur;
+        rl.rlim_cur = rl.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &rl);
+    }
+
+    if (g_stdio) {
+        g_in = 0;
+        g_out = 1;
+        /* Orphans re-parent to us, as they would to PID 1 in a VM. */
+        prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+    } else {
+        boot_pid1();
+        g_in = g_out = open_port();
+    }
+    if (g_sigfd < 0) agent_log("signalfd: %s", strerror(errno));
+    set_nonblock(g_in);
+    set_nonblock(g_out);
+
+    /* HELLO carries the boot clock so the host can tell VMM start-up from kernel boot. */
+    struct timespec boot = {0, 0};
+    clock_gettime(CLOCK_BOOTTIME, &boot);
+    uint8_t hello[12];
+    put_be32(hello, PROTOCOL_VERSION);
+    put_be64(hello + 4, (uint64_t)boot.tv_sec * 1000000000u + (uint64_t)boot.tv_nsec);
+    send_frame(F_HELLO, 0, hello, sizeof hello, AGENT_VERSION, strlen(AGENT_VERSION));
+    serve();
+}

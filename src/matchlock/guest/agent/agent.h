@@ -1,0 +1,174 @@
+/* matchlock guest agent: shared definitions.
+ *
+ * The agent is PID 1 of the microVM. It speaks the protocol of docs/guest-protocol.md over one
+ * virtio-serial port and runs everything from a single poll loop (no threads):
+ *   agent.c  frames in and out, the poll loop, shutdown
+ *   setup.c  PID-1 boot mounts and the SETUP request (root switch, hostname, clock, entropy)
+ *   exec.c   EXEC: per-exec PID+mount namespace, hardening, user switch, stdio plumbing
+ *   files.c  FILE_WRITE / FILE_READ / FILE_LIST
+ */
+#ifndef MATCHLOCK_AGENT_H
+#define MATCHLOCK_AGENT_H
+
+#define _GNU_SOURCE
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+struct pollfd;
+
+#define AGENT_VERSION "matchlock-agent/0.1.0"
+#define PROTOCOL_VERSION 1u
+
+/* Limits from docs/guest-protocol.md. */
+#define HDR_SIZE 12u
+#define MAX_HOST_PAYLOAD (1u << 20)
+#define MAX_DATA 65536u
+#define STDIN_WINDOW 262144u
+#define MAX_LOG 4096u
+#define MAX_PING 64u
+
+/* Outgoing frames are queued in one bounded buffer. Process output and file data are only
+ * read while a whole data frame fits with CTRL_RESERVE to spare, and host frames are only
+ * handled while CTRL_RESERVE is free, so replies (RESULT, STARTED, ...) always fit. */
+#define OUT_CAP (256u * 1024u)
+#define CTRL_RESERVE (16u * 1024u)
+
+enum frame_type {
+    F_SETUP = 0x01,
+    F_EXEC = 0x02,
+    F_STDIN = 0x03,
+    F_SIGNAL = 0x04,
+    F_RESIZE = 0x05,
+    F_FILE_WRITE = 0x06,
+    F_FILE_READ = 0x07,
+    F_FILE_LIST = 0x08,
+    F_FILE_DATA_IN = 0x09,
+    F_SHUTDOWN = 0x0A,
+    F_PING = 0x0B,
+    F_KILL = 0x0C,
+
+    F_HELLO = 0x81,
+    F_STDOUT = 0x82,
+    F_STDERR = 0x83,
+    F_EXIT = 0x84,
+    F_STDIN_ACK = 0x85,
+    F_FILE_DATA = 0x86,
+    F_DIRENT = 0x87,
+    F_RESULT = 0x88,
+    F_PONG = 0x89,
+    F_LOG = 0x8A,
+    F_STARTED = 0x8B,
+};
+
+enum setup_tag {
+    SETUP_HOSTNAME = 1,
+    SETUP_ROOT_DEV = 2,
+    SETUP_UPPER_DEV = 3,
+    SETUP_CLOCK_NS = 4,
+    SETUP_ENTROPY = 5,
+    SETUP_HOSTS_LINE = 6,
+    SETUP_RESOLV = 7,
+};
+
+enum exec_tag {
+    EXEC_ARG = 1,
+    EXEC_ENV = 2,
+    EXEC_CWD = 3,
+    EXEC_USER = 4,
+    EXEC_FLAGS = 5,
+    EXEC_ROWS = 6,
+    EXEC_COLS = 7,
+};
+
+enum file_tag {
+    FILE_PATH = 1,
+    FILE_MODE = 2,
+    FILE_NAME = 3,
+    FILE_SIZE = 4,
+    FILE_MTIME = 5,
+};
+
+#define EXEC_FLAG_TTY 1u
+#define EXEC_FLAG_PRIVILEGED 2u
+#define EXEC_FLAG_STDIN 4u
+
+/* ---- agent.c ---------------------------------------------------------------------------- */
+
+extern bool g_stdio; /* --stdio test mode: no PID-1 duties, SETUP is a no-op */
+extern uint64_t g_nofile_soft; /* RLIMIT_NOFILE soft limit we started with, for commands */
+
+uint16_t get_be16(const uint8_t *p);
+uint32_t get_be32(const uint8_t *p);
+uint64_t get_be64(const uint8_t *p);
+void put_be16(uint8_t *p, uint16_t v);
+void put_be32(uint8_t *p, uint32_t v);
+void put_be64(uint8_t *p, uint64_t v);
+
+/* TLV reader over a host payload. tlv_next returns 1 with a field, 0 at the end, -1 when a
+ * field runs past the payload. */
+struct tlv {
+    const uint8_t *p;
+    size_t len, off;
+};
+struct tlv_field {
+    uint16_t tag;
+    uint32_t len;
+    const uint8_t *val;
+};
+int tlv_next(struct tlv *t, struct tlv_field *f);
+/* A TLV string as a fresh NUL-terminated copy; NULL (errno EINVAL) if it contains a NUL. */
+char *tlv_strdup(const struct tlv_field *f);
+
+bool utf8_valid(const char *s, size_t n);
+
+/* Free space in the outgoing buffer, and whether a full data frame may be queued now. */
+size_t out_free(void);
+bool out_data_room(void);
+/* Queue a frame made of up to two payload parts; false (frame dropped) if it does not fit. */
+bool send_frame(uint8_t type, uint32_t chan, const void *a, size_t alen, const void *b,
+                size_t blen);
+/* Read up to MAX_DATA bytes of fd straight into a queued data frame; returns read()'s result.
+ * Only call when out_data_room(). */
+ssize_t send_from_fd(uint8_t type, uint32_t chan, int fd);
+void send_result(uint32_t chan, int err, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+void agent_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* Is channel chan in use by an exec or a file operation? */
+bool channel_busy(uint32_t chan);
+
+/* ---- setup.c ----------------------------------------------------------------------------- */
+
+void boot_pid1(void);
+int open_port(void);
+void handle_setup(const uint8_t *p, size_t n);
+__attribute__((noreturn)) void power_off(void);
+
+/* ---- exec.c ------------------------------------------------------------------------------ */
+
+void exec_start(uint32_t chan, const uint8_t *p, size_t n);
+void exec_stdin(uint32_t chan, const uint8_t *p, size_t n);
+void exec_signal(uint32_t chan, const uint8_t *p, size_t n);
+void exec_resize(uint32_t chan, const uint8_t *p, size_t n);
+void exec_kill(uint32_t chan);
+bool exec_exists(uint32_t chan);
+size_t exec_poll_count(void);
+size_t exec_poll_fill(struct pollfd *pfd);
+void exec_poll_handle(const struct pollfd *pfd);
+void exec_reap(void);
+void exec_kill_all(void);
+
+/* ---- files.c ----------------------------------------------------------------------------- */
+
+void file_write_begin(uint32_t chan, const uint8_t *p, size_t n);
+void file_data(uint32_t chan, const uint8_t *p, size_t n);
+void file_read_begin(uint32_t chan, const uint8_t *p, size_t n);
+void file_list_begin(uint32_t chan, const uint8_t *p, size_t n);
+bool file_exists(uint32_t chan);
+/* Produce FILE_DATA/DIRENT frames while there is room; true if work remains that can proceed
+ * without waiting for any fd (so the poll loop must not sleep). */
+bool file_pump(void);
+
+#endif

@@ -1,0 +1,924 @@
+/* matchlock guest agent: EXEC.
+ *
+ * Process tree of one exec:
+ *   agent ── init (PID 1 of a new PID + mount namespace) ── command (setsid) ── its children
+ * The init mounts the namespace's /proc, forwards signals to the command's process group, reaps
+ * orphans, and when the command exits writes its raw wait status to a pipe and exits, which makes
+ * the kernel kill everything left in the namespace. The agent sends EXIT once it has reaped the
+ * init and the command's output reached EOF, so no output can follow EXIT.
+ */
+#include "agent.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <poll.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <termios.h>
+#include <unistd.h>
+
+#define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#define MAX_GROUPS 256
+
+struct exec_req {
+    char **argv;
+    char **envp; /* one spare slot for HOME */
+    size_t envc;
+    char *cwd, *user;
+    uint32_t flags;
+    uint16_t rows, cols;
+    char *arena; /* all strings, NUL-terminated */
+};
+
+struct exec {
+    struct exec *next;
+    uint32_t chan;
+    pid_t init;
+    bool tty;
+    /* Agent ends, -1 once closed. In TTY mode out_fd and in_fd are duplicates of the PTY
+     * master (err_fd is unused) and pty holds the master itself until the exec is over:
+     * closing the last master reference hangs the terminal up, and a command that closed
+     * its stdio just before exiting would die of that SIGHUP. */
+    int out_fd, err_fd, in_fd, status_fd, pty;
+    int pfd_out, pfd_err, pfd_in, pfd_status; /* slots in this round's poll set, or -1 */
+    /* STDIN bytes not yet written (and so not yet acknowledged): in_buf[in_off, in_off+in_len) */
+    uint8_t *in_buf;
+    size_t in_off, in_len, in_cap;
+    bool in_eof;      /* the host sent EOF: close stdin (send VEOF on a PTY) once drained */
+    uint8_t last_in;  /* last byte written to the PTY */
+    uint8_t veof[2];  /* VEOF characters still to write to the PTY */
+    size_t veof_len;
+    uint8_t status[4]; /* the command's raw wait status, from the init */
+    size_t status_got;
+    bool reaped;
+    int init_status;
+};
+
+static struct exec *g_execs;
+
+static struct exec *exec_find(uint32_t chan)
+{
+    for (struct exec *e = g_execs; e; e = e->next)
+        if (e->chan == chan) return e;
+    return NULL;
+}
+
+bool exec_exists(uint32_t chan) { return exec_find(chan) != NULL; }
+
+static void close_fd(int *fd)
+{
+    if (*fd >= 0) close(*fd);
+    *fd = -1;
+}
+
+static void set_nonblock(int fd)
+{
+    int fl = fcntl(fd, F_GETFL);
+    if (fl >= 0) fcntl(fd, F_SETFL, fl | O_NONBLOCK);
+}
+
+/* ======================================================================================== */
+/* In the exec's processes (after clone). Only async-signal-safe-ish code and _exit here.    */
+/* ======================================================================================== */
+
+/* Report an error before execve the way a shell would: one line on stderr, exit code. */
+static __attribute__((noreturn, format(printf, 2, 3))) void die(int code, const char *fmt, ...)
+{
+    char msg[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(msg, sizeof msg - 1, fmt, ap);
+    va_end(ap);
+    size_t len = n < 0 ? 0 : (size_t)n > sizeof msg - 2 ? sizeof msg - 2 : (size_t)n;
+    msg[len++] = '\n';
+    ssize_t w = write(2, msg, len);
+    (void)w;
+    _exit(code);
+}
+
+/* Leave exactly fds 0-2 (the command's stdio) and 3 (the status pipe, close-on-exec). The init
+ * is a copy of the agent and holds copies of all its fds; another exec's stdin pipe kept open
+ * here would never reach EOF. */
+static int arrange_fds(const int stdio[3], int status)
+{
+    int src[4] = {stdio[0], stdio[1], stdio[2], status}, tmp[4];
+    /* Move everything above the targets first, so no dup2 below clobbers a source. */
+    for (int i = 0; i < 4; i++)
+        if ((tmp[i] = fcntl(src[i], F_DUPFD, 4)) < 0) return -1;
+    for (int i = 0; i < 4; i++)
+        if (dup2(tmp[i], i) < 0) return -1;
+    if (syscall(SYS_close_range, 4u, ~0u, 0u) < 0) {
+        struct rlimit rl;
+        int max = getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < 65536 ? (int)rl.rlim_cur
+                                                                             : 65536;
+        for (int fd = 4; fd < max; fd++) close(fd);
+    }
+    return fcntl(3, F_SETFD, FD_CLOEXEC);
+}
+
+/* ---- user resolution from the guest's /etc/passwd and /etc/group -------------------------- */
+
+struct user {
+    uid_t uid;
+    gid_t gid;
+    bool named; /* found in /etc/passwd */
+    char name[256];
+    char home[1024];
+    gid_t groups[MAX_GROUPS];
+    int ngroups;
+};
+
+/* A decimal id; -1 (4294967295) is not a valid id. */
+static bool parse_id(const char *s, uint32_t *out)
+{
+    uint64_t v = 0;
+    if (!*s || strlen(s) > 10) return false;
+    for (; *s; s++) {
+        if (*s < '0' || *s > '9') return false;
+        v = v * 10 + (uint64_t)(*s - '0');
+    }
+    if (v >= 0xFFFFFFFFu) return false;
+    *out = (uint32_t)v;
+    return true;
+}
+
+/* Split a passwd/group line at ':' into at most max fields; returns the field count. */
+static size_t split_fields(char *line, char **field, size_t max)
+{
+    line[strcspn(line, "\n")] = 0;
+    size_t n = 0;
+    field[n++] = line;
+    for (char *c = line; *c && n < max; c++)
+        if (*c == ':') {
+            *c = 0;
+            field[n++] = c + 1;
+        }
+    return n;
+}
+
+/* Find a passwd entry by name, or by uid when name is NULL. */
+static bool passwd_lookup(const char *name, uint32_t uid, struct user *u)
+{
+    FILE *f = fopen("/etc/passwd", "re");
+    if (!f) return false;
+    char *line = NULL, *fld[7];
+    size_t cap = 0;
+    bool found = false;
+    while (!found && getline(&line, &cap, f) > 0) {
+        uint32_t id, gid;
+        if (split_fields(line, fld, 7) < 7 || !parse_id(fld[2], &id) || !parse_id(fld[3], &gid))
+            continue;
+        if (name ? strcmp(fld[0], name) != 0 : id != uid) continue;
+        found = true;
+        u->uid = id;
+        u->gid = gid;
+        u->named = true;
+        snprintf(u->name, sizeof u->name, "%s", fld[0]);
+        snprintf(u->home, sizeof u->home, "%s", fld[5]);
+    }
+    free(line);
+    fclose(f);
+    return found;
+}
+
+/* With group_name: find its gid. Otherwise: add every group that lists u->name as member. */
+static bool group_scan(const char *group_name, gid_t *gid_out, struct user *u)
+{
+    FILE *f = fopen("/etc/group", "re");
+    if (!f) return false;
+    char *line = NULL, *fld[4];
+    size_t cap = 0;
+    bool found = false;
+    while (!found && getline(&line, &cap, f) > 0) {
+        uint32_t gid;
+        if (split_fields(line, fld, 4) < 4 || !parse_id(fld[2], &gid)) continue;
+        if (group_name) {
+            if (strcmp(fld[0], group_name) == 0) {
+                *gid_out = gid;
+                found = true;
+            }
+            continue;
+        }
+        for (char *m = strtok(fld[3], ","); m; m = strtok(NULL, ",")) {
+            if (strcmp(m, u->name) != 0) continue;
+            bool dup = false;
+            for (int i = 0; i < u->ngroups; i++) dup |= u->groups[i] == gid;
+            if (!dup && u->ngroups < MAX_GROUPS) u->groups[u->ngroups++] = gid;
+        }
+    }
+    free(line);
+    fclose(f);
+    return found;
+}
+
+/* USER is `uid`, `uid:gid`, `name` or `name:group` (absent: root). A numeric uid missing from
+ * /etc/passwd gets gid = uid and no supplementary groups. */
+static void resolve_user(const char *spec, struct user *u)
+{
+    char buf[512];
+    if (snprintf(buf, sizeof buf, "%s", spec ? spec : "0") >= (int)sizeof buf)
+        die(126, "matchlock: user \"%.64s...\": name too long", buf);
+    char *group = strchr(buf, ':');
+    if (group) *group++ = 0;
+    uint32_t id;
+    memset(u, 0, sizeof *u);
+    if (parse_id(buf, &id)) {
+        if (!passwd_lookup(NULL, id, u)) u->uid = u->gid = id;
+    } else if (!passwd_lookup(buf, 0, u)) {
+        die(126, "matchlock: user \"%s\": not found in /etc/passwd", buf);
+    }
+    if (group) {
+        if (parse_id(group, &id)) u->gid = id;
+        else if (!group_scan(group, &u->gid, NULL))
+            die(126, "matchlock: group \"%s\": not found in /etc/group", group);
+    }
+    u->groups[0] = u->gid;
+    u->ngroups = 1;
+    if (u->named) group_scan(NULL, NULL, u);
+}
+
+/* ---- hardening ---------------------------------------------------------------------------- */
+
+/* musl ships no <linux/filter.h>, <linux/seccomp.h>, <linux/audit.h>: the stable ABI values. */
+struct sock_filter {
+    uint16_t code;
+    uint8_t jt, jf;
+    uint32_t k;
+};
+struct sock_fprog {
+    unsigned short len;
+    const struct sock_filter *filter;
+};
+#define BPF_LD_W_ABS 0x20 /* BPF_LD | BPF_W | BPF_ABS */
+#define BPF_JEQ_K 0x15    /* BPF_JMP | BPF_JEQ | BPF_K */
+#define BPF_JGE_K 0x35    /* BPF_JMP | BPF_JGE | BPF_K */
+#define BPF_RET_K 0x06    /* BPF_RET | BPF_K */
+#define SECCOMP_MODE_FILTER 2
+#define SECCOMP_RET_KILL_PROCESS 0x80000000u
+#define SECCOMP_RET_ERRNO 0x00050000u
+#define SECCOMP_RET_ALLOW 0x7fff0000u
+#define AUDIT_ARCH_X86_64 0xc000003eu
+#define AUDIT_ARCH_I386 0x40000003u
+#define X32_SYSCALL_BIT 0x40000000u
+#define DATA_NR 0   /* offsetof(struct seccomp_data, nr) */
+#define DATA_ARCH 4 /* offsetof(struct seccomp_data, arch) */
+
+/* Instruction `at` of the program: jump to absolute indexes t / f (BPF wants relative). */
+#define LD(off) {BPF_LD_W_ABS, 0, 0, off}
+#define JEQ(at, k, t, f) {BPF_JEQ_K, (uint8_t)((t) - (at) - 1), (uint8_t)((f) - (at) - 1), k}
+#define JGE(at, k, t, f) {BPF_JGE_K, (uint8_t)((t) - (at) - 1), (uint8_t)((f) - (at) - 1), k}
+#define RET(k) {BPF_RET_K, 0, 0, k}
+
+enum { L_I386 = 10, L_KILL = 17, L_EPERM = 18, L_ENOSYS = 19 };
+
+/* Fail ptrace, process_vm_readv/writev, kexec_load, kexec_file_load with EPERM, for native
+ * calls and for the i386 entry points (which have their own numbers and would bypass a
+ * native-only list); x32 calls (same arch, high bit) are refused outright. */
+static const struct sock_filter seccomp_filter[] = {
+    /* 0 */ LD(DATA_ARCH),
+    /* 1 */ JEQ(1, AUDIT_ARCH_X86_64, 2, L_I386),
+    /* 2 */ LD(DATA_NR),
+    /* 3 */ JGE(3, X32_SYSCALL_BIT, L_ENOSYS, 4),
+    /* 4 */ JEQ(4, 101, L_EPERM, 5), /* ptrace */
+    /* 5 */ JEQ(5, 310, L_EPERM, 6), /* process_vm_readv */
+    /* 6 */ JEQ(6, 311, L_EPERM, 7), /* process_vm_writev */
+    /* 7 */ JEQ(7, 246, L_EPERM, 8), /* kexec_load */
+    /* 8 */ JEQ(8, 320, L_EPERM, 9), /* kexec_file_load */
+    /* 9 */ RET(SECCOMP_RET_ALLOW),
+    /* 10 L_I386 */ JEQ(10, AUDIT_ARCH_I386, 11, L_KILL),
+    /* 11 */ LD(DATA_NR),
+    /* 12 */ JEQ(12, 26, L_EPERM, 13),  /* ptrace */
+    /* 13 */ JEQ(13, 347, L_EPERM, 14), /* process_vm_readv */
+    /* 14 */ JEQ(14, 348, L_EPERM, 15), /* process_vm_writev */
+    /* 15 */ JEQ(15, 283, L_EPERM, 16), /* kexec_load */
+    /* 16 */ RET(SECCOMP_RET_ALLOW),
+    /* 17 L_KILL */ RET(SECCOMP_RET_KILL_PROCESS),
+    /* 18 L_EPERM */ RET(SECCOMP_RET_ERRNO | EPERM),
+    /* 19 L_ENOSYS */ RET(SECCOMP_RET_ERRNO | ENOSYS),
+};
+
+static void drop_bounding_caps(void)
+{
+    /* CAP_SYS_PTRACE, CAP_SYS_ADMIN, CAP_SYS_MODULE, CAP_SYS_RAWIO, CAP_SYS_BOOT. Gone from the
+     * bounding set, execve cannot give them back, even to root. */
+    static const int caps[] = {19, 21, 16, 17, 22};
+    for (size_t i = 0; i < sizeof caps / sizeof *caps; i++)
+        if (prctl(PR_CAPBSET_DROP, caps[i], 0, 0, 0) && errno != EINVAL)
+            die(126, "matchlock: drop capability %d: %s", caps[i], strerror(errno));
+}
+
+static void install_seccomp(void)
+{
+    struct sock_fprog prog = {sizeof seccomp_filter / sizeof *seccomp_filter, seccomp_filter};
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))
+        die(126, "matchlock: no_new_privs: %s", strerror(errno));
+    if (prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog, 0, 0))
+        die(126, "matchlock: seccomp: %s", strerror(errno));
+}
+
+/* ---- the command ---------------------------------------------------------------------------- */
+
+static const char *env_get(char **envp, const char *key)
+{
+    size_t kl = strlen(key);
+    for (; *envp; envp++)
+        if (strncmp(*envp, key, kl) == 0 && (*envp)[kl] == '=') return *envp + kl + 1;
+    return NULL;
+}
+
+/* execve argv[0], searching the exec's own PATH (not ours) when it has no '/'. Exit codes and
+ * messages follow the shells: 127 not found, 126 found but not executable. */
+static __attribute__((noreturn)) void exec_command(char **argv, char **envp)
+{
+    const char *name = argv[0];
+    int err = ENOENT;
+    if (strchr(name, '/')) {
+        execve(name, argv, envp);
+        err = errno;
+        if (err == ENOENT) die(127, "matchlock: %s: %s", name, strerror(err));
+    } else {
+        const char *path = env_get(envp, "PATH");
+        bool denied = false;
+        for (const char *dir = path ? path : DEFAULT_PATH; *name;) {
+            const char *end = strchrnul(dir, ':');
+            char file[4096];
+            int len = (int)(end - dir);
+            /* An empty PATH entry means the working directory, as in execvp. */
+            if (snprintf(file, sizeof file, "%.*s%s%s", len, dir, len ? "/" : "", name) <
+                (int)sizeof file) {
+                execve(file, argv, envp);
+                if (errno == EACCES) denied = true;
+                else if (errno != ENOENT && errno != ENOTDIR) {
+                    err = errno;
+                    break;
+                }
+            }
+            if (!*end) break;
+            dir = end + 1;
+        }
+        if (err == ENOENT && denied) err = EACCES;
+        if (err == ENOENT) die(127, "matchlock: %s: command not found", name);
+    }
+    if (err == EACCES) die(126, "matchlock: %s: permission denied", name);
+    die(126, "matchlock: %s: %s", name, strerror(err));
+}
+
+static __attribute__((noreturn)) void run_command(struct exec_req *r)
+{
+    /* execve keeps ignored signals ignored (the agent ignores SIGPIPE) and the signal mask
+     * (the init blocks everything): give the command the usual clean slate. */
+    for (int s = 1; s < 65; s++)
+        if (s != SIGKILL && s != SIGSTOP) signal(s, SIG_DFL);
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    close(3); /* the status pipe is the init's business */
+    struct rlimit rl;
+    if (g_nofile_soft && getrlimit(RLIMIT_NOFILE, &rl) == 0) {
+        rl.rlim_cur = (rlim_t)g_nofile_soft;
+        setrlimit(RLIMIT_NOFILE, &rl);
+    }
+
+    bool tty = r->flags & EXEC_FLAG_TTY;
+    setsid();
+    if (tty && ioctl(0, TIOCSCTTY, 0) < 0)
+        die(126, "matchlock: set the controlling terminal: %s", strerror(errno));
+
+    struct user u;
+    resolve_user(r->user, &u);
+    if (!(r->flags & EXEC_FLAG_PRIVILEGED)) drop_bounding_caps();
+    if (tty && fchown(0, u.uid, (gid_t)-1) < 0) {
+        /* cosmetic (lets the user reopen its own terminal); not worth failing for */
+    }
+    if (setgroups((size_t)u.ngroups, u.groups) || setgid(u.gid) || setuid(u.uid))
+        die(126, "matchlock: switch to user %s: %s", r->user ? r->user : "0", strerror(errno));
+
+    const char *cwd = r->cwd ? r->cwd : "/";
+    if (chdir("/") || chdir(cwd)) die(126, "matchlock: cwd %s: %s", cwd, strerror(errno));
+
+    static char home[1100];
+    if (!env_get(r->envp, "HOME")) {
+        snprintf(home, sizeof home, "HOME=%s", u.named && *u.home ? u.home : "/");
+        r->envp[r->envc] = home;
+    }
+    if (!(r->flags & EXEC_FLAG_PRIVILEGED)) install_seccomp();
+    exec_command(r->argv, r->envp);
+}
+
+static __attribute__((noreturn)) void exec_init(struct exec_req *r, const int stdio[3],
+                                                int status)
+{
+    if (arrange_fds(stdio, status) < 0) _exit(126);
+    prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+    /* Our own /proc shows only this exec's processes. Private propagation first: on a host
+     * with shared mounts (--stdio tests) the unmount and the new /proc would otherwise
+     * propagate to the host's namespace. */
+    if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL))
+        die(126, "matchlock: make the exec's mounts private: %s", strerror(errno));
+    umount2("/proc", MNT_DETACH);
+    if (mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL))
+        die(126, "matchlock: mount /proc for the exec: %s", strerror(errno));
+
+    /* Every signal stays blocked (the agent blocked them before clone): a namespace init
+     * drops signals it has no handler for, and sigwaitinfo below collects them instead. */
+    pid_t cmd = fork();
+    if (cmd < 0) die(126, "matchlock: fork: %s", strerror(errno));
+    if (cmd == 0) run_command(r);
+    /* Keep no copy of the command's stdio: its EOF must mean its processes are done. */
+    close(0);
+    close(1);
+    close(2);
+
+    sigset_t all;
+    sigfillset(&all);
+    for (;;) {
+        int sig = sigwaitinfo(&all, NULL);
+        if (sig == SIGCHLD) {
+            int st;
+            pid_t pid;
+            while ((pid = waitpid(-1, &st, WNOHANG)) > 0) {
+                if (pid != cmd) continue; /* an orphan of the exec */
+                ssize_t w = write(3, &st, sizeof st);
+                (void)w;
+                _exit(0); /* the kernel now kills what is left in the namespace */
+            }
+        } else if (sig > 0) {
+            /* The command's group; before its setsid() the group does not exist yet. */
+            if (kill(-cmd, sig) < 0) kill(cmd, sig);
+        }
+    }
+}
+
+/* ======================================================================================== */
+/* In the agent.                                                                             */
+/* ======================================================================================== */
+
+static void req_free(struct exec_req *r)
+{
+    free(r->argv);
+    free(r->envp);
+    free(r->arena);
+}
+
+/* Validate the EXEC TLV and copy its strings; on error a reason is left in why. */
+static int parse_exec(const uint8_t *p, size_t n, struct exec_req *r, char *why, size_t wsz)
+{
+    memset(r, 0, sizeof *r);
+    r->rows = 24;
+    r->cols = 80;
+    struct tlv t = {p, n, 0};
+    struct tlv_field f;
+    size_t argc = 0, envc = 0, bytes = 0;
+    int rc;
+    while ((rc = tlv_next(&t, &f)) > 0) {
+        switch (f.tag) {
+        case EXEC_ENV:
+            if (!f.len || f.val[0] == '=' || !memchr(f.val, '=', f.len)) {
+                snprintf(why, wsz, "bad EXEC request: ENV entry is not KEY=VALUE");
+                return -1;
+            }
+            /* fall through */
+        case EXEC_ARG:
+        case EXEC_CWD:
+        case EXEC_USER:
+            if (memchr(f.val, 0, f.len)) {
+                snprintf(why, wsz, "bad EXEC request: field %u contains a NUL byte", f.tag);
+                return -1;
+            }
+            argc += f.tag == EXEC_ARG;
+            envc += f.tag == EXEC_ENV;
+            bytes += f.len + 1;
+            break;
+        case EXEC_FLAGS:
+        case EXEC_ROWS:
+        case EXEC_COLS:
+            if (f.len != (f.tag == EXEC_FLAGS ? 4u : 2u)) {
+                snprintf(why, wsz, "bad EXEC request: field %u has the wrong size", f.tag);
+                return -1;
+            }
+            if (f.tag == EXEC_FLAGS) r->flags = get_be32(f.val);
+            else if (f.tag == EXEC_ROWS) r->rows = get_be16(f.val);
+            else r->cols = get_be16(f.val);
+            break;
+        default: break; /* unknown tags: forward compatibility */
+        }
+    }
+    if (rc < 0 || argc == 0) {
+        snprintf(why, wsz, "bad EXEC request: %s", rc < 0 ? "malformed TLV" : "no ARG");
+        return -1;
+    }
+    r->argv = calloc(argc + 1, sizeof *r->argv);
+    r->envp = calloc(envc + 2, sizeof *r->envp);
+    r->arena = malloc(bytes);
+    if (!r->argv || !r->envp || !r->arena) {
+        req_free(r);
+        snprintf(why, wsz, "EXEC request: out of memory");
+        return -1;
+    }
+    char *a = r->arena;
+    size_t ai = 0;
+    t.off = 0;
+    while (tlv_next(&t, &f) > 0) {
+        if (f.tag < EXEC_ARG || f.tag > EXEC_USER) continue;
+        memcpy(a, f.val, f.len);
+        a[f.len] = 0;
+        if (f.tag == EXEC_ARG) r->argv[ai++] = a;
+        else if (f.tag == EXEC_ENV) r->envp[r->envc++] = a;
+        else if (f.tag == EXEC_CWD) r->cwd = a;
+        else r->user = a;
+        a += f.len + 1;
+    }
+    return 0;
+}
+
+/* The exec could not even be started: say why on its stderr and end the channel. */
+static void exec_refuse(uint32_t chan, const char *why)
+{
+    agent_log("channel %u: %s", chan, why);
+    char line[300];
+    int n = snprintf(line, sizeof line, "matchlock: %s\n", why);
+    size_t len = n < 0 ? 0 : (size_t)n < sizeof line ? (size_t)n : sizeof line - 1;
+    if (len) send_frame(F_STDERR, chan, line, len, NULL, 0);
+    uint8_t ex[8];
+    put_be32(ex, 126);
+    put_be32(ex + 4, 0);
+    send_frame(F_EXIT, chan, ex, 8, NULL, 0);
+}
+
+/* Create the command's stdio. child[] receives the ends for the command (possibly the same
+ * fd three times), e's fds the agent's ends. */
+static int open_stdio(struct exec *e, const struct exec_req *r, int child[3])
+{
+    if (e->tty) {
+        int m = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
+        if (m < 0) return -1;
+        e->pty = m;
+        if (unlockpt(m)) return -1;
+        int s = ioctl(m, TIOCGPTPEER, O_RDWR | O_NOCTTY | O_CLOEXEC);
+        if (s < 0) return -1;
+        child[0] = child[1] = child[2] = s;
+        struct winsize ws = {.ws_row = r->rows ? r->rows : 24, .ws_col = r->cols ? r->cols : 80};
+        ioctl(m, TIOCSWINSZ, &ws);
+        set_nonblock(m);
+        if ((e->out_fd = fcntl(m, F_DUPFD_CLOEXEC, 0)) < 0) return -1;
+        if ((e->in_fd = fcntl(m, F_DUPFD_CLOEXEC, 0)) < 0) return -1;
+        return 0;
+    }
+    int po[2], pe[2], pi[2];
+    if (pipe2(po, O_CLOEXEC)) return -1;
+    e->out_fd = po[0];
+    child[1] = po[1];
+    if (pipe2(pe, O_CLOEXEC)) return -1;
+    e->err_fd = pe[0];
+    child[2] = pe[1];
+    if (r->flags & EXEC_FLAG_STDIN) {
+        if (pipe2(pi, O_CLOEXEC)) return -1;
+        child[0] = pi[0];
+        e->in_fd = pi[1];
+        set_nonblock(e->in_fd);
+    } else if ((child[0] = open("/dev/null", O_RDONLY | O_CLOEXEC)) < 0) {
+        return -1;
+    }
+    set_nonblock(e->out_fd);
+    set_nonblock(e->err_fd);
+    return 0;
+}
+
+static void close_child_ends(int child[3])
+{
+    for (int i = 0; i < 3; i++) {
+        if (child[i] < 0) continue;
+        int fd = child[i];
+        close(fd);
+        for (int j = i; j < 3; j++)
+            if (child[j] == fd) child[j] = -1;
+    }
+}
+
+static void exec_free(struct exec *e)
+{
+    close_fd(&e->out_fd);
+    close_fd(&e->err_fd);
+    close_fd(&e->in_fd);
+    close_fd(&e->status_fd);
+    close_fd(&e->pty);
+    free(e->in_buf);
+    free(e);
+}
+
+void exec_start(uint32_t chan, const uint8_t *p, size_t n)
+{
+    if (channel_busy(chan)) {
+        agent_log("ignoring EXEC on channel %u, which is in use", chan);
+        return;
+    }
+    struct exec_req r;
+    char why[200];
+    if (parse_exec(p, n, &r, why, sizeof why) < 0) {
+        exec_refuse(chan, why);
+        return;
+    }
+    struct exec *e = calloc(1, sizeof *e);
+    int child[3] = {-1, -1, -1}, status[2] = {-1, -1};
+    if (!e) {
+        req_free(&r);
+        exec_refuse(chan, "cannot start the process: out of memory");
+        return;
+    }
+    e->chan = chan;
+    e->tty = r.flags & EXEC_FLAG_TTY;
+    e->out_fd = e->err_fd = e->in_fd = e->status_fd = e->pty = -1;
+    e->pfd_out = e->pfd_err = e->pfd_in = e->pfd_status = -1;
+    if (open_stdio(e, &r, child) < 0 || pipe2(status, O_CLOEXEC) < 0) {
+        snprintf(why, sizeof why, "cannot create the process's stdio: %s", strerror(errno));
+        goto refuse;
+    }
+    e->status_fd = status[0];
+    set_nonblock(e->status_fd);
+
+    /* The child starts with every signal blocked, so a SIGNAL arriving before it is ready
+     * waits for it instead of being dropped (see exec_init). */
+    sigset_t all, old;
+    sigfillset(&all);
+    sigprocmask(SIG_BLOCK, &all, &old);
+    /* Raw clone with a NULL stack behaves like fork, in a new PID and mount namespace. */
+    long pid = syscall(SYS_clone, CLONE_NEWPID | CLONE_NEWNS | SIGCHLD, NULL, NULL, NULL, NULL);
+    if (pid == 0) exec_init(&r, child, status[1]);
+    int clone_err = errno;
+    sigprocmask(SIG_SETMASK, &old, NULL);
+    if (pid < 0) {
+        snprintf(why, sizeof why, "cannot start the process: %s", strerror(clone_err));
+        goto refuse;
+    }
+    close_child_ends(child);
+    close(status[1]);
+    req_free(&r);
+    e->init = (pid_t)pid;
+    e->next = g_execs;
+    g_execs = e;
+    uint8_t b[4];
+    put_be32(b, (uint32_t)pid);
+    send_frame(F_STARTED, chan, b, 4, NULL, 0);
+    return;
+
+refuse:
+    close_child_ends(child);
+    if (status[1] >= 0) close(status[1]);
+    exec_free(e);
+    req_free(&r);
+    exec_refuse(chan, why);
+}
+
+/* ---- stdin ------------------------------------------------------------------------------ */
+
+static void send_ack(uint32_t chan, size_t n)
+{
+    uint8_t b[4];
+    put_be32(b, (uint32_t)n);
+    send_frame(F_STDIN_ACK, chan, b, 4, NULL, 0);
+}
+
+/* Write buffered stdin without blocking; acknowledge what was written, or dropped because the
+ * process stopped reading (EPIPE, or EIO once a PTY has no slave left). */
+static void exec_write_stdin(struct exec *e)
+{
+    size_t done = 0;
+    while (e->in_len && e->in_fd >= 0) {
+        ssize_t n = write(e->in_fd, e->in_buf + e->in_off, e->in_len);
+        if (n > 0) {
+            e->last_in = e->in_buf[e->in_off + (size_t)n - 1];
+            e->in_off += (size_t)n;
+            e->in_len -= (size_t)n;
+            done += (size_t)n;
+        } else if (n < 0 && errno == EINTR) {
+            continue;
+        } else if (n < 0 && errno == EAGAIN) {
+            break;
+        } else {
+            done += e->in_len;
+            e->in_len = 0;
+            close_fd(&e->in_fd);
+        }
+    }
+    if (!e->in_len) e->in_off = 0;
+    if (done) send_ack(e->chan, done);
+    if (!e->in_eof || e->in_len || e->in_fd < 0) return;
+    while (e->veof_len) { /* a PTY: EOF is the VEOF character, not a close */
+        ssize_t n = write(e->in_fd, e->veof + (sizeof e->veof - e->veof_len), e->veof_len);
+        if (n < 0 && errno == EAGAIN) return;
+        if (n <= 0 && errno != EINTR) break;
+        if (n > 0) e->veof_len -= (size_t)n;
+    }
+    close_fd(&e->in_fd);
+}
+
+/* A host bug: stop the exec rather than buffer without bound. */
+static void exec_abort(struct exec *e, const char *why)
+{
+    agent_log("channel %u: %s; killing the exec", e->chan, why);
+    e->in_eof = true;
+    e->in_len = 0;
+    close_fd(&e->in_fd);
+    if (!e->reaped) kill(e->init, SIGKILL);
+}
+
+void exec_stdin(uint32_t chan, const uint8_t *p, size_t n)
+{
+    struct exec *e = exec_find(chan);
+    if (!e) return;
+    if (n == 0) {
+        if (e->in_eof) return;
+        e->in_eof = true;
+        if (e->tty && e->in_fd >= 0) {
+            /* One VEOF ends input on an empty line; after a partial line the first one only
+             * delivers that line, so send a second, as a user at a terminal would. */
+            struct termios tio;
+            uint8_t c = tcgetattr(e->in_fd, &tio) == 0 && tio.c_cc[VEOF] ? tio.c_cc[VEOF] : 4;
+            uint8_t last = e->in_len ? e->in_buf[e->in_off + e->in_len - 1] : e->last_in;
+            bool partial = last && last != '\n' && last != '\r' && last != c;
+            e->veof[0] = e->veof[1] = c;
+            e->veof_len = partial ? 2 : 1;
+        }
+        exec_write_stdin(e);
+        return;
+    }
+    if (e->in_eof || e->in_fd < 0) { /* nowhere to go: consumed as dropped */
+        send_ack(chan, n);
+        return;
+    }
+    if (n > MAX_DATA || e->in_len + n > STDIN_WINDOW) {
+        char why[120];
+        snprintf(why, sizeof why, "STDIN of %zu bytes with %zu unacknowledged exceeds the window",
+                 n, e->in_len);
+        exec_abort(e, why);
+        return;
+    }
+    if (e->in_off + e->in_len + n > e->in_cap) {
+        if (e->in_len) memmove(e->in_buf, e->in_buf + e->in_off, e->in_len);
+        e->in_off = 0;
+        if (e->in_len + n > e->in_cap) {
+            size_t cap = e->in_cap ? e->in_cap : MAX_DATA;
+            while (cap < e->in_len + n) cap *= 2;
+            uint8_t *b = realloc(e->in_buf, cap);
+            if (!b) {
+                exec_abort(e, "out of memory for stdin");
+                return;
+            }
+            e->in_buf = b;
+            e->in_cap = cap;
+        }
+    }
+    memcpy(e->in_buf + e->in_off + e->in_len, p, n);
+    e->in_len += n;
+    exec_write_stdin(e);
+}
+
+/* ---- control ---------------------------------------------------------------------------- */
+
+void exec_signal(uint32_t chan, const uint8_t *p, size_t n)
+{
+    struct exec *e = exec_find(chan);
+    if (!e) return;
+    uint32_t sig = n == 4 ? get_be32(p) : 0;
+    if (sig == 0 || sig > 64) {
+        agent_log("channel %u: ignoring malformed SIGNAL", chan);
+        return;
+    }
+    /* The init forwards what it receives; SIGSTOP would stop the init itself (it cannot be
+     * caught), and SIGKILL kills the init and with it the whole exec, which is what it means. */
+    if (sig == SIGSTOP) {
+        agent_log("channel %u: SIGSTOP cannot be forwarded; use SIGTSTP", chan);
+        return;
+    }
+    if (!e->reaped) kill(e->init, (int)sig);
+}
+
+void exec_resize(uint32_t chan, const uint8_t *p, size_t n)
+{
+    struct exec *e = exec_find(chan);
+    if (!e || !e->tty) return;
+    if (n != 4) {
+        agent_log("channel %u: ignoring malformed RESIZE", chan);
+        return;
+    }
+    struct winsize ws = {.ws_row = get_be16(p), .ws_col = get_be16(p + 2)};
+    ioctl(e->pty, TIOCSWINSZ, &ws); /* the kernel sends SIGWINCH */
+}
+
+void exec_kill(uint32_t chan)
+{
+    struct exec *e = exec_find(chan);
+    if (e && !e->reaped) kill(e->init, SIGKILL);
+}
+
+void exec_kill_all(void)
+{
+    for (struct exec *e = g_execs; e; e = e->next)
+        if (!e->reaped) kill(e->init, SIGKILL);
+}
+
+void exec_reap(void)
+{
+    int st;
+    pid_t pid;
+    while ((pid = waitpid(-1, &st, WNOHANG)) > 0)
+        for (struct exec *e = g_execs; e; e = e->next)
+            if (e->init == pid && !e->reaped) {
+                e->reaped = true;
+                e->init_status = st;
+            }
+}
+
+/* ---- polling ---------------------------------------------------------------------------- */
+
+size_t exec_poll_count(void)
+{
+    size_t n = 0;
+    for (struct exec *e = g_execs; e; e = e->next) n += 4;
+    return n;
+}
+
+size_t exec_poll_fill(struct pollfd *pfd)
+{
+    size_t n = 0;
+    bool room = out_data_room(); /* a full outgoing buffer stops process output */
+#define ADD(slot, fd_, ev)                                                                     \
+    do {                                                                                       \
+        (slot) = (int)n;                                                                       \
+        pfd[n++] = (struct pollfd){.fd = (fd_), .events = (ev)};                               \
+    } while (0)
+    for (struct exec *e = g_execs; e; e = e->next) {
+        e->pfd_out = e->pfd_err = e->pfd_in = e->pfd_status = -1;
+        if (e->out_fd >= 0 && room) ADD(e->pfd_out, e->out_fd, POLLIN);
+        if (e->err_fd >= 0 && room) ADD(e->pfd_err, e->err_fd, POLLIN);
+        if (e->status_fd >= 0) ADD(e->pfd_status, e->status_fd, POLLIN);
+        if (e->in_fd >= 0 && (e->in_len || e->in_eof) && out_free() >= CTRL_RESERVE)
+            ADD(e->pfd_in, e->in_fd, POLLOUT);
+    }
+#undef ADD
+    return n;
+}
+
+/* One read of process output into a frame; EOF (or EIO: a PTY without slave) closes it. */
+static void pump_output(struct exec *e, int *fd, uint8_t type)
+{
+    if (!out_data_room()) return;
+    ssize_t n = send_from_fd(type, e->chan, *fd);
+    if (n > 0 || (n < 0 && (errno == EAGAIN || errno == EINTR))) return;
+    if (n < 0 && errno != EIO) agent_log("channel %u: read output: %s", e->chan, strerror(errno));
+    close_fd(fd);
+}
+
+static void read_status(struct exec *e)
+{
+    ssize_t n = read(e->status_fd, e->status + e->status_got, sizeof e->status - e->status_got);
+    if (n > 0) e->status_got += (size_t)n;
+    else if (n < 0 && (errno == EAGAIN || errno == EINTR)) return;
+    if (n <= 0 || e->status_got == sizeof e->status) close_fd(&e->status_fd);
+}
+
+/* EXIT goes out once the init is reaped and all output was read. The command's status comes
+ * from the init; if the init died first (KILL), its own status stands in. */
+static bool exec_finish(struct exec *e)
+{
+    if (!e->reaped || e->out_fd >= 0 || e->err_fd >= 0 || e->status_fd >= 0) return false;
+    if (out_free() < HDR_SIZE + 8) return false;
+    int st = e->init_status;
+    if (e->status_got == sizeof e->status) memcpy(&st, e->status, sizeof st);
+    uint32_t code = 126, sig = 0;
+    if (WIFEXITED(st)) code = (uint32_t)WEXITSTATUS(st);
+    else if (WIFSIGNALED(st)) sig = (uint32_t)WTERMSIG(st), code = 128 + sig;
+    uint8_t b[8];
+    put_be32(b, code);
+    put_be32(b + 4, sig);
+    send_frame(F_EXIT, e->chan, b, 8, NULL, 0);
+    return true;
+}
+
+void exec_poll_handle(const struct pollfd *pfd)
+{
+    for (struct exec **pp = &g_execs; *pp;) {
+        struct exec *e = *pp;
+        if (e->pfd_out >= 0 && pfd[e->pfd_out].revents) pump_output(e, &e->out_fd, F_STDOUT);
+        if (e->pfd_err >= 0 && pfd[e->pfd_err].revents) pump_output(e, &e->err_fd, F_STDERR);
+        if (e->pfd_status >= 0 && pfd[e->pfd_status].revents) read_status(e);
+        if (e->pfd_in >= 0 && pfd[e->pfd_in].revents) exec_write_stdin(e);
+        e->pfd_out = e->pfd_err = e->pfd_in = e->pfd_status = -1;
+        if (exec_finish(e)) {
+            *pp = e->next;
+            exec_free(e);
+        } else {
+            pp = &e->next;
+        }
+    }
+}

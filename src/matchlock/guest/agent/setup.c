@@ -1,0 +1,376 @@
+/* matchlock guest agent: PID-1 duties. Boot mounts, finding the port, SETUP (root switch,
+ * clock, entropy, hostname, resolver) and powering off. */
+#include "agent.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/reboot.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+/* From <linux/random.h>, which musl does not ship. */
+#define RNDADDENTROPY _IOW('R', 0x03, int[2])
+struct rand_pool {
+    int entropy_count; /* bits */
+    int buf_size;      /* bytes */
+    uint8_t buf[256];
+};
+
+#define PORT_NAME "matchlock"
+#define PORT_FALLBACK "vport0p1"
+
+/* ---- boot -------------------------------------------------------------------------------- */
+
+void boot_pid1(void)
+{
+    /* The kernel mounts nothing for us (no devtmpfs automount) and opens no console when the
+     * initramfs lacks /dev/console, so fds 0-2 may be closed: fill them before opening
+     * anything else, or the port would land on fd 0-2. */
+    mkdir("/dev", 0755);
+    mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755");
+    for (int fd = 0; fd < 3; fd++) {
+        if (fcntl(fd, F_GETFD) >= 0) continue;
+        if (open("/dev/console", O_RDWR | O_NOCTTY) < 0) open("/dev/null", O_RDWR);
+    }
+    mkdir("/proc", 0555);
+    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+    mkdir("/sys", 0555);
+    mount("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+}
+
+static bool find_named_port(char *dev, size_t size)
+{
+    DIR *d = opendir("/sys/class/virtio-ports");
+    if (!d) return false;
+    bool found = false;
+    struct dirent *e;
+    while (!found && (e = readdir(d))) {
+        if (e->d_name[0] == '.') continue;
+        char path[300], name[64] = {0};
+        snprintf(path, sizeof path, "/sys/class/virtio-ports/%s/name", e->d_name);
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0) continue;
+        ssize_t n = read(fd, name, sizeof name - 1);
+        close(fd);
+        if (n > 0 && name[n - 1] == '\n') name[n - 1] = 0;
+        if (strcmp(name, PORT_NAME) == 0) {
+            snprintf(dev, size, "/dev/%s", e->d_name);
+            found = true;
+        }
+    }
+    closedir(d);
+    return found;
+}
+
+int open_port(void)
+{
+    /* The device announces its ports after the driver probed, and each port's name a moment
+     * after the port itself, so both may still be missing when we start. The fallback port is
+     * only taken once it has existed for a while without any port being named for us. */
+    for (int tick = 0; tick < 1000; tick++) { /* 10 ms ticks: give up after 10 s */
+        char dev[300];
+        bool ok = find_named_port(dev, sizeof dev);
+        if (!ok && tick >= 20 && access("/dev/" PORT_FALLBACK, F_OK) == 0) {
+            snprintf(dev, sizeof dev, "/dev/%s", PORT_FALLBACK);
+            ok = true;
+        }
+        if (ok) {
+            int fd = open(dev, O_RDWR | O_NOCTTY | O_CLOEXEC | O_NONBLOCK);
+            if (fd >= 0) return fd;
+            dprintf(2, "matchlock-agent: open %s: %s\n", dev, strerror(errno));
+        }
+        usleep(10000);
+    }
+    dprintf(2, "matchlock-agent: FATAL: no virtio-serial port named %s and no /dev/%s\n",
+            PORT_NAME, PORT_FALLBACK);
+    power_off();
+}
+
+void power_off(void)
+{
+    kill(-1, SIGKILL); /* everything but us; exec namespaces die with their inits */
+    for (int i = 0; i < 200 && waitpid(-1, NULL, WNOHANG) >= 0; i++) usleep(10000);
+    /* The overlay root and the layers under it cannot be unmounted from inside the root
+     * itself; sync() leaves the writable ext4 layer consistent (the journal records it). */
+    sync();
+    reboot(RB_AUTOBOOT); /* kernel reboot=t + QEMU -no-reboot: QEMU exits */
+    for (;;) pause();    /* PID 1 must never exit: that panics the kernel */
+}
+
+/* ---- SETUP ------------------------------------------------------------------------------- */
+
+struct setup {
+    char *hostname, *root_dev, *upper_dev, *resolv;
+    char **hosts;
+    size_t nhosts;
+    bool have_clock;
+    uint64_t clock_ns;
+    const uint8_t *entropy;
+    size_t entropy_len;
+};
+
+static int s_err;
+static char s_msg[1024];
+
+/* Record errno and a message for the RESULT; returns -1 for `return fail(...)`. */
+static __attribute__((format(printf, 1, 2))) int fail(const char *fmt, ...)
+{
+    int e = errno ? errno : EIO;
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(s_msg, sizeof s_msg, fmt, ap);
+    va_end(ap);
+    if (n >= 0 && (size_t)n < sizeof s_msg - 3)
+        snprintf(s_msg + n, sizeof s_msg - (size_t)n, ": %s", strerror(e));
+    s_err = e;
+    return -1;
+}
+
+static int mkdir_ok(const char *path, mode_t mode)
+{
+    return mkdir(path, mode) == 0 || errno == EEXIST ? 0 : -1;
+}
+
+static bool valid_dev_name(const char *s)
+{
+    size_t n = strlen(s);
+    return n > 0 && n < 64 && !strchr(s, '/') && strcmp(s, ".") && strcmp(s, "..");
+}
+
+/* Write a whole file under a temporary name and rename it into place, so readers never see
+ * half a file and a symlink at path (e.g. resolv.conf -> systemd) is replaced, not followed. */
+static int write_file_atomic(const char *path, const char *data, size_t len)
+{
+    char tmp[256];
+    snprintf(tmp, sizeof tmp, "%s.matchlock-tmp", path);
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0644);
+    if (fd < 0) return fail("create %s", tmp);
+    for (size_t off = 0; off < len;) {
+        ssize_t n = write(fd, data + off, len - off);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) {
+            fail("write %s", tmp);
+            close(fd);
+            unlink(tmp);
+            return -1;
+        }
+        off += (size_t)n;
+    }
+    fchmod(fd, 0644);
+    if (close(fd) < 0 || rename(tmp, path) < 0) {
+        fail("write %s", path);
+        unlink(tmp);
+        return -1;
+    }
+    return 0;
+}
+
+/* Mount ROOT_DEV read-only under a writable layer, then make the overlay the root the way
+ * switch_root does: the initramfs is the kernel's rootfs, which pivot_root refuses. The
+ * initramfs holds only this binary, so it is simply left behind, hidden under the new root. */
+static int switch_root(const char *root_dev, const char *upper_dev)
+{
+    char dev[80];
+    const char *dirs[] = {"/mnt", "/mnt/lower", "/mnt/upperfs", "/mnt/root"};
+    for (size_t i = 0; i < sizeof dirs / sizeof *dirs; i++)
+        if (mkdir_ok(dirs[i], 0755)) return fail("mkdir %s", dirs[i]);
+
+    snprintf(dev, sizeof dev, "/dev/%s", root_dev);
+    if (mount(dev, "/mnt/lower", "ext4", MS_RDONLY, NULL))
+        return fail("mount %s (ext4, read-only) on /mnt/lower", dev);
+    if (upper_dev) {
+        snprintf(dev, sizeof dev, "/dev/%s", upper_dev);
+        if (mount(dev, "/mnt/upperfs", "ext4", 0, NULL))
+            return fail("mount %s (ext4) on /mnt/upperfs", dev);
+    } else if (mount("tmpfs", "/mnt/upperfs", "tmpfs", 0, "mode=0755")) {
+        return fail("mount tmpfs on /mnt/upperfs");
+    }
+    if (mkdir_ok("/mnt/upperfs/upper", 0755) || mkdir_ok("/mnt/upperfs/work", 0755))
+        return fail("create upper/ and work/ in the writable layer");
+    if (mount("overlay", "/mnt/root", "overlay", 0,
+              "lowerdir=/mnt/lower,upperdir=/mnt/upperfs/upper,workdir=/mnt/upperfs/work"))
+        return fail("mount the overlay root");
+
+    const char *moved[] = {"/dev", "/proc", "/sys"};
+    for (size_t i = 0; i < sizeof moved / sizeof *moved; i++) {
+        char target[32];
+        snprintf(target, sizeof target, "/mnt/root%s", moved[i]);
+        if (mkdir_ok(target, 0755)) return fail("mkdir %s", target);
+        if (mount(moved[i], target, NULL, MS_MOVE, NULL))
+            return fail("move %s to %s", moved[i], target);
+    }
+    if (chdir("/mnt/root") || mount(".", "/", NULL, MS_MOVE, NULL) || chroot(".") ||
+        chdir("/"))
+        return fail("switch to the new root");
+    /* Per-exec mount namespaces copy this tree; private propagation keeps their mounts (their
+     * own /proc, anything a privileged exec mounts) from leaking back here. */
+    if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL))
+        return fail("make the root mount private");
+    return 0;
+}
+
+static int mount_guest_dev(void)
+{
+    /* A private devpts instance; /dev/ptmx must lead to it, not to devtmpfs's node. */
+    if (mkdir_ok("/dev/pts", 0755) ||
+        mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC,
+              "newinstance,ptmxmode=0666,mode=0620,gid=5"))
+        return fail("mount devpts on /dev/pts");
+    unlink("/dev/ptmx");
+    if (symlink("pts/ptmx", "/dev/ptmx")) return fail("symlink /dev/ptmx");
+    if (mkdir_ok("/dev/shm", 01777) ||
+        mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777"))
+        return fail("mount tmpfs on /dev/shm");
+    /* devtmpfs lacks the /proc links that udev would add; shells rely on them. */
+    symlink("/proc/self/fd", "/dev/fd");
+    symlink("/proc/self/fd/0", "/dev/stdin");
+    symlink("/proc/self/fd/1", "/dev/stdout");
+    symlink("/proc/self/fd/2", "/dev/stderr");
+    if (mkdir("/tmp", 01777) == 0) chmod("/tmp", 01777); /* mkdir honours the umask */
+    else if (errno != EEXIST) return fail("mkdir /tmp");
+    return 0;
+}
+
+static int set_identity(const struct setup *s)
+{
+    if (mkdir_ok("/etc", 0755)) return fail("mkdir /etc");
+    const char *name = s->hostname ? s->hostname : "localhost";
+    if (sethostname(name, strlen(name))) return fail("sethostname %s", name);
+    char line[300];
+    snprintf(line, sizeof line, "%s\n", name);
+    if (write_file_atomic("/etc/hostname", line, strlen(line))) return -1;
+
+    size_t size = 256 + strlen(name);
+    for (size_t i = 0; i < s->nhosts; i++) size += strlen(s->hosts[i]) + 1;
+    char *hosts = malloc(size);
+    if (!hosts) return fail("build /etc/hosts");
+    int n = snprintf(hosts, size,
+                     "127.0.0.1\tlocalhost\n"
+                     "::1\tlocalhost ip6-localhost ip6-loopback\n"
+                     "127.0.1.1\t%s\n",
+                     name);
+    size_t len = n > 0 ? (size_t)n : 0;
+    for (size_t i = 0; i < s->nhosts; i++) {
+        size_t l = strlen(s->hosts[i]);
+        memcpy(hosts + len, s->hosts[i], l);
+        len += l;
+        hosts[len++] = '\n';
+    }
+    int rc = write_file_atomic("/etc/hosts", hosts, len);
+    free(hosts);
+    if (rc) return -1;
+    if (s->resolv && write_file_atomic("/etc/resolv.conf", s->resolv, strlen(s->resolv)))
+        return -1;
+    return 0;
+}
+
+static int set_clock_and_entropy(const struct setup *s)
+{
+    if (s->have_clock) {
+        struct timespec ts = {.tv_sec = (time_t)(s->clock_ns / 1000000000u),
+                              .tv_nsec = (long)(s->clock_ns % 1000000000u)};
+        if (clock_settime(CLOCK_REALTIME, &ts)) return fail("set the clock");
+    }
+    if (s->entropy_len) {
+        struct rand_pool rp = {.entropy_count = (int)s->entropy_len * 8,
+                               .buf_size = (int)s->entropy_len};
+        memcpy(rp.buf, s->entropy, s->entropy_len);
+        int fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
+        int rc = fd < 0 ? -1 : ioctl(fd, RNDADDENTROPY, &rp);
+        if (rc) fail("credit entropy (RNDADDENTROPY)");
+        if (fd >= 0) close(fd);
+        memset(&rp, 0, sizeof rp);
+        if (rc) return -1;
+    }
+    return 0;
+}
+
+/* Parse the SETUP TLV; on error s_err/s_msg say why. */
+static int parse_setup(const uint8_t *p, size_t n, struct setup *s)
+{
+    struct tlv t = {p, n, 0};
+    struct tlv_field f;
+    int r;
+    errno = EINVAL;
+    while ((r = tlv_next(&t, &f)) > 0) {
+        char **dst = NULL;
+        switch (f.tag) {
+        case SETUP_HOSTNAME: dst = &s->hostname; break;
+        case SETUP_ROOT_DEV: dst = &s->root_dev; break;
+        case SETUP_UPPER_DEV: dst = &s->upper_dev; break;
+        case SETUP_RESOLV: dst = &s->resolv; break;
+        case SETUP_CLOCK_NS:
+            if (f.len != 8) return fail("SETUP: CLOCK_NS must be 8 bytes");
+            s->clock_ns = get_be64(f.val);
+            s->have_clock = true;
+            break;
+        case SETUP_ENTROPY:
+            if (f.len < 32 || f.len > 256) return fail("SETUP: ENTROPY must be 32 to 256 bytes");
+            s->entropy = f.val;
+            s->entropy_len = f.len;
+            break;
+        case SETUP_HOSTS_LINE: {
+            char **h = realloc(s->hosts, (s->nhosts + 1) * sizeof *h);
+            if (!h) return fail("SETUP");
+            s->hosts = h;
+            if (!(h[s->nhosts] = tlv_strdup(&f))) return fail("SETUP: bad HOSTS_LINE");
+            s->nhosts++;
+            break;
+        }
+        default: break; /* unknown tags: forward compatibility */
+        }
+        if (dst) {
+            free(*dst);
+            if (!(*dst = tlv_strdup(&f))) return fail("SETUP: bad string field %u", f.tag);
+        }
+        errno = EINVAL;
+    }
+    if (r < 0) return fail("SETUP: malformed TLV");
+    if (!s->root_dev || !valid_dev_name(s->root_dev))
+        return fail("SETUP: ROOT_DEV missing or not a device name");
+    if (s->upper_dev && !valid_dev_name(s->upper_dev))
+        return fail("SETUP: UPPER_DEV is not a device name");
+    if (s->hostname && (!*s->hostname || strlen(s->hostname) > 64 || strchr(s->hostname, '\n')))
+        return fail("SETUP: bad HOSTNAME");
+    return 0;
+}
+
+void handle_setup(const uint8_t *p, size_t n)
+{
+    static bool done;
+    if (done) {
+        send_result(0, EALREADY, "SETUP was already done");
+        return;
+    }
+    /* One attempt only: after a failure half of the mounts may be in place, and the host
+     * shuts the VM down anyway. */
+    done = true;
+    if (g_stdio) { /* test mode: the host's own root stays as it is */
+        send_result(0, 0, "%s", "");
+        return;
+    }
+    struct setup s = {0};
+    s_err = 0;
+    int rc = parse_setup(p, n, &s);
+    if (rc == 0) rc = set_clock_and_entropy(&s);
+    if (rc == 0) rc = switch_root(s.root_dev, s.upper_dev);
+    if (rc == 0) rc = mount_guest_dev();
+    if (rc == 0) rc = set_identity(&s);
+    if (rc == 0) send_result(0, 0, "%s", "");
+    else send_result(0, s_err, "%s", s_msg);
+    free(s.hostname);
+    free(s.root_dev);
+    free(s.upper_dev);
+    free(s.resolv);
+    for (size_t i = 0; i < s.nhosts; i++) free(s.hosts[i]);
+    free(s.hosts);
+}

@@ -1,0 +1,893 @@
+"""The guest agent, driven over its --stdio test mode on the host (no VM).
+
+The agent is built once per session into a temporary cache. Each test gets a fresh agent
+process speaking the real protocol through matchlock.guest.protocol. Execs run in new PID and
+mount namespaces with seccomp, which needs root.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno
+import hashlib
+import itertools
+import os
+import re
+import resource
+import select
+import shutil
+import signal
+import struct
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from matchlock.guest import build
+from matchlock.guest.protocol import (
+    HEADER,
+    MAX_DATA,
+    MAX_HOST_PAYLOAD,
+    STDIN_WINDOW,
+    ExecRequest,
+    Frame,
+    FrameDecoder,
+    SetupRequest,
+    T,
+    encode_frame,
+    encode_path,
+    encode_resize,
+    encode_signal,
+    encode_tlv,
+    parse_dirent,
+    parse_exit,
+    parse_hello,
+    parse_result,
+    parse_u32,
+)
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="execs need root (namespaces, seccomp)"),
+    pytest.mark.skipif(shutil.which("musl-gcc") is None, reason="musl-gcc is not installed"),
+    pytest.mark.timeout(120),
+]
+
+PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+BUSYBOX = "/bin/busybox"
+
+
+@pytest.fixture(scope="session")
+def agent_binary(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    cache = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MATCHLOCK_CACHE_DIR", str(cache))
+        mp.delenv("MATCHLOCK_AGENT", raising=False)
+        path = build.build_agent(lambda line: print(line))
+        assert build.cached_agent() == path
+        assert build.build_agent(lambda line: None) == path  # cached: no rebuild
+        yield path
+
+
+@dataclass
+class ExecResult:
+    stdout: bytes
+    stderr: bytes
+    code: int
+    signal: int
+    pid: int | None
+
+
+class Agent:
+    """One `agent --stdio` process and a non-blocking frame pump around it."""
+
+    def __init__(self, binary: Path) -> None:
+        self.proc = subprocess.Popen(
+            [str(binary), "--stdio"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self._win = self.proc.stdin.fileno()
+        self._rout = self.proc.stdout.fileno()
+        os.set_blocking(self._win, False)
+        self._wbuf = bytearray()
+        self._dec = FrameDecoder()
+        self.inbox: collections.deque[Frame] = collections.deque()
+        self._chan = itertools.count(1)
+        self.eof = False
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout):
+            if f is not None:
+                with contextlib.suppress(OSError):
+                    f.close()
+
+    def new_channel(self) -> int:
+        return next(self._chan)
+
+    def send_raw(self, data: bytes) -> None:
+        self._wbuf += data
+        self.pump(0)
+
+    def send(self, ftype: T, chan: int, payload: bytes = b"") -> None:
+        self.send_raw(encode_frame(ftype, chan, payload))
+
+    def pump(self, timeout: float) -> None:
+        """Move bytes both ways for at most `timeout` seconds (returns after any progress)."""
+        wfds = [self._win] if self._wbuf else []
+        r, w, _ = select.select([] if self.eof else [self._rout], wfds, [], timeout)
+        if w:
+            n = os.write(self._win, self._wbuf[:MAX_HOST_PAYLOAD])
+            del self._wbuf[:n]
+        if r:
+            data = os.read(self._rout, 1 << 20)
+            if not data:
+                self.eof = True
+            self.inbox.extend(self._dec.feed(data))
+
+    def flush(self, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while self._wbuf:
+            assert time.monotonic() < deadline, "the agent stopped reading"
+            self.pump(0.1)
+
+    def next_frame(
+        self, match: Callable[[Frame], bool] = lambda f: True, timeout: float = 20
+    ) -> Frame:
+        deadline = time.monotonic() + timeout
+        while True:
+            for i, f in enumerate(self.inbox):
+                if match(f):
+                    del self.inbox[i]
+                    return f
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no matching frame; inbox: {list(self.inbox)[:5]}")
+            assert not self.eof, "the agent exited"
+            self.pump(min(left, 0.5))
+
+    def on(self, chan: int, timeout: float = 20) -> Frame:
+        return self.next_frame(lambda f: f.channel == chan, timeout)
+
+    # --- exec helpers ---
+
+    def start(self, req: ExecRequest) -> int:
+        chan = self.new_channel()
+        self.send(T.EXEC, chan, req.encode())
+        return chan
+
+    def collect(self, chan: int, timeout: float = 30) -> ExecResult:
+        out, err = bytearray(), bytearray()
+        pid = None
+        deadline = time.monotonic() + timeout
+        while True:
+            f = self.on(chan, deadline - time.monotonic())
+            if f.type == T.STARTED:
+                pid = parse_u32(f.payload, "STARTED")
+            elif f.type == T.STDOUT:
+                out += f.payload
+            elif f.type == T.STDERR:
+                err += f.payload
+            elif f.type == T.EXIT:
+                st = parse_exit(f.payload)
+                return ExecResult(bytes(out), bytes(err), st.code, st.signal, pid)
+            elif f.type != T.STDIN_ACK:
+                raise AssertionError(f"unexpected frame {f}")
+
+    def run(
+        self,
+        argv: list[str],
+        *,
+        env: list[str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        tty: bool = False,
+        privileged: bool = False,
+        rows: int = 24,
+        cols: int = 80,
+        timeout: float = 30,
+    ) -> ExecResult:
+        req = ExecRequest(
+            argv,
+            env=[PATH] if env is None else env,
+            cwd=cwd,
+            user=user,
+            tty=tty,
+            privileged=privileged,
+            rows=rows,
+            cols=cols,
+        )
+        return self.collect(self.start(req), timeout)
+
+    def wait_output(self, chan: int, needle: bytes, timeout: float = 10) -> bytes:
+        """Consume STDOUT of chan until it contains needle."""
+        got = bytearray()
+        while needle not in got:
+            f = self.on(chan, timeout)
+            assert f.type in (T.STARTED, T.STDOUT, T.STDIN_ACK), f
+            if f.type == T.STDOUT:
+                got += f.payload
+        return bytes(got)
+
+    def result(self, chan: int) -> tuple[int, str]:
+        f = self.on(chan)
+        assert f.type == T.RESULT, f
+        r = parse_result(f.payload)
+        return r.errno, r.message
+
+
+@pytest.fixture
+def agent(agent_binary: Path) -> Iterator[Agent]:
+    a = Agent(agent_binary)
+    try:
+        hello = a.next_frame(timeout=10)
+        assert hello.type == T.HELLO
+        yield a
+        # The agent survived everything the test did: it still answers.
+        a.send(T.PING, 0, b"bye")
+        pong = a.next_frame(lambda f: f.type == T.PONG, timeout=10)
+        assert pong.payload == b"bye"
+    finally:
+        a.close()
+
+
+# --- basics ---------------------------------------------------------------------------------
+
+
+def test_hello(agent_binary: Path) -> None:
+    a = Agent(agent_binary)
+    try:
+        f = a.next_frame(timeout=10)
+        assert f.type == T.HELLO and f.channel == 0
+        hello = parse_hello(f.payload)
+        assert hello.version == 1
+        assert hello.agent.startswith("matchlock-agent")
+        assert 0 < hello.boot_ns < time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+    finally:
+        a.close()
+
+
+def test_setup_is_a_noop_in_stdio_mode(agent: Agent) -> None:
+    req = SetupRequest("box", "vda", None, time.time_ns(), os.urandom(32), ("10.0.0.1 proxy",))
+    agent.send(T.SETUP, 0, req.encode())
+    assert agent.result(0) == (0, "")
+    agent.send(T.SETUP, 0, req.encode())
+    assert agent.result(0)[0] == errno.EALREADY
+
+
+def test_shutdown_exits_and_kills_execs(agent_binary: Path) -> None:
+    a = Agent(agent_binary)
+    try:
+        a.next_frame(timeout=10)
+        chan = a.start(ExecRequest(["sh", "-c", "echo $PPID; sleep 100"], env=[PATH]))
+        assert a.on(chan).type == T.STARTED
+        a.send(T.SHUTDOWN, 0)
+        assert a.proc.wait(timeout=10) == 0
+    finally:
+        a.close()
+
+
+def test_eof_on_input_shuts_down(agent_binary: Path) -> None:
+    a = Agent(agent_binary)
+    try:
+        a.next_frame(timeout=10)
+        assert a.proc.stdin is not None
+        a.proc.stdin.close()
+        assert a.proc.wait(timeout=10) == 0
+    finally:
+        a.close()
+
+
+# --- exit status ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "code"),
+    [(["true"], 0), (["false"], 1), (["sh", "-c", "exit 42"], 42)],
+)
+def test_exit_codes(agent: Agent, argv: list[str], code: int) -> None:
+    r = agent.run(argv)
+    assert (r.code, r.signal) == (code, 0)
+    assert r.pid is not None and r.pid > 0
+
+
+def test_death_by_signal(agent: Agent) -> None:
+    r = agent.run(["sh", "-c", "kill -TERM $$"])
+    assert (r.code, r.signal) == (143, 15)
+
+
+def test_stdout_and_stderr_are_separate_and_ordered(agent: Agent) -> None:
+    script = "for i in 1 2 3; do echo out$i; echo err$i >&2; done"
+    r = agent.run(["sh", "-c", script])
+    assert r.stdout == b"out1\nout2\nout3\n"
+    assert r.stderr == b"err1\nerr2\nerr3\n"
+    assert r.code == 0
+
+
+def test_20mb_of_output_is_byte_exact(agent: Agent) -> None:
+    script = (
+        "exec 3>&1; head -c 20000000 /dev/urandom | tee /dev/fd/3 | sha256sum | cut -d' ' -f1 >&2"
+    )
+    r = agent.run(["sh", "-c", script], timeout=60)
+    assert r.code == 0, r.stderr
+    assert len(r.stdout) == 20_000_000
+    assert hashlib.sha256(r.stdout).hexdigest() == r.stderr.decode().strip()
+
+
+# --- stdin ----------------------------------------------------------------------------------
+
+
+def test_binary_stdin_is_byte_exact_within_the_window(agent: Agent) -> None:
+    data = os.urandom(5_000_000)
+    chan = agent.start(ExecRequest(["sha256sum"], env=[PATH], stdin=True))
+    sent = acked = 0
+    out = bytearray()
+    while True:
+        while sent < len(data) and sent - acked < STDIN_WINDOW:
+            n = min(MAX_DATA, len(data) - sent, STDIN_WINDOW - (sent - acked))
+            agent.send(T.STDIN, chan, data[sent : sent + n])
+            sent += n
+            if sent == len(data):
+                agent.send(T.STDIN, chan, b"")
+        f = agent.on(chan)
+        if f.type == T.STDIN_ACK:
+            acked += parse_u32(f.payload, "ack")
+            assert acked <= sent
+        elif f.type == T.STDOUT:
+            out += f.payload
+        elif f.type == T.EXIT:
+            assert parse_exit(f.payload).code == 0
+            break
+    assert acked == len(data)
+    assert out.split()[0].decode() == hashlib.sha256(data).hexdigest()
+
+
+def test_stdin_the_process_never_reads_does_not_block_the_agent(agent: Agent) -> None:
+    idle = agent.start(ExecRequest(["sleep", "60"], env=[PATH], stdin=True))
+    for _ in range(STDIN_WINDOW // MAX_DATA):
+        agent.send(T.STDIN, idle, b"x" * MAX_DATA)
+    agent.flush()
+    t0 = time.monotonic()
+    r = agent.run(["echo", "still here"])
+    assert r.stdout == b"still here\n"
+    assert time.monotonic() - t0 < 5
+    agent.send(T.KILL, idle)
+    r = agent.collect(idle)
+    assert (r.code, r.signal) == (137, 9)
+
+
+def test_stdin_after_the_process_closed_it_is_acked_as_dropped(agent: Agent) -> None:
+    script = "exec 0<&-; echo closed; sleep 1; echo done"
+    chan = agent.start(ExecRequest(["sh", "-c", script], env=[PATH], stdin=True))
+    agent.wait_output(chan, b"closed")
+    total = 4 * MAX_DATA
+    for _ in range(4):
+        agent.send(T.STDIN, chan, b"y" * MAX_DATA)
+    acked = 0
+    while acked < total:
+        f = agent.on(chan)
+        assert f.type == T.STDIN_ACK, f  # all of it, before the process ends
+        acked += parse_u32(f.payload, "ack")
+    assert acked == total
+    r = agent.collect(chan)
+    assert r.stdout == b"done\n" and r.code == 0
+
+
+def test_a_reader_that_stops_early(agent: Agent) -> None:
+    chan = agent.start(ExecRequest(["head", "-c", "10"], env=[PATH], stdin=True))
+    total = 4 * MAX_DATA
+    for _ in range(4):
+        agent.send(T.STDIN, chan, b"y" * MAX_DATA)
+    acked = 0
+    out = bytearray()
+    while True:
+        f = agent.on(chan)
+        if f.type == T.STDIN_ACK:
+            acked += parse_u32(f.payload, "ack")
+        elif f.type == T.STDOUT:
+            out += f.payload
+        elif f.type == T.EXIT:
+            assert parse_exit(f.payload).code == 0
+            break
+    # STDIN that arrives after EXIT is for a closed channel: ignored, never acknowledged.
+    assert acked <= total
+    assert out == b"y" * 10
+
+
+def test_stdin_without_the_flag_is_dev_null(agent: Agent) -> None:
+    r = agent.run(["sh", "-c", "cat; echo end"])
+    assert r.stdout == b"end\n"
+
+
+def test_stdin_overrunning_the_window_kills_the_exec(agent: Agent) -> None:
+    chan = agent.start(ExecRequest(["sleep", "60"], env=[PATH], stdin=True))
+    for _ in range(STDIN_WINDOW // MAX_DATA + 2):
+        agent.send(T.STDIN, chan, b"z" * MAX_DATA)
+    r = agent.collect(chan)
+    assert (r.code, r.signal) == (137, 9)
+    log = agent.next_frame(lambda f: f.type == T.LOG)
+    assert b"window" in log.payload
+
+
+# --- command launch -------------------------------------------------------------------------
+
+
+def test_command_not_found(agent: Agent) -> None:
+    r = agent.run(["no-such-command-matchlock"])
+    assert r.code == 127
+    assert r.stderr == b"matchlock: no-such-command-matchlock: command not found\n"
+
+
+def test_argv0_is_looked_up_in_the_exec_path_not_the_agents(agent: Agent) -> None:
+    r = agent.run(["true"], env=["PATH=/nonexistent"])
+    assert r.code == 127
+    r = agent.run(["busybox", "true"], env=["PATH=/nonexistent:/bin"])
+    assert r.code == 0
+
+
+def test_missing_explicit_path(agent: Agent) -> None:
+    r = agent.run(["/nonexistent/cmd"])
+    assert r.code == 127
+    assert r.stderr == b"matchlock: /nonexistent/cmd: No such file or directory\n"
+
+
+def test_permission_denied(agent: Agent, tmp_path: Path) -> None:
+    script = tmp_path / "script.sh"
+    script.write_text("#!/bin/sh\necho hi\n")
+    script.chmod(0o644)
+    r = agent.run([str(script)])
+    assert r.code == 126
+    assert r.stderr == f"matchlock: {script}: permission denied\n".encode()
+    r = agent.run(["script.sh"], env=[f"PATH={tmp_path}"])
+    assert r.code == 126
+    assert b"permission denied" in r.stderr
+
+
+def test_cwd(agent: Agent, tmp_path: Path) -> None:
+    assert agent.run(["pwd"], cwd=str(tmp_path)).stdout == f"{tmp_path}\n".encode()
+    assert agent.run(["pwd"]).stdout == b"/\n"
+    r = agent.run(["pwd"], cwd="/nonexistent-dir")
+    assert r.code == 126
+    assert r.stderr == b"matchlock: cwd /nonexistent-dir: No such file or directory\n"
+
+
+@pytest.mark.parametrize(
+    ("user", "ids"),
+    [
+        (None, "0 0"),
+        ("root", "0 0"),
+        ("nobody", "65534 65534"),
+        ("65534", "65534 65534"),
+        ("1000:1000", "1000 1000"),
+        ("4242", "4242 4242"),
+        ("nobody:0", "65534 0"),
+        ("nobody:root", "65534 0"),
+    ],
+)
+def test_user(agent: Agent, user: str | None, ids: str) -> None:
+    r = agent.run(["sh", "-c", 'echo "$(id -u) $(id -g)"'], user=user)
+    assert r.code == 0, r.stderr
+    assert r.stdout.decode().strip() == ids
+
+
+def test_supplementary_groups(agent: Agent) -> None:
+    # Debian's /etc/group lists no members for root; numeric unknown users get only their gid.
+    assert agent.run(["id", "-G"], user="1000:1000").stdout == b"1000\n"
+    groups = Path("/etc/group").read_text().splitlines()
+    expected = {"0"} | {ln.split(":")[2] for ln in groups if "root" in ln.split(":")[3].split(",")}
+    assert set(agent.run(["id", "-G"]).stdout.split()) == {g.encode() for g in expected}
+
+
+def test_unknown_user_or_group(agent: Agent) -> None:
+    r = agent.run(["true"], user="no-such-user-x")
+    assert r.code == 126
+    assert r.stderr == b'matchlock: user "no-such-user-x": not found in /etc/passwd\n'
+    r = agent.run(["true"], user="nobody:no-such-group-x")
+    assert r.code == 126
+    assert r.stderr == b'matchlock: group "no-such-group-x": not found in /etc/group\n'
+
+
+def test_environment_is_exactly_what_was_given_plus_home(agent: Agent) -> None:
+    r = agent.run(["/usr/bin/env"], env=["A=1", "B=two words", PATH])
+    assert sorted(r.stdout.decode().splitlines()) == sorted(
+        ["A=1", "B=two words", PATH, "HOME=/root"]
+    )
+    r = agent.run(["/usr/bin/env"], env=["HOME=/x"], user="nobody")
+    assert r.stdout == b"HOME=/x\n"
+    home = next(
+        ln.split(":")[5]
+        for ln in Path("/etc/passwd").read_text().splitlines()
+        if ln.startswith("nobody:")
+    )
+    r = agent.run(["/usr/bin/env"], env=[], user="nobody")
+    assert r.stdout == f"HOME={home}\n".encode()
+    r = agent.run(["/usr/bin/env"], env=[], user="4242")
+    assert r.stdout == b"HOME=/\n"
+
+
+def test_pid_namespace(agent: Agent) -> None:
+    r = agent.run(["sh", "-c", "echo $$; ls /proc"])
+    lines = r.stdout.decode().split()
+    assert lines[0] == "2"  # pid 1 is the exec's init
+    pids = sorted(int(x) for x in lines[1:] if x.isdigit())
+    assert pids[0] == 1 and len(pids) <= 4, pids
+
+
+def test_execs_do_not_see_each_other(agent: Agent) -> None:
+    sleeper = agent.start(ExecRequest(["sleep", "60"], env=[PATH]))
+    assert agent.on(sleeper).type == T.STARTED
+    r = agent.run(["sh", "-c", "cat /proc/[0-9]*/comm"])
+    assert b"sleep" not in r.stdout
+    agent.send(T.KILL, sleeper)
+    assert agent.collect(sleeper).code == 137
+
+
+# --- hardening ------------------------------------------------------------------------------
+
+PTRACE_HELPER = r"""
+#include <errno.h>
+#include <stdio.h>
+#include <sys/ptrace.h>
+int main(void) {
+    long r = ptrace(PTRACE_TRACEME, 0, 0, 0);
+    printf("%ld %d\n", r, r < 0 ? errno : 0);
+    return 0;
+}
+"""
+
+
+@pytest.fixture(scope="session")
+def ptrace_helper(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is not installed")
+    d = tmp_path_factory.mktemp("ptrace")
+    (d / "t.c").write_text(PTRACE_HELPER)
+    subprocess.run(["gcc", "-O1", "-o", str(d / "t"), str(d / "t.c")], check=True)
+    return d / "t"
+
+
+def test_seccomp_blocks_ptrace_unless_privileged(agent: Agent, ptrace_helper: Path) -> None:
+    r = agent.run([str(ptrace_helper)])
+    assert r.stdout == f"-1 {errno.EPERM}\n".encode()
+    r = agent.run([str(ptrace_helper)], privileged=True)
+    assert r.stdout == b"0 0\n"
+
+
+def _status_fields(out: bytes) -> dict[str, str]:
+    fields = {}
+    for line in out.decode().splitlines():
+        k, _, v = line.partition(":")
+        fields[k] = v.strip()
+    return fields
+
+
+def test_capabilities_no_new_privs_and_seccomp_mode(agent: Agent) -> None:
+    dropped = {16, 17, 19, 21, 22}
+    st = _status_fields(agent.run(["cat", "/proc/self/status"]).stdout)
+    bnd = int(st["CapBnd"], 16)
+    assert all(not bnd & (1 << c) for c in dropped)
+    assert bnd & (1 << 0)  # CAP_CHOWN stays
+    assert int(st["CapEff"], 16) == bnd  # root keeps the rest
+    assert st["NoNewPrivs"] == "1"
+    assert st["Seccomp"] == "2"
+    st = _status_fields(agent.run(["cat", "/proc/self/status"], privileged=True).stdout)
+    assert all(int(st["CapBnd"], 16) & (1 << c) for c in dropped)
+    assert st["NoNewPrivs"] == "0" and st["Seccomp"] == "0"
+    st = _status_fields(agent.run(["cat", "/proc/self/status"], user="nobody").stdout)
+    assert int(st["CapEff"], 16) == 0
+
+
+def test_command_gets_the_original_fd_limit(agent: Agent) -> None:
+    r = agent.run(["sh", "-c", "ulimit -n"])
+    assert int(r.stdout) == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def test_command_gets_default_signal_dispositions(agent: Agent) -> None:
+    # The agent ignores SIGPIPE; the command must not inherit that.
+    r = agent.run(["sh", "-c", "yes | head -c 3; echo"])
+    assert r.stdout == b"y\ny\n"
+    st = _status_fields(agent.run(["cat", "/proc/self/status"]).stdout)
+    assert int(st["SigIgn"], 16) == 0
+    assert int(st["SigBlk"], 16) == 0
+
+
+# --- signals --------------------------------------------------------------------------------
+
+
+def test_sigint_reaches_the_command(agent: Agent) -> None:
+    chan = agent.start(ExecRequest(["sleep", "100"], env=[PATH]))
+    assert agent.on(chan).type == T.STARTED
+    time.sleep(0.2)
+    agent.send(T.SIGNAL, chan, encode_signal(signal.SIGINT))
+    r = agent.collect(chan, timeout=10)
+    assert (r.code, r.signal) == (130, 2)
+
+
+def test_signal_right_after_start_is_not_lost(agent: Agent) -> None:
+    chan = agent.start(ExecRequest(["sleep", "100"], env=[PATH]))
+    agent.send(T.SIGNAL, chan, encode_signal(signal.SIGTERM))
+    r = agent.collect(chan, timeout=10)
+    assert (r.code, r.signal) == (143, 15)
+
+
+def test_kill_ends_a_process_that_ignores_sigterm(agent: Agent) -> None:
+    chan = agent.start(ExecRequest(["sh", "-c", "trap '' TERM; echo ready; sleep 100"], env=[PATH]))
+    agent.wait_output(chan, b"ready")
+    agent.send(T.SIGNAL, chan, encode_signal(signal.SIGTERM))
+    with pytest.raises(TimeoutError):
+        agent.on(chan, timeout=0.5)
+    agent.send(T.KILL, chan)
+    r = agent.collect(chan, timeout=10)
+    assert (r.code, r.signal) == (137, 9)
+
+
+def test_background_child_does_not_keep_the_exec_alive(agent: Agent) -> None:
+    t0 = time.monotonic()
+    r = agent.run(["sh", "-c", "sleep 100 & echo started"])
+    assert r.stdout == b"started\n" and r.code == 0
+    assert time.monotonic() - t0 < 5
+
+
+def test_frames_for_unknown_channels_are_ignored(agent: Agent) -> None:
+    agent.send(T.STDIN, 999, b"data")
+    agent.send(T.SIGNAL, 999, encode_signal(9))
+    agent.send(T.RESIZE, 999, encode_resize(1, 1))
+    agent.send(T.KILL, 999)
+    agent.send(T.FILE_DATA_IN, 999, b"x")
+
+
+# --- PTY ------------------------------------------------------------------------------------
+
+
+def test_tty(agent: Agent) -> None:
+    r = agent.run(["tty"], tty=True)
+    assert r.code == 0
+    assert re.fullmatch(rb"/dev/pts/\d+\r\n", r.stdout), r.stdout
+    r = agent.run(["sh", "-c", "ls -l /proc/self/fd/0 /proc/self/fd/2 | grep -c pts"], tty=True)
+    assert r.stdout.strip() == b"2"
+
+
+def test_tty_size_and_resize(agent: Agent) -> None:
+    assert agent.run(["stty", "size"], tty=True).stdout == b"24 80\r\n"
+    assert agent.run(["stty", "size"], tty=True, rows=30, cols=100).stdout == b"30 100\r\n"
+    chan = agent.start(
+        ExecRequest(["sh", "-c", "echo ready; read x; stty size"], env=[PATH], tty=True)
+    )
+    agent.wait_output(chan, b"ready")
+    agent.send(T.RESIZE, chan, encode_resize(50, 132))
+    agent.send(T.STDIN, chan, b"go\n")
+    r = agent.collect(chan)
+    assert b"50 132" in r.stdout
+    assert r.code == 0
+
+
+def test_tty_eof_ends_cat(agent: Agent) -> None:
+    chan = agent.start(ExecRequest(["cat"], env=[PATH], tty=True))
+    agent.send(T.STDIN, chan, b"hello\n")
+    agent.wait_output(chan, b"hello\r\nhello\r\n")  # the echo, then cat's copy
+    agent.send(T.STDIN, chan, b"")
+    r = agent.collect(chan, timeout=10)
+    assert r.code == 0
+
+
+def test_tty_eof_after_a_partial_line(agent: Agent) -> None:
+    chan = agent.start(ExecRequest(["cat"], env=[PATH], tty=True))
+    agent.send(T.STDIN, chan, b"partial")
+    agent.send(T.STDIN, chan, b"")
+    r = agent.collect(chan, timeout=10)
+    assert r.code == 0
+    assert r.stdout.count(b"partial") == 2  # the echo and cat's output
+
+
+def test_tty_is_not_hung_up_before_the_exec_ends(agent: Agent) -> None:
+    # coreutils cat closes its stdio before exit_group: if the agent closed the PTY master on
+    # the slave's EOF, the hang-up would kill cat with SIGHUP in that gap.
+    chans = [agent.start(ExecRequest(["cat"], env=[PATH], tty=True)) for _ in range(20)]
+    for chan in chans:
+        agent.send(T.STDIN, chan, b"x\n")
+        agent.send(T.STDIN, chan, b"")
+    for chan in chans:
+        r = agent.collect(chan)
+        assert (r.code, r.signal) == (0, 0)
+
+
+def test_tty_sigint_via_the_terminal(agent: Agent) -> None:
+    chan = agent.start(
+        ExecRequest(["sh", "-c", "echo ready; exec sleep 100"], env=[PATH], tty=True)
+    )
+    agent.wait_output(chan, b"ready")
+    time.sleep(0.1)
+    agent.send(T.STDIN, chan, b"\x03")
+    r = agent.collect(chan, timeout=10)
+    assert (r.code, r.signal) == (130, 2)
+
+
+def test_tty_error_messages_go_to_the_terminal(agent: Agent) -> None:
+    r = agent.run(["no-such-command-matchlock"], tty=True)
+    assert r.code == 127
+    assert b"command not found" in r.stdout
+
+
+# --- files ----------------------------------------------------------------------------------
+
+
+def _write_file(agent: Agent, path: str, data: bytes, mode: int | None = None) -> tuple[int, str]:
+    chan = agent.new_channel()
+    agent.send(T.FILE_WRITE, chan, encode_path(path, mode))
+    for off in range(0, len(data), MAX_DATA):
+        agent.send(T.FILE_DATA_IN, chan, data[off : off + MAX_DATA])
+    agent.send(T.FILE_DATA_IN, chan, b"")
+    return agent.result(chan)
+
+
+def _read_file(agent: Agent, path: str) -> tuple[bytes, int, str]:
+    chan = agent.new_channel()
+    agent.send(T.FILE_READ, chan, encode_path(path))
+    data = bytearray()
+    while True:
+        f = agent.on(chan)
+        if f.type == T.FILE_DATA:
+            assert 0 < len(f.payload) <= MAX_DATA
+            data += f.payload
+        else:
+            assert f.type == T.RESULT
+            r = parse_result(f.payload)
+            return bytes(data), r.errno, r.message
+
+
+def test_file_write_read_list_round_trip(agent: Agent, tmp_path: Path) -> None:
+    data = os.urandom(1 << 20)
+    target = tmp_path / "new" / "sub" / "blob.bin"
+    assert _write_file(agent, str(target), data, 0o640) == (0, "")
+    assert target.read_bytes() == data
+    assert target.stat().st_mode & 0o7777 == 0o640
+    assert [p.name for p in target.parent.iterdir()] == ["blob.bin"]  # no temp file left
+
+    got, err, _ = _read_file(agent, str(target))
+    assert err == 0 and got == data
+
+    (target.parent / "dir").mkdir()
+    (target.parent / "link").symlink_to("blob.bin")
+    chan = agent.new_channel()
+    agent.send(T.FILE_LIST, chan, encode_path(str(target.parent)))
+    entries = {}
+    while True:
+        f = agent.on(chan)
+        if f.type == T.RESULT:
+            assert parse_result(f.payload).errno == 0
+            break
+        assert f.type == T.DIRENT
+        d = parse_dirent(f.payload)
+        entries[d.name] = d
+    assert set(entries) == {"blob.bin", "dir", "link"}
+    assert entries["blob.bin"].size == len(data)
+    assert entries["blob.bin"].mode == target.stat().st_mode
+    assert entries["blob.bin"].mtime == int(target.stat().st_mtime)
+    assert entries["dir"].is_dir
+    assert entries["link"].mode & 0o170000 == 0o120000  # lstat, not followed
+
+
+def test_file_write_replaces_and_default_mode(agent: Agent, tmp_path: Path) -> None:
+    target = tmp_path / "f.txt"
+    target.write_text("old contents that are longer")
+    assert _write_file(agent, str(target), b"new") == (0, "")
+    assert target.read_bytes() == b"new"
+    assert target.stat().st_mode & 0o7777 == 0o644
+    assert _write_file(agent, str(tmp_path / "empty"), b"") == (0, "")
+    assert (tmp_path / "empty").read_bytes() == b""
+
+
+def test_file_errors(agent: Agent, tmp_path: Path) -> None:
+    _, err, msg = _read_file(agent, str(tmp_path))
+    assert err == errno.EISDIR and str(tmp_path) in msg
+    _, err, _ = _read_file(agent, str(tmp_path / "missing"))
+    assert err == errno.ENOENT
+    _, err, _ = _read_file(agent, "/dev/null")
+    assert err == errno.EINVAL
+    _, err, _ = _read_file(agent, "relative/path")
+    assert err == errno.EINVAL
+    err, _ = _write_file(agent, "relative", b"x")
+    assert err == errno.EINVAL
+    (tmp_path / "adir").mkdir()
+    err, _ = _write_file(agent, str(tmp_path / "adir"), b"x")
+    assert err != 0
+    assert [p.name for p in tmp_path.iterdir()] == ["adir"]  # the temp file was removed
+    chan = agent.new_channel()
+    agent.send(T.FILE_LIST, chan, encode_path(str(tmp_path / "missing")))
+    assert agent.result(chan)[0] == errno.ENOENT
+
+
+def test_listing_skips_names_that_are_not_utf8(agent: Agent, tmp_path: Path) -> None:
+    (tmp_path / "ok").write_text("")
+    os.close(os.open(os.fsencode(str(tmp_path)) + b"/bad\xff", os.O_CREAT | os.O_WRONLY))
+    chan = agent.new_channel()
+    agent.send(T.FILE_LIST, chan, encode_path(str(tmp_path)))
+    names = []
+    while (f := agent.on(chan)).type == T.DIRENT:
+        names.append(parse_dirent(f.payload).name)
+    assert names == ["ok"]
+    r = parse_result(f.payload)
+    assert r.errno == 0 and "skipped 1" in r.message
+
+
+def test_large_listing_streams(agent: Agent, tmp_path: Path) -> None:
+    for i in range(3000):
+        (tmp_path / f"file-with-a-rather-long-name-{i:05d}").touch()
+    chan = agent.new_channel()
+    agent.send(T.FILE_LIST, chan, encode_path(str(tmp_path)))
+    count = 0
+    while agent.on(chan).type == T.DIRENT:
+        count += 1
+    assert count == 3000
+
+
+# --- robustness -----------------------------------------------------------------------------
+
+
+def _ping(agent: Agent, token: bytes) -> None:
+    agent.send(T.PING, 0, token)
+    f = agent.next_frame(lambda f: f.type == T.PONG, timeout=10)
+    assert f.payload == token
+
+
+def test_malformed_frames_do_not_crash_the_agent(agent: Agent) -> None:
+    # EXEC with a TLV running past the payload, or a NUL in a string: the exec fails cleanly.
+    for bad in (
+        struct.pack(">HI", 1, 50) + b"true",
+        encode_tlv([(1, b"tr\0ue")]),
+        encode_tlv([(2, b"NOEQUALS"), (1, b"true")]),
+        encode_tlv([(5, b"\0\0")]),
+        b"",
+    ):
+        chan = agent.new_channel()
+        agent.send(T.EXEC, chan, bad)
+        r = agent.collect(chan)
+        assert r.code == 126 and r.stderr.startswith(b"matchlock: bad EXEC request"), r
+    _ping(agent, b"1")
+
+    # Oversized payload: skipped as a whole, the stream stays in step.
+    agent.send_raw(HEADER.pack(T.EXEC, 5, MAX_HOST_PAYLOAD + 1) + b"\0" * (MAX_HOST_PAYLOAD + 1))
+    _ping(agent, b"2")
+    # Reserved header bytes set.
+    agent.send_raw(b"\x0b\x01\x00\x00" + struct.pack(">II", 0, 3) + b"abc")
+    _ping(agent, b"3")
+    # Unknown type, control frame on an exec channel, exec frame on the control channel.
+    agent.send_raw(HEADER.pack(0x7F, 0, 4) + b"junk")
+    agent.send(T.PING, 3, b"x")
+    agent.send(T.EXEC, 0, ExecRequest(["true"]).encode())
+    agent.send(T.PING, 0, b"p" * 65)  # longer than a PING may be
+    # Malformed SIGNAL / RESIZE on a live exec, bad file requests.
+    chan = agent.start(ExecRequest(["sleep", "60"], env=[PATH]))
+    agent.send(T.SIGNAL, chan, b"\0")
+    agent.send(T.SIGNAL, chan, encode_signal(1000))
+    agent.send(T.RESIZE, chan, b"\0")
+    agent.send(T.EXEC, chan, ExecRequest(["true"]).encode())  # channel in use
+    fchan = agent.new_channel()
+    agent.send(T.FILE_READ, fchan, struct.pack(">HI", 1, 99))
+    assert agent.result(fchan)[0] == errno.EINVAL
+    _ping(agent, b"4")
+    agent.send(T.KILL, chan)
+    assert agent.collect(chan).code == 137
+    logs = [f for f in agent.inbox if f.type == T.LOG]
+    assert len(logs) >= 8
+
+
+def test_many_concurrent_execs(agent: Agent) -> None:
+    chans = [agent.start(ExecRequest(["sh", "-c", f"echo {i}"], env=[PATH])) for i in range(30)]
+    for i, chan in enumerate(chans):
+        r = agent.collect(chan)
+        assert r.stdout == f"{i}\n".encode() and r.code == 0
+
+
+def test_no_fd_leaks_into_commands(agent: Agent) -> None:
+    other = agent.start(ExecRequest(["sleep", "60"], env=[PATH], stdin=True))
+    assert agent.on(other).type == T.STARTED
+    r = agent.run(["ls", "/proc/self/fd"])
+    assert sorted(r.stdout.split()) == [b"0", b"1", b"2", b"3"]  # 3: ls's own directory fd
+    agent.send(T.KILL, other)
+    agent.collect(other)
