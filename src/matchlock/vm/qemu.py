@@ -61,7 +61,10 @@ def command_line(cfg: VMConfig, binary: str = QEMU_BINARY) -> list[str]:
         accel = ["-accel", "tcg", "-cpu", "max"]
     argv = [
         binary,
-        "-M", "microvm,acpi=off",
+        # Guest RAM in a memfd: the host can tell guest memory (RssShmem) from the VMM's own,
+        # and a later snapshot/restore path can map the same memory file.
+        "-M", "microvm,acpi=off,memory-backend=mem",
+        "-object", f"memory-backend-memfd,id=mem,size={cfg.memory_mb}M,share=on",
         *accel,
         "-m", f"{cfg.memory_mb}M",
         "-smp", str(cfg.vcpus),
