@@ -202,3 +202,38 @@ def test_bad_input_gives_one_line_and_no_traceback(ml: Run, args: list[str],
     assert needle in r.stderr
     assert b"Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_fractional_cpus_are_enforced_by_a_quota(ml: Run) -> None:
+    # A busy loop for a second under a half-CPU quota must be throttled by the guest kernel.
+    r = ml("run", "--cpus", "0.5", "--", "sh", "-c",
+           "cat /sys/fs/cgroup/sandbox/cpu.max; timeout 1 sh -c 'while :; do :; done'; "
+           "grep nr_throttled /sys/fs/cgroup/sandbox/cpu.stat; "
+           "echo 100000 100000 > /sys/fs/cgroup/sandbox/cpu.max || echo read-only")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.decode().splitlines()
+    assert lines[0] == "50000 100000"
+    assert int(lines[1].split()[1]) > 0
+    assert lines[2] == "read-only"
+    r = ml("run", "--cpus", "2", "--", "sh", "-c", "nproc; ls /sys/fs/cgroup | wc -l")
+    assert r.stdout.decode().split() == ["2", "0"], r.stderr
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.3])
+def test_ctrl_c_while_booting_cleans_up(state_dir: Path, delay: float) -> None:
+    proc = subprocess.Popen([MATCHLOCK, "run", "--", "true"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while not _vmm_started(state_dir) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert b"Traceback" not in err
+    assert leftovers(state_dir) == []
+
+
+def _vmm_started(state_dir: Path) -> bool:
+    root = state_dir / "sandboxes"
+    return root.exists() and any((d / "vmm.log").exists() for d in root.iterdir())

@@ -68,6 +68,7 @@ class SetupTag(IntEnum):
     ENTROPY = 5
     HOSTS_LINE = 6
     RESOLV = 7
+    CPU_QUOTA = 8
 
 
 class ExecTag(IntEnum):
@@ -197,6 +198,7 @@ class SetupRequest:
     entropy: bytes
     hosts_lines: tuple[str, ...] = ()
     resolv: str | None = None
+    cpu_quota_us: int = 0
 
     def encode(self) -> bytes:
         fields: list[tuple[int, bytes]] = [
@@ -210,6 +212,8 @@ class SetupRequest:
         fields += [(SetupTag.HOSTS_LINE, _text(line, "hosts line")) for line in self.hosts_lines]
         if self.resolv is not None:
             fields.append((SetupTag.RESOLV, _text(self.resolv, "resolv.conf")))
+        if self.cpu_quota_us:
+            fields.append((SetupTag.CPU_QUOTA, struct.pack(">I", self.cpu_quota_us)))
         return encode_tlv(fields)
 
 

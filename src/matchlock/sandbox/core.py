@@ -15,7 +15,9 @@ import secrets
 import signal
 import socket
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -121,13 +123,15 @@ class Sandbox:
         )
         t1 = time.perf_counter()
         self.timings.add("host_prep", t1 - t0)
-        try:
-            self._proc = qemu.spawn(cfg, self.dir / "vmm.log")
-        finally:
-            guest_sock.close()
-        self._owner.vmm_pid = self._proc.pid
-        self._owner.vmm_start = registry.proc_start_time(self._proc.pid)
-        self._owner.save(self.dir / "owner.json")
+        # A Ctrl-C landing between the VMM's birth and our record of it would orphan the VM.
+        with _signals_deferred():
+            try:
+                self._proc = qemu.spawn(cfg, self.dir / "vmm.log")
+            finally:
+                guest_sock.close()
+            self._owner.vmm_pid = self._proc.pid
+            self._owner.vmm_start = registry.proc_start_time(self._proc.pid)
+            self._owner.save(self.dir / "owner.json")
         self._conn = AgentConnection(host_sock, on_log=self._agent_log)
         hello = self._wait_hello()
         t2 = time.perf_counter()
@@ -167,6 +171,7 @@ class Sandbox:
             clock_ns=time.time_ns(),
             entropy=secrets.token_bytes(64),
             hosts_lines=self.opts.extra_hosts,
+            cpu_quota_us=self.cpu_quota_us(),
         )
         try:
             result = self._conn.setup(req, timeout=self.opts.boot_timeout)
@@ -177,6 +182,13 @@ class Sandbox:
                 f"guest set-up failed: {result.message} (errno {result.errno})",
                 hint="the image's root filesystem may be damaged; re-import or re-pull it",
             )
+
+    def cpu_quota_us(self) -> int:
+        """A CFS quota when --cpus is not a whole number of vCPUs, else 0 (no limit)."""
+        cpus = self.opts.cpus
+        if cpus == math.ceil(cpus):
+            return 0
+        return max(1000, round(cpus * 100_000))
 
     def _agent_log(self, line: str) -> None:
         if self.dir is not None:
@@ -232,16 +244,33 @@ class Sandbox:
             return
         self._closed = True
         t0 = time.perf_counter()
-        # The writable layer is thrown away, so there is nothing to flush: kill the VMM now
-        # rather than wait for a guest shutdown.
-        self.kill_vm()
-        if self._proc is not None:
-            self._proc.wait()
-        if self._conn is not None:
-            self._conn.close()
-        if self.dir is not None and not os.environ.get("MATCHLOCK_KEEP_SANDBOX"):
-            registry.remove_dir(self.dir)
+        with _signals_deferred():
+            # The writable layer is thrown away, so there is nothing to flush: kill the VMM
+            # now rather than wait for a guest shutdown.
+            self.kill_vm()
+            if self._proc is not None:
+                self._proc.wait()
+            if self._conn is not None:
+                self._conn.close()
+            if self.dir is not None and not os.environ.get("MATCHLOCK_KEEP_SANDBOX"):
+                registry.remove_dir(self.dir)
         self.timings.add("teardown", time.perf_counter() - t0)
+
+
+_DEFERRED = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold interrupting signals until a critical section is over; they are delivered after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _tail(path: Path, nbytes: int = 16384) -> list[str]:

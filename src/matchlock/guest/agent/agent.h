@@ -71,6 +71,7 @@ enum setup_tag {
     SETUP_ENTROPY = 5,
     SETUP_HOSTS_LINE = 6,
     SETUP_RESOLV = 7,
+    SETUP_CPU_QUOTA = 8,
 };
 
 enum exec_tag {

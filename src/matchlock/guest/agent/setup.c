@@ -116,6 +116,7 @@ struct setup {
     uint64_t clock_ns;
     const uint8_t *entropy;
     size_t entropy_len;
+    uint32_t cpu_quota_us; /* per 100 ms period; 0 = no limit */
 };
 
 static int s_err;
@@ -294,6 +295,38 @@ static int set_clock_and_entropy(const struct setup *s)
     return 0;
 }
 
+static int write_str(const char *path, const char *text)
+{
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0) return -1;
+    ssize_t n = write(fd, text, strlen(text));
+    int e = errno;
+    close(fd);
+    errno = e;
+    return n == (ssize_t)strlen(text) ? 0 : -1;
+}
+
+/* A fractional --cpus becomes a CFS quota on a cgroup that PID 1 joins, so every exec inherits
+ * it. The cgroup tree is then left read-only in the guest: without CAP_SYS_ADMIN an exec
+ * cannot remount it to lift its own limit. */
+static int limit_cpu(uint32_t quota_us)
+{
+    char buf[32];
+    if (mount("cgroup2", "/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL))
+        return fail("mount cgroup2 on /sys/fs/cgroup");
+    if (write_str("/sys/fs/cgroup/cgroup.subtree_control", "+cpu"))
+        return fail("enable the cpu controller");
+    if (mkdir_ok("/sys/fs/cgroup/sandbox", 0755)) return fail("mkdir /sys/fs/cgroup/sandbox");
+    snprintf(buf, sizeof buf, "%u 100000", quota_us);
+    if (write_str("/sys/fs/cgroup/sandbox/cpu.max", buf)) return fail("write cpu.max");
+    if (write_str("/sys/fs/cgroup/sandbox/cgroup.procs", "0"))
+        return fail("move the agent into the sandbox cgroup");
+    if (mount(NULL, "/sys/fs/cgroup", NULL, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID |
+              MS_NODEV | MS_NOEXEC, NULL))
+        return fail("make /sys/fs/cgroup read-only");
+    return 0;
+}
+
 /* Parse the SETUP TLV; on error s_err/s_msg say why. */
 static int parse_setup(const uint8_t *p, size_t n, struct setup *s)
 {
@@ -317,6 +350,11 @@ static int parse_setup(const uint8_t *p, size_t n, struct setup *s)
             if (f.len < 32 || f.len > 256) return fail("SETUP: ENTROPY must be 32 to 256 bytes");
             s->entropy = f.val;
             s->entropy_len = f.len;
+            break;
+        case SETUP_CPU_QUOTA:
+            if (f.len != 4) return fail("SETUP: CPU_QUOTA must be 4 bytes");
+            s->cpu_quota_us = get_be32(f.val);
+            if (s->cpu_quota_us < 1000) return fail("SETUP: CPU_QUOTA below 1000 us");
             break;
         case SETUP_HOSTS_LINE: {
             char **h = realloc(s->hosts, (s->nhosts + 1) * sizeof *h);
@@ -365,6 +403,7 @@ void handle_setup(const uint8_t *p, size_t n)
     if (rc == 0) rc = switch_root(s.root_dev, s.upper_dev);
     if (rc == 0) rc = mount_guest_dev();
     if (rc == 0) rc = set_identity(&s);
+    if (rc == 0 && s.cpu_quota_us) rc = limit_cpu(s.cpu_quota_us);
     if (rc == 0) send_result(0, 0, "%s", "");
     else send_result(0, s_err, "%s", s_msg);
     free(s.hostname);
