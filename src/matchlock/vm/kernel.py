@@ -2,9 +2,10 @@
 
 Stock distribution kernels boot more than twice as slowly under TCG and need their virtio drivers
 loaded as modules, so matchlock builds its own (see docs/performance.md, "Guest kernel"). The
-build is keyed by the config fragment and the source version, so editing the fragment or
-upgrading linux-source-6.1 produces a new kernel next to the old one instead of silently reusing
-a stale build.
+build is keyed by the config fragment and the build recipe, so editing the fragment produces a
+new kernel next to the old one. The linux-source version it was built from is recorded beside
+it: `setup` rebuilds when that package was upgraded, while `run` never depends on the source
+package still being installed (nor pays for asking dpkg on every start).
 """
 
 from __future__ import annotations
@@ -57,7 +58,6 @@ def kernel_key() -> str:
     """Short content hash naming one kernel build: fragment + linux-source version + recipe."""
     h = hashlib.sha256()
     h.update(f"recipe={_RECIPE_VERSION}\0series={KERNEL_SERIES}\0".encode())
-    h.update(f"source={_source_version()}\0".encode())
     h.update(CONFIG_FRAGMENT.read_bytes())
     return h.hexdigest()[:16]
 
@@ -79,13 +79,13 @@ def build_kernel(log: Callable[[str], None]) -> Path:
     key = kernel_key()
     root = _kernel_root()
     target = root / key / "vmlinux"
-    if target.is_file():
+    if target.is_file() and not _source_upgraded(target):
         return target
     _check_prerequisites()
     root.mkdir(parents=True, exist_ok=True)
     _check_free_space(root)
     with _exclusive_lock(root / f"{key}.lock", log):
-        if target.is_file():
+        if target.is_file() and not _source_upgraded(target):
             log(f"guest kernel {key} was built by another process")
             return target
         # Holding the lock means no live build of this key exists, so these are leftovers of
@@ -98,6 +98,18 @@ def build_kernel(log: Callable[[str], None]) -> Path:
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
     return target
+
+
+def _source_upgraded(target: Path) -> bool:
+    """True when the installed linux-source differs from the one the cached kernel came from."""
+    current = _source_version()
+    if current == "missing":
+        return False
+    try:
+        built_from = (target.parent / "source-version").read_text().strip()
+    except OSError:
+        return True
+    return built_from != current
 
 
 def _kernel_root() -> Path:
@@ -227,6 +239,7 @@ def _build(workdir: Path, key: str, target: Path, log: Callable[[str], None]) ->
 
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src / ".config", target.parent / "config")
+    (target.parent / "source-version").write_text(_source_version() + "\n")
     # Same filesystem (workdir is under the cache dir), so the kernel appears atomically:
     # a reader sees either no vmlinux or a complete one.
     os.replace(stripped, target)
