@@ -237,3 +237,15 @@ def test_ctrl_c_while_booting_cleans_up(state_dir: Path, delay: float) -> None:
 def _vmm_started(state_dir: Path) -> bool:
     root = state_dir / "sandboxes"
     return root.exists() and any((d / "vmm.log").exists() for d in root.iterdir())
+
+
+def test_no_network_means_no_nic_but_loopback_works(ml: Run) -> None:
+    r = ml("run", "--no-network", "--", "sh", "-c",
+           "ls /sys/class/net; ip link show lo | head -1; "
+           "(nc -l -p 7000 > /tmp/got &) ; sleep 0.5; echo hi | nc 127.0.0.1 7000; sleep 0.5; "
+           "cat /tmp/got")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.decode().splitlines()
+    assert lines[0] == "lo"
+    assert "UP" in lines[1]
+    assert lines[-1] == "hi"

@@ -69,6 +69,7 @@ class SetupTag(IntEnum):
     HOSTS_LINE = 6
     RESOLV = 7
     CPU_QUOTA = 8
+    NET = 9
 
 
 class ExecTag(IntEnum):
@@ -190,6 +191,23 @@ def _guest_text(raw: bytes, what: str) -> str:
 
 
 @dataclass(frozen=True)
+class NetConfig:
+    address: str
+    prefix: int
+    gateway: str
+    mtu: int = 1500
+
+    def encode(self) -> bytes:
+        import ipaddress
+
+        addr = ipaddress.IPv4Address(self.address).packed
+        gw = ipaddress.IPv4Address(self.gateway).packed
+        if not 1 <= self.prefix <= 30 or not 576 <= self.mtu <= 65535:
+            raise ValueError("prefix or MTU out of range")
+        return addr + bytes([self.prefix]) + gw + struct.pack(">I", self.mtu)
+
+
+@dataclass(frozen=True)
 class SetupRequest:
     hostname: str
     root_dev: str
@@ -199,6 +217,7 @@ class SetupRequest:
     hosts_lines: tuple[str, ...] = ()
     resolv: str | None = None
     cpu_quota_us: int = 0
+    net: NetConfig | None = None
 
     def encode(self) -> bytes:
         fields: list[tuple[int, bytes]] = [
@@ -214,6 +233,8 @@ class SetupRequest:
             fields.append((SetupTag.RESOLV, _text(self.resolv, "resolv.conf")))
         if self.cpu_quota_us:
             fields.append((SetupTag.CPU_QUOTA, struct.pack(">I", self.cpu_quota_us)))
+        if self.net is not None:
+            fields.append((SetupTag.NET, self.net.encode()))
         return encode_tlv(fields)
 
 

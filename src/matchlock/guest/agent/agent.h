@@ -72,6 +72,7 @@ enum setup_tag {
     SETUP_HOSTS_LINE = 6,
     SETUP_RESOLV = 7,
     SETUP_CPU_QUOTA = 8,
+    SETUP_NET = 9,
 };
 
 enum exec_tag {

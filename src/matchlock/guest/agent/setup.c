@@ -10,6 +10,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <net/if.h>
+#include <net/route.h>
+#include <netinet/in.h>
+#include <arpa/inet.h>
 #include <sys/mount.h>
 #include <sys/reboot.h>
 #include <sys/stat.h>
@@ -117,6 +122,9 @@ struct setup {
     const uint8_t *entropy;
     size_t entropy_len;
     uint32_t cpu_quota_us; /* per 100 ms period; 0 = no limit */
+    bool have_net;
+    uint32_t net_addr, net_gw, net_mtu; /* host byte order */
+    uint8_t net_prefix;
 };
 
 static int s_err;
@@ -327,6 +335,59 @@ static int limit_cpu(uint32_t quota_us)
     return 0;
 }
 
+static void sockaddr_v4(struct sockaddr *sa, uint32_t addr)
+{
+    struct sockaddr_in sin = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(addr)};
+    memcpy(sa, &sin, sizeof sin);
+}
+
+static int if_set(int fd, const char *name, unsigned long req, uint32_t addr)
+{
+    struct ifreq ifr = {0};
+    snprintf(ifr.ifr_name, sizeof ifr.ifr_name, "%s", name);
+    sockaddr_v4(&ifr.ifr_addr, addr);
+    return ioctl(fd, req, &ifr);
+}
+
+static int if_up(int fd, const char *name, uint32_t mtu)
+{
+    struct ifreq ifr = {0};
+    snprintf(ifr.ifr_name, sizeof ifr.ifr_name, "%s", name);
+    if (mtu) {
+        ifr.ifr_mtu = (int)mtu;
+        if (ioctl(fd, SIOCSIFMTU, &ifr)) return -1;
+    }
+    if (ioctl(fd, SIOCGIFFLAGS, &ifr)) return -1;
+    ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
+    return ioctl(fd, SIOCSIFFLAGS, &ifr);
+}
+
+/* Loopback always; eth0 only when the host gave the VM a NIC. The host is the only peer
+ * (its namespace routes nowhere), so a static address and one default route are all it takes. */
+static int configure_net(const struct setup *s)
+{
+    int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return fail("socket");
+    int rc = 0;
+    if (if_up(fd, "lo", 0)) rc = fail("bring up lo");
+    if (rc == 0 && s->have_net) {
+        uint32_t mask = s->net_prefix ? ~0u << (32 - s->net_prefix) : 0;
+        if (if_set(fd, "eth0", SIOCSIFADDR, s->net_addr)) rc = fail("set the address of eth0");
+        else if (if_set(fd, "eth0", SIOCSIFNETMASK, mask)) rc = fail("set the netmask of eth0");
+        else if (if_up(fd, "eth0", s->net_mtu)) rc = fail("bring up eth0");
+        else {
+            struct rtentry rt = {0};
+            sockaddr_v4(&rt.rt_dst, 0);
+            sockaddr_v4(&rt.rt_genmask, 0);
+            sockaddr_v4(&rt.rt_gateway, s->net_gw);
+            rt.rt_flags = RTF_UP | RTF_GATEWAY;
+            if (ioctl(fd, SIOCADDRT, &rt)) rc = fail("add the default route");
+        }
+    }
+    close(fd);
+    return rc;
+}
+
 /* Parse the SETUP TLV; on error s_err/s_msg say why. */
 static int parse_setup(const uint8_t *p, size_t n, struct setup *s)
 {
@@ -355,6 +416,16 @@ static int parse_setup(const uint8_t *p, size_t n, struct setup *s)
             if (f.len != 4) return fail("SETUP: CPU_QUOTA must be 4 bytes");
             s->cpu_quota_us = get_be32(f.val);
             if (s->cpu_quota_us < 1000) return fail("SETUP: CPU_QUOTA below 1000 us");
+            break;
+        case SETUP_NET:
+            if (f.len != 13) return fail("SETUP: NET must be 13 bytes");
+            s->net_addr = get_be32(f.val);
+            s->net_prefix = f.val[4];
+            s->net_gw = get_be32(f.val + 5);
+            s->net_mtu = get_be32(f.val + 9);
+            if (s->net_prefix < 1 || s->net_prefix > 30 || s->net_mtu < 576 || s->net_mtu > 65535)
+                return fail("SETUP: NET prefix or MTU out of range");
+            s->have_net = true;
             break;
         case SETUP_HOSTS_LINE: {
             char **h = realloc(s->hosts, (s->nhosts + 1) * sizeof *h);
@@ -404,6 +475,7 @@ void handle_setup(const uint8_t *p, size_t n)
     if (rc == 0) rc = mount_guest_dev();
     if (rc == 0) rc = set_identity(&s);
     if (rc == 0 && s.cpu_quota_us) rc = limit_cpu(s.cpu_quota_us);
+    if (rc == 0) rc = configure_net(&s);
     if (rc == 0) send_result(0, 0, "%s", "");
     else send_result(0, s_err, "%s", s_msg);
     free(s.hostname);
