@@ -161,6 +161,9 @@ def run(
     if tty and interactive and not sys.stdin.isatty():
         raise MatchlockError("-it needs a terminal on stdin", hint="drop -t to pipe stdin instead")
 
+    from matchlock.sandbox import boot
+
+    boot.artifacts()  # fail fast, before any image work, when the host is not set up
     resolved = resolve_image(image)
     cfg = resolved.config
     argv = compose_argv(cfg, command, entrypoint)
