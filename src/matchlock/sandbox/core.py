@@ -8,6 +8,7 @@ path: success, error, signal, timeout or guest panic.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import re
@@ -28,6 +29,7 @@ from matchlock.guest.client import AgentConnection, AgentGone, Exec
 from matchlock.state import registry
 from matchlock.vm import qemu
 from matchlock.vm.qemu import Disk, VMConfig
+from matchlock.vm.qmp import Qmp
 
 _HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 MIN_MEMORY_MB = 64
@@ -85,6 +87,8 @@ class Sandbox:
         self._owner: registry.Owner | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._conn: AgentConnection | None = None
+        self._qmp: Qmp | None = None
+        self.restored = False
         self._closed = False
 
     def __enter__(self) -> Sandbox:
@@ -98,7 +102,7 @@ class Sandbox:
     # --- start -----------------------------------------------------------------------------
 
     def start(self) -> None:
-        from matchlock.sandbox import boot, disk
+        from matchlock.sandbox import boot, disk, template
 
         t0 = time.perf_counter()
         arts = boot.artifacts()
@@ -107,41 +111,109 @@ class Sandbox:
         self.dir, self._owner = registry.create_dir(self.opts.image)
         self.id = self._owner.id
         disks: list[Disk] = []
+        snapshots = template.enabled()
         if self.opts.rootfs is not None:
             upper = disk.make_upper(self.dir / "upper.ext4", self.opts.disk_size_mb)
+            # Fixed device capacities keep one snapshot valid for every image and disk size.
+            snapshots = snapshots and _pad(self.opts.rootfs, template.ROOT_DEVICE_BYTES)
+            _pad(upper, template.UPPER_DEVICE_BYTES)
             disks = [Disk(self.opts.rootfs, readonly=True), Disk(upper)]
-        host_sock, guest_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        cfg = VMConfig(
-            kernel=arts.kernel,
-            initrd=arts.initrd,
-            accel=self.accel,
-            vcpus=math.ceil(self.opts.cpus),
-            memory_mb=self.opts.memory_mb,
-            console_log=self.dir / "console.log",
-            control_fd=guest_sock.fileno(),
-            disks=disks,
+        vcpus = math.ceil(self.opts.cpus)
+        devices = "blk2" if disks else "none"
+        tkey = template.key(arts.key, self.accel, vcpus, self.opts.memory_mb, devices)
+        tmpl = template.find(tkey) if snapshots else None
+        base = VMConfig(
+            kernel=arts.kernel, initrd=arts.initrd, accel=self.accel, vcpus=vcpus,
+            memory_mb=self.opts.memory_mb, console_log=self.dir / "console.log", disks=disks,
+            control_fd=-1,
         )
-        t1 = time.perf_counter()
-        self.timings.add("host_prep", t1 - t0)
+        self.timings.add("host_prep", time.perf_counter() - t0)
+        if tmpl is not None:
+            try:
+                self._restore(base, tmpl)
+            except MatchlockError as e:
+                # A template that no longer loads (QEMU upgraded in place, a damaged file) is
+                # dropped and rebuilt by the cold boot below.
+                self._agent_log(f"snapshot restore failed, booting instead: {e}")
+                template.discard(tmpl)
+                self._discard_vm()
+                tmpl = None
+        if tmpl is None:
+            self._cold_boot(base)
+            if snapshots:
+                t = time.perf_counter()
+                try:
+                    assert self._qmp is not None and self._proc is not None
+                    template.save(self._qmp, self._proc.pid, tkey, self.opts.memory_mb)
+                except (MatchlockError, OSError) as e:
+                    self._agent_log(f"could not save a snapshot template: {e}")
+                self.timings.add("snapshot_save", time.perf_counter() - t)
+        t2 = time.perf_counter()
+        if self.opts.rootfs is not None:
+            self._setup()
+        self.timings.add("agent_ready", time.perf_counter() - t2)
+
+    def _spawn(self, base: VMConfig, ram_file: Path | None = None) -> None:
+        """Start the VMM with a fresh control channel and QMP socket."""
+        assert self.dir is not None and self._owner is not None
+        host_sock, guest_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        qmp_host, qmp_guest = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        cfg = dataclasses.replace(base, control_fd=guest_sock.fileno(), qmp_fd=qmp_guest.fileno(),
+                                  ram_file=ram_file, incoming=ram_file is not None)
         # A Ctrl-C landing between the VMM's birth and our record of it would orphan the VM.
         with _signals_deferred():
             try:
                 self._proc = qemu.spawn(cfg, self.dir / "vmm.log")
             finally:
                 guest_sock.close()
+                qmp_guest.close()
             self._owner.vmm_pid = self._proc.pid
             self._owner.vmm_start = registry.proc_start_time(self._proc.pid)
             self._owner.save(self.dir / "owner.json")
         self._conn = AgentConnection(host_sock, on_log=self._agent_log)
+        try:
+            self._qmp = Qmp(qmp_host, timeout=self.opts.boot_timeout)
+        except MatchlockError:
+            if self._proc.wait(timeout=5) is not None:
+                raise self.vm_died() from None
+            raise
+
+    def _cold_boot(self, base: VMConfig) -> None:
+        t1 = time.perf_counter()
+        self._spawn(base)
         hello = self._wait_hello()
         t2 = time.perf_counter()
         # The guest's boot clock splits the wait into VMM start-up and kernel boot.
         boot_s = min(hello.boot_ns / 1e9, t2 - t1)
         self.timings.add("vmm_start", (t2 - t1) - boot_s)
         self.timings.add("kernel_to_agent", boot_s)
-        if self.opts.rootfs is not None:
-            self._setup()
-        self.timings.add("agent_ready", time.perf_counter() - t2)
+
+    def _restore(self, base: VMConfig, tmpl: object) -> None:
+        from matchlock.sandbox import template
+
+        assert isinstance(tmpl, template.Template)
+        t1 = time.perf_counter()
+        self._spawn(base, ram_file=tmpl.ram)
+        t2 = time.perf_counter()
+        assert self._qmp is not None and self._conn is not None
+        template.restore(self._qmp, tmpl)
+        try:
+            self._conn.ping(timeout=10.0)
+        except AgentGone as e:
+            raise GuestError(f"the restored guest agent does not answer: {e}") from None
+        self.restored = True
+        self.timings.add("vmm_start", t2 - t1)
+        self.timings.add("restore", time.perf_counter() - t2)
+
+    def _discard_vm(self) -> None:
+        self.kill_vm()
+        if self._proc is not None:
+            self._proc.wait()
+        if self._conn is not None:
+            self._conn.close()
+        if self._qmp is not None:
+            self._qmp.close()
+        self._proc = self._conn = self._qmp = None
 
     def _wait_hello(self) -> p.Hello:
         assert self._conn is not None and self._proc is not None
@@ -252,6 +324,8 @@ class Sandbox:
                 self._proc.wait()
             if self._conn is not None:
                 self._conn.close()
+            if self._qmp is not None:
+                self._qmp.close()
             if self.dir is not None and not os.environ.get("MATCHLOCK_KEEP_SANDBOX"):
                 registry.remove_dir(self.dir)
         self.timings.add("teardown", time.perf_counter() - t0)
@@ -271,6 +345,16 @@ def _signals_deferred() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _pad(path: Path, size: int) -> bool:
+    """Grow a sparse disk file to the fixed device size; False when it is already larger."""
+    current = path.stat().st_size
+    if current > size:
+        return False
+    if current < size:
+        os.truncate(path, size)
+    return True
 
 
 def _tail(path: Path, nbytes: int = 16384) -> list[str]:

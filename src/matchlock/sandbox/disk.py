@@ -6,6 +6,7 @@ SEEK_DATA/SEEK_HOLE costs a couple of milliseconds, so the template is made once
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import shutil
@@ -65,13 +66,29 @@ def sparse_copy(src: Path, dst: Path) -> None:
             except OSError:
                 break  # ENXIO: only a hole remains
             end = os.lseek(fin.fileno(), start, os.SEEK_HOLE)
-            pos = start
-            while pos < end:
-                n = os.copy_file_range(fin.fileno(), fout.fileno(), end - pos, pos, pos)
-                if n == 0:
-                    break
-                pos += n
+            _copy_range(fin.fileno(), fout.fileno(), start, end)
             off = end
+
+
+def _copy_range(src: int, dst: int, start: int, end: int) -> None:
+    pos = start
+    while pos < end:
+        try:
+            n = os.copy_file_range(src, dst, end - pos, pos, pos)
+        except OSError as e:
+            # Across file systems (a VMM's memfd to a disk file) the kernel refuses.
+            if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            break
+        if n == 0:
+            return
+        pos += n
+    while pos < end:
+        chunk = os.pread(src, min(1 << 20, end - pos), pos)
+        if not chunk:
+            return
+        os.pwrite(dst, chunk, pos)
+        pos += len(chunk)
 
 
 def make_upper(dest: Path, size_mb: int) -> Path:

@@ -40,6 +40,11 @@ class VMConfig:
     control_fd: int
     disks: Sequence[Disk] = field(default_factory=tuple)
     extra_cmdline: Sequence[str] = field(default_factory=tuple)
+    qmp_fd: int | None = None
+    # Guest RAM: a fresh memfd, or (snapshot restore) a private copy-on-write mapping of a
+    # template's RAM file, which every clone shares and none can change.
+    ram_file: Path | None = None
+    incoming: bool = False
 
 
 def kernel_cmdline(accel: str, extra: Sequence[str] = ()) -> str:
@@ -64,7 +69,7 @@ def command_line(cfg: VMConfig, binary: str = QEMU_BINARY) -> list[str]:
         # Guest RAM in a memfd: the host can tell guest memory (RssShmem) from the VMM's own,
         # and a later snapshot/restore path can map the same memory file.
         "-M", "microvm,acpi=off,memory-backend=mem",
-        "-object", f"memory-backend-memfd,id=mem,size={cfg.memory_mb}M,share=on",
+        "-object", _ram_backend(cfg),
         *accel,
         "-m", f"{cfg.memory_mb}M",
         "-smp", str(cfg.vcpus),
@@ -72,18 +77,34 @@ def command_line(cfg: VMConfig, binary: str = QEMU_BINARY) -> list[str]:
         "-kernel", str(cfg.kernel),
         "-initrd", str(cfg.initrd),
         "-append", kernel_cmdline(cfg.accel, cfg.extra_cmdline),
-        "-chardev", f"file,id=con,path={cfg.console_log}",
+        "-chardev", f"file,id=con,path={opt_path(cfg.console_log)}",
         "-serial", "chardev:con",
         "-device", "virtio-serial-device,max_ports=2",
         "-chardev", f"socket,id=ctl,fd={cfg.control_fd}",
         "-device", "virtserialport,chardev=ctl,name=matchlock",
     ]
+    if cfg.qmp_fd is not None:
+        argv += ["-chardev", f"socket,id=qmp,fd={cfg.qmp_fd}", "-mon", "chardev=qmp,mode=control"]
+    if cfg.incoming:
+        argv += ["-incoming", "defer"]
     for i, disk in enumerate(cfg.disks):
-        opts = f"file={disk.path},if=none,id=d{i},format={disk.fmt},cache=unsafe"
+        opts = f"file={opt_path(disk.path)},if=none,id=d{i},format={disk.fmt},cache=unsafe"
         if disk.readonly:
             opts += ",readonly=on"
         argv += ["-drive", opts, "-device", f"virtio-blk-device,drive=d{i}"]
     return argv
+
+
+def opt_path(path: Path) -> str:
+    """A path inside a QEMU option list, where a comma must be doubled."""
+    return str(path).replace(",", ",,")
+
+
+def _ram_backend(cfg: VMConfig) -> str:
+    size = f"size={cfg.memory_mb}M"
+    if cfg.ram_file is not None:
+        return f"memory-backend-file,id=mem,{size},mem-path={opt_path(cfg.ram_file)},share=off"
+    return f"memory-backend-memfd,id=mem,{size},share=on"
 
 
 def find_qemu() -> str:
@@ -112,7 +133,7 @@ def spawn(cfg: VMConfig, log_path: Path) -> subprocess.Popen[bytes]:
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
-            pass_fds=(cfg.control_fd,),
+            pass_fds=tuple(fd for fd in (cfg.control_fd, cfg.qmp_fd) if fd is not None),
             preexec_fn=_tie_to_parent,
             close_fds=True,
         )

@@ -24,6 +24,9 @@
 
 /* From <linux/random.h>, which musl does not ship. */
 #define RNDADDENTROPY _IOW('R', 0x03, int[2])
+#define RNDRESEEDCRNG _IO('R', 0x07)
+/* From <linux/fs.h>. */
+#define BLKFLSBUF _IO(0x12, 97)
 struct rand_pool {
     int entropy_count; /* bits */
     int buf_size;      /* bytes */
@@ -186,6 +189,17 @@ static int write_file_atomic(const char *path, const char *data, size_t len)
 /* Mount ROOT_DEV read-only under a writable layer, then make the overlay the root the way
  * switch_root does: the initramfs is the kernel's rootfs, which pivot_root refuses. The
  * initramfs holds only this binary, so it is simply left behind, hidden under the new root. */
+/* When this VM was restored from a snapshot, the kernel probed its disks at boot, when other
+ * files backed them: drop whatever of them it cached before mounting. */
+static void flush_block_cache(const char *dev)
+{
+    int fd = open(dev, O_RDONLY | O_CLOEXEC);
+    if (fd >= 0) {
+        ioctl(fd, BLKFLSBUF, 0);
+        close(fd);
+    }
+}
+
 static int switch_root(const char *root_dev, const char *upper_dev)
 {
     char dev[80];
@@ -194,10 +208,12 @@ static int switch_root(const char *root_dev, const char *upper_dev)
         if (mkdir_ok(dirs[i], 0755)) return fail("mkdir %s", dirs[i]);
 
     snprintf(dev, sizeof dev, "/dev/%s", root_dev);
+    flush_block_cache(dev);
     if (mount(dev, "/mnt/lower", "ext4", MS_RDONLY, NULL))
         return fail("mount %s (ext4, read-only) on /mnt/lower", dev);
     if (upper_dev) {
         snprintf(dev, sizeof dev, "/dev/%s", upper_dev);
+        flush_block_cache(dev);
         if (mount(dev, "/mnt/upperfs", "ext4", 0, NULL))
             return fail("mount %s (ext4) on /mnt/upperfs", dev);
     } else if (mount("tmpfs", "/mnt/upperfs", "tmpfs", 0, "mode=0755")) {
@@ -296,6 +312,9 @@ static int set_clock_and_entropy(const struct setup *s)
         int fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
         int rc = fd < 0 ? -1 : ioctl(fd, RNDADDENTROPY, &rp);
         if (rc) fail("credit entropy (RNDADDENTROPY)");
+        /* A VM restored from a snapshot shares the template's RNG state with every other
+         * clone: reseed now, so nothing it draws from here on is shared or predictable. */
+        if (rc == 0 && ioctl(fd, RNDRESEEDCRNG) != 0) rc = fail("reseed the kernel RNG");
         if (fd >= 0) close(fd);
         memset(&rp, 0, sizeof rp);
         if (rc) return -1;

@@ -1,0 +1,171 @@
+"""Snapshot templates: start a sandbox by restoring a VM that already booted, not booting one.
+
+The first cold boot for a given machine shape (kernel, agent, QEMU, accelerator, memory,
+vCPUs, devices) pauses right after the agent's HELLO, before it has touched any disk, and
+saves itself: the device state (a small migration stream) and its RAM (copied sparsely from
+the VMM's memfd). Later sandboxes of that shape map the RAM file privately (copy-on-write: no
+copy, nothing shared is ever written) and load the device state, which takes tens of
+milliseconds instead of a kernel boot.
+
+What makes one snapshot valid for every image and sandbox:
+- configuration reaches the agent after the restore, over the control channel (SETUP);
+- disks are presented at fixed capacities, so the sizes the kernel probed at boot stay true,
+  and the agent drops the block cache of each disk before mounting it;
+- the agent reseeds the kernel RNG from fresh host entropy in SETUP, so clones share no
+  random state from then on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shlex
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from matchlock.paths import cache_dir
+from matchlock.sandbox.disk import sparse_copy
+from matchlock.vm import qemu
+from matchlock.vm.qmp import Qmp, QmpError
+
+LAYOUT_VERSION = "1"
+ROOT_DEVICE_BYTES = 64 << 30
+UPPER_DEVICE_BYTES = 1 << 40
+_MIGRATION_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class Template:
+    dir: Path
+
+    @property
+    def ram(self) -> Path:
+        return self.dir / "ram"
+
+    @property
+    def state(self) -> Path:
+        return self.dir / "state"
+
+
+def enabled() -> bool:
+    return os.environ.get("MATCHLOCK_SNAPSHOTS", "1") != "0"
+
+
+def key(boot_key: str, accel: str, vcpus: int, memory_mb: int, devices: str) -> str:
+    binary = shutil.which(qemu.QEMU_BINARY) or qemu.QEMU_BINARY
+    try:
+        st = os.stat(binary)
+        qemu_id = f"{st.st_size}-{st.st_mtime_ns}"
+    except OSError:
+        qemu_id = "missing"
+    parts = [LAYOUT_VERSION, boot_key, accel, str(vcpus), str(memory_mb), devices, qemu_id,
+             qemu.kernel_cmdline(accel)]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
+
+
+def _root() -> Path:
+    return cache_dir() / "templates"
+
+
+def find(tkey: str) -> Template | None:
+    t = Template(_root() / tkey)
+    return t if (t.dir / "complete").exists() else None
+
+
+def discard(t: Template) -> None:
+    shutil.rmtree(t.dir, ignore_errors=True)
+
+
+def _memfd_of(pid: int, size: int) -> Path:
+    fd_dir = Path(f"/proc/{pid}/fd")
+    for entry in fd_dir.iterdir():
+        try:
+            target = os.readlink(entry)
+        except OSError:
+            continue
+        if target.startswith("/memfd:") and entry.stat().st_size == size:
+            return entry
+    raise QmpError("cannot find the VM's memory to snapshot it")
+
+
+def save(qmp: Qmp, pid: int, tkey: str, memory_mb: int) -> Template:
+    """Snapshot a running VM (paused meanwhile) as the template for its shape."""
+    root = _root()
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{tkey}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    qmp.command("stop")
+    try:
+        qmp.command("migrate-set-capabilities",
+                    capabilities=[{"capability": "x-ignore-shared", "state": True}])
+        qmp.command("migrate", uri=f"exec:cat > {_shell_quote(tmp / 'state')}")
+        _wait_migrated(qmp)
+        # The RAM must be copied while the VM is still stopped, or it would not match the state.
+        sparse_copy(_memfd_of(pid, memory_mb << 20), tmp / "ram")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        qmp.command("cont")
+    (tmp / "complete").touch()
+    final = root / tkey
+    try:
+        tmp.rename(final)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # another sandbox saved the same shape first
+    return Template(final)
+
+
+def restore(qmp: Qmp, t: Template) -> None:
+    """Load a template into a VMM started with `incoming` and its RAM file; then run it."""
+    qmp.command("migrate-set-capabilities",
+                capabilities=[{"capability": "x-ignore-shared", "state": True}])
+    qmp.command("migrate-incoming", uri=f"exec:cat {_shell_quote(t.state)}")
+    _wait_paused(qmp)
+    qmp.command("cont")
+
+
+def _wait_migrated(qmp: Qmp) -> None:
+    deadline = time.monotonic() + _MIGRATION_TIMEOUT_S
+    while True:
+        status = qmp.command("query-migrate").get("status")
+        if status == "completed":
+            return
+        if status in ("failed", "cancelled", None):
+            raise QmpError(f"saving the snapshot ended as {status}")
+        if time.monotonic() > deadline:
+            raise QmpError("saving the snapshot timed out")
+        time.sleep(0.002)
+
+
+def _wait_paused(qmp: Qmp) -> None:
+    deadline = time.monotonic() + _MIGRATION_TIMEOUT_S
+    while True:
+        status = qmp.command("query-status").get("status")
+        if status == "paused":
+            return
+        if status != "inmigrate":
+            raise QmpError(f"the restored VM is {status}, not paused")
+        if time.monotonic() > deadline:
+            raise QmpError("restoring the snapshot timed out")
+        time.sleep(0.002)
+
+
+def _shell_quote(path: Path) -> str:
+    return shlex.quote(str(path))
+
+
+def remove_all() -> int:
+    """Delete every template (they are rebuilt on demand); returns the bytes freed."""
+    root = _root()
+    freed = 0
+    if root.exists():
+        for t in root.iterdir():
+            for f in t.rglob("*"):
+                if f.is_file():
+                    freed += f.stat().st_blocks * 512
+            shutil.rmtree(t, ignore_errors=True)
+    return freed

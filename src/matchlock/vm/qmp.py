@@ -1,0 +1,67 @@
+"""A minimal QMP client over a socket QEMU was handed at start (no socket file to leak)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from typing import Any
+
+from matchlock.errors import MatchlockError
+
+_MAX_LINE = 1 << 20
+
+
+class QmpError(MatchlockError):
+    """QEMU refused a command or stopped answering."""
+
+
+class Qmp:
+    def __init__(self, sock: socket.socket, timeout: float = 10.0) -> None:
+        self._sock = sock
+        self._buf = bytearray()
+        self._timeout = timeout
+        self._read_message()  # the greeting
+        self.command("qmp_capabilities")
+
+    def _read_message(self) -> dict[str, Any]:
+        deadline = time.monotonic() + self._timeout
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise QmpError("QEMU did not answer on its control socket")
+            self._sock.settimeout(left)
+            try:
+                chunk = self._sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError as e:
+                raise QmpError(f"QEMU control socket failed: {e}") from None
+            if not chunk:
+                raise QmpError("QEMU closed its control socket")
+            self._buf += chunk
+            if len(self._buf) > _MAX_LINE:
+                raise QmpError("oversized message on the QEMU control socket")
+        line, _, rest = self._buf.partition(b"\n")
+        self._buf = bytearray(rest)
+        msg = json.loads(line)
+        if not isinstance(msg, dict):
+            raise QmpError("malformed message on the QEMU control socket")
+        return msg
+
+    def command(self, name: str, **arguments: Any) -> Any:
+        payload: dict[str, Any] = {"execute": name}
+        if arguments:
+            payload["arguments"] = arguments
+        self._sock.sendall(json.dumps(payload).encode() + b"\n")
+        while True:
+            msg = self._read_message()
+            if "return" in msg:
+                return msg["return"]
+            if "error" in msg:
+                err = msg["error"]
+                raise QmpError(f"QEMU refused {name}: {err.get('desc', err)}")
+            # Anything else is an asynchronous event; nothing here needs them.
+
+    def close(self) -> None:
+        self._sock.close()
