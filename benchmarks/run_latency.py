@@ -3,6 +3,9 @@
 
     run_latency.py [--runs N] [--image NAME] [--accel kvm|tcg|auto] [--json FILE]
 
+Both start paths are measured, side by side: restoring a snapshot template (the default once a
+template of the machine shape exists) and a cold kernel boot (MATCHLOCK_SNAPSHOTS=0).
+
 1. End to end: `matchlock run [--image X] -- true` as a user types it (Python start-up, image
    lookup, boot, exec, teardown), N runs, p50/p95.
 2. Phases, through the Python API in this process, N runs: host preparation, VMM start,
@@ -31,7 +34,9 @@ from matchlock.image.resolve import resolve_image
 from matchlock.sandbox.core import Sandbox, SandboxOptions
 
 MATCHLOCK = str(Path(sys.executable).with_name("matchlock"))
-PHASES = ("host_prep", "vmm_start", "kernel_to_agent", "agent_ready", "exec", "teardown")
+PHASES = ("host_prep", "vmm_start", "kernel_to_agent", "restore", "agent_ready", "exec",
+          "teardown")
+MODES = {"snapshot restore": "1", "cold boot": "0"}
 
 
 def pct(values: list[float], q: float) -> float:
@@ -125,16 +130,29 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
 
-    e2e = end_to_end(a.runs, a.image, a.accel)
-    ph, used = phases(a.runs, a.image, a.accel)
+    results: dict[str, dict[str, object]] = {}
+    used = ""
+    for mode, flag in MODES.items():
+        os.environ["MATCHLOCK_SNAPSHOTS"] = flag
+        e2e = end_to_end(a.runs, a.image, a.accel)
+        ph, used = phases(a.runs, a.image, a.accel)
+        results[mode] = {"end_to_end": e2e, "phases": ph}
+    os.environ["MATCHLOCK_SNAPSHOTS"] = "1"
     rt = round_trips_and_memory(a.image, a.accel)
     label = used.upper()
     print(f"# matchlock start-up, accelerator: {label}, {a.runs} runs, image: "
           f"{a.image or 'built-in busybox'}, {os.cpu_count()} host cores")
-    print(f"{'measure':<28} {'p50 ms':>7} {'p95 ms':>7}")
-    print(f"{'run true, end to end':<28} {fmt_ms(e2e)}")
-    for name in PHASES:
-        print(f"{'  phase: ' + name:<28} {fmt_ms(ph[name])}")
+    print(f"{'measure (p50 / p95 ms)':<28} " + " ".join(f"{m:>17}" for m in MODES))
+    rows: list[tuple[str, str]] = [("run true, end to end", "end_to_end")]
+    rows += [("  phase: " + name, name) for name in PHASES]
+    for title, field in rows:
+        cells = []
+        for mode in MODES:
+            r = results[mode]
+            values = r["end_to_end"] if field == "end_to_end" else r["phases"][field]  # type: ignore[index]
+            assert isinstance(values, list)
+            cells.append(f"{pct(values, 50) * 1000:8.1f} {pct(values, 95) * 1000:8.1f}")
+        print(f"{title:<28} " + " ".join(cells))
     print(f"{'exec true (booted VM)':<28} {rt['exec_p50_ms']:7.1f} {rt['exec_p95_ms']:7.1f}")
     print(f"{'control PING round trip':<28} {rt['ping_p50_us'] / 1000:7.2f}")
     print(f"# memory of one idle sandbox ({label}): VMM private beyond guest RAM "
@@ -142,8 +160,7 @@ def main() -> None:
           f"{rt['vmm_file_mib']:.1f}), owner process private {rt['owner_private_mib']:.1f} MiB, "
           f"guest RAM touched {rt['guest_ram_touched_mib']:.1f} MiB")
     if a.json:
-        a.json.write_text(json.dumps({"accel": used, "end_to_end": e2e, "phases": ph, **rt},
-                                     indent=2))
+        a.json.write_text(json.dumps({"accel": used, "modes": results, **rt}, indent=2))
 
 
 if __name__ == "__main__":
