@@ -1,0 +1,46 @@
+"""The QEMU command line, which is pure: what each sandbox option turns into."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from matchlock.vm.qemu import Disk, VMConfig, command_line
+
+
+def cfg(**kw: object) -> VMConfig:
+    base: dict[str, object] = dict(
+        kernel=Path("/k/vmlinux"), initrd=Path("/k/init.cpio"), accel="tcg", vcpus=2,
+        memory_mb=768, console_log=Path("/s/console.log"), control_fd=7,
+    )
+    base.update(kw)
+    return VMConfig(**base)  # type: ignore[arg-type]
+
+
+def test_tcg_machine() -> None:
+    argv = command_line(cfg())
+    assert argv[argv.index("-accel") + 1] == "tcg" and argv[argv.index("-cpu") + 1] == "max"
+    assert argv[argv.index("-m") + 1] == "768M" and argv[argv.index("-smp") + 1] == "2"
+    assert "memory-backend-memfd,id=mem,size=768M,share=on" in argv
+    assert "socket,id=ctl,fd=7" in argv
+    for flag in ("-nodefaults", "-no-user-config", "-no-reboot"):
+        assert flag in argv
+    assert "-incoming" not in argv and "-mon" not in argv
+
+
+def test_kvm_uses_the_host_cpu() -> None:
+    argv = command_line(cfg(accel="kvm"))
+    assert argv[argv.index("-accel") + 1] == "kvm" and argv[argv.index("-cpu") + 1] == "host"
+
+
+def test_disks_qmp_and_restore() -> None:
+    argv = command_line(cfg(disks=[Disk(Path("/img/root,1.ext4"), readonly=True),
+                                   Disk(Path("/s/upper"))],
+                            qmp_fd=9, ram_file=Path("/t/ram"), incoming=True))
+    drives = [argv[i + 1] for i, a in enumerate(argv) if a == "-drive"]
+    assert drives == [
+        "file=/img/root,,1.ext4,if=none,id=d0,format=raw,cache=unsafe,readonly=on",
+        "file=/s/upper,if=none,id=d1,format=raw,cache=unsafe",
+    ]
+    assert "memory-backend-file,id=mem,size=768M,mem-path=/t/ram,share=off" in argv
+    assert argv[argv.index("-incoming") + 1] == "defer"
+    assert "socket,id=qmp,fd=9" in argv
