@@ -184,7 +184,8 @@ def test_three_sandboxes_at_once_are_isolated(state_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--image", "no-such-image:1"], b"not in the local store"),
+    # A registry on loopback that refuses connections: tests never leave this host.
+    (["--image", "127.0.0.1:1/no-such-image:1"], b"not in the local store"),
     (["--cpus", "0"], b"--cpus"),
     (["--cpus", "abc"], b"--cpus"),
     (["--memory", "-5"], b"invalid size"),

@@ -63,13 +63,15 @@ BUSYBOX = "/bin/busybox"
 @pytest.fixture(scope="session")
 def agent_binary(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     cache = tmp_path_factory.mktemp("cache")
+    # The environment is restored before yielding: this fixture lives for the whole session,
+    # and later tests must see the real cache again.
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MATCHLOCK_CACHE_DIR", str(cache))
         mp.delenv("MATCHLOCK_AGENT", raising=False)
         path = build.build_agent(lambda line: print(line))
         assert build.cached_agent() == path
         assert build.build_agent(lambda line: None) == path  # cached: no rebuild
-        yield path
+    yield path
 
 
 @dataclass

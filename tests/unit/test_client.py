@@ -87,9 +87,12 @@ def test_nothing_accepted_after_exit(pair: tuple[AgentConnection, socket.socket]
     guest.sendall(gframe(T.EXIT, ex.channel, struct.pack(">iI", 0, 0)))
     assert list(ex.events()) == [p.ExitStatus(0, 0)]
     guest.sendall(gframe(T.STDOUT, ex.channel, b"late"))
-    ex2 = conn.exec(p.ExecRequest(argv=["y"]))
+    # The late frame ends the connection: whichever comes first, the failure reaches a new
+    # exec either when it is sent or while it waits for events.
     with pytest.raises(AgentGone):
+        ex2 = conn.exec(p.ExecRequest(argv=["y"]))
         list(ex2.events())
+    assert conn.error is not None and "not open" in conn.error
 
 
 def test_stdin_respects_the_window(pair: tuple[AgentConnection, socket.socket]) -> None:

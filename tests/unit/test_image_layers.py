@@ -324,3 +324,39 @@ def test_nul_in_pax_path_is_an_image_error(root: Path) -> None:
     info.pax_headers = {"path": "a\x00b"}
     with pytest.raises(ImageError):
         apply(root, tar_bytes((info, data)))
+
+
+# The extractor keeps parent directories open between entries; a directory replaced later in
+# the same layer must never be written through its old fd, nor through a symlink in its place.
+
+
+def test_cached_dir_replaced_by_symlink_then_written_refused(root: Path, outside: Path) -> None:
+    layer = tar_bytes(dir_("a"), dir_("a/b"), reg("a/b/one", b"1"),
+                      symlink("a", str(outside)), reg("a/b/victim", b"evil"))
+    with pytest.raises(ImageError, match="symlink"):
+        apply(root, layer)
+    assert (outside / "victim").read_text() == "original"
+    assert os.path.islink(root / "a")
+
+
+def test_cached_dir_replaced_by_file_then_dir_again(root: Path) -> None:
+    apply(root, tar_bytes(dir_("a"), dir_("a/b"), reg("a/b/one", b"1"), reg("a", b"file"),
+                          dir_("a"), reg("a/b/two", b"2")))
+    assert sorted(os.listdir(root / "a")) == ["b"] and os.listdir(root / "a" / "b") == ["two"]
+
+
+def test_cached_dir_removed_by_whiteout_is_recreated(root: Path) -> None:
+    apply(root, tar_bytes(dir_("x"), dir_("x/y"), reg("x/y/old", b"o")))
+    apply(root, tar_bytes(reg("x/y/keep", b"k"), reg("x/.wh.y"), reg("x/y/new", b"n")))
+    # "x/y" was open (for "keep") when the whiteout removed it: "new" must land in the
+    # directory that is at x/y now, not in the removed one.
+    listing = os.listdir(root / "x" / "y")
+    assert "new" in listing and "old" not in listing
+
+
+def test_many_directories_exceed_the_cache(root: Path) -> None:
+    entries = [reg(f"d{i}/sub/f", str(i).encode()) for i in range(200)]
+    entries += [reg(f"d{i}/sub/g", b"again") for i in range(200)]
+    apply(root, tar_bytes(*entries))
+    assert (root / "d199" / "sub" / "f").read_bytes() == b"199"
+    assert (root / "d0" / "sub" / "g").read_bytes() == b"again"

@@ -13,6 +13,7 @@ from matchlock.errors import MatchlockError
 _COMMANDS = {
     "run": ("matchlock.cli.run", "run", "Run a command in a new ephemeral microVM."),
     "image": ("matchlock.cli.image", "image", "Manage local images."),
+    "pull": ("matchlock.cli.pull", "pull", "Pull an image from a registry."),
     "diagnose": ("matchlock.cli.diagnose", "diagnose", "Check that this host can run sandboxes."),
     "setup": ("matchlock.cli.setup", "setup", "Install and build what sandboxes need (root)."),
     "gc": ("matchlock.cli.gc", "gc", "Remove what dead sandboxes left behind."),

@@ -21,7 +21,8 @@ import shutil
 import stat
 import tarfile
 import zlib
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, BinaryIO, Protocol
 
@@ -146,14 +147,17 @@ def apply_layer(
 
 
 def _extract(plain: BinaryIO, extractor: _Extractor) -> None:
-    with tarfile.open(fileobj=plain, mode="r|") as tar:
-        while (member := tar.next()) is not None:
-            # Stream mode keeps every header in tar.members; a layer with millions of
-            # entries would pin them all, and nothing here looks back at old members.
-            tar.members.clear()  # type: ignore[attr-defined]
-            data = tar.extractfile(member) if member.isreg() else None
-            extractor.entry(member, data)
-    extractor.finish()
+    try:
+        with tarfile.open(fileobj=plain, mode="r|") as tar:
+            while (member := tar.next()) is not None:
+                # Stream mode keeps every header in tar.members; a layer with millions of
+                # entries would pin them all, and nothing here looks back at old members.
+                tar.members.clear()  # type: ignore[attr-defined]
+                data = tar.extractfile(member) if member.isreg() else None
+                extractor.entry(member, data)
+        extractor.finish()
+    finally:
+        extractor.close()
 
 
 def _mtime_ns(member: tarfile.TarInfo) -> int:
@@ -185,12 +189,62 @@ def _set_xattrs(fd: int, member: tarfile.TarInfo) -> None:
                 raise
 
 
+class _DirCache:
+    """Open fds of recently used parent directories, by path below the root.
+
+    Entries of a layer come grouped by directory, and walking every entry's path from the
+    root (one openat per component) dominated extraction time. Directories are only ever
+    opened through `open_dir` (no symlink followed), and every removal drops the fds at and
+    below the removed path, so a cached fd always names the directory now at its path.
+    """
+
+    _MAX = 64
+
+    def __init__(self, root_fd: int) -> None:
+        self._root_fd = root_fd
+        self._fds: OrderedDict[tuple[str, ...], int] = OrderedDict()
+
+    def get(self, parts: tuple[str, ...], created: Callable[[tuple[str, ...]], None]) -> int:
+        """The directory `parts`, created as needed (not to be closed by the caller)."""
+        if not parts:
+            return self._root_fd
+        fd = self._fds.get(parts)
+        if fd is not None:
+            self._fds.move_to_end(parts)
+            return fd
+        base, start = self._root_fd, 0
+        for i in range(len(parts) - 1, 0, -1):  # walk on from the longest cached prefix
+            prefix_fd = self._fds.get(parts[:i])
+            if prefix_fd is not None:
+                base, start = prefix_fd, i
+                break
+        found = open_dir(base, parts[start:], create=True,
+                         created=lambda sub: created(parts[:start] + sub))
+        assert found is not None  # create=True never yields None
+        self._fds[parts] = found
+        if len(self._fds) > self._MAX:
+            os.close(self._fds.popitem(last=False)[1])
+        return found
+
+    def forget(self, path: tuple[str, ...], *, below_only: bool = False) -> None:
+        """Drop the fds of `path` and everything below it (before `path` is removed)."""
+        n = len(path)
+        for key in [k for k in self._fds if k[:n] == path and (len(k) > n or not below_only)]:
+            os.close(self._fds.pop(key))
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
 class _Extractor:
     """Per-layer extraction state."""
 
     def __init__(self, root_fd: int, label: str) -> None:
         self._root_fd = root_fd
         self._label = label
+        self._parents = _DirCache(root_fd)
         # Paths this layer created, and their ancestors: whiteouts and opaque markers only
         # hide lower layers' content, never entries of the same layer.
         self._seen: set[tuple[str, ...]] = set()
@@ -211,6 +265,9 @@ class _Extractor:
                 f"cannot extract {member.name!r} from layer {self._label}: {exc.strerror or exc}",
                 hint="check free space and that matchlock runs as root",
             ) from None
+
+    def close(self) -> None:
+        self._parents.close()
 
     def finish(self) -> None:
         try:
@@ -251,8 +308,10 @@ class _Extractor:
             return  # nothing below to hide
         try:
             if marker == OPAQUE_MARKER:
+                self._parents.forget(parent, below_only=True)
                 self._clear_lower(dir_fd, parent)
             elif (*parent, target) not in self._seen:
+                self._parents.forget((*parent, target))
                 remove_at(dir_fd, target)
         finally:
             os.close(dir_fd)
@@ -283,21 +342,18 @@ class _Extractor:
                 self._dirs[()] = (member.mode & 0o7777, _mtime_ns(member))
             return
         parent, leaf = parts[:-1], parts[-1]
-        dir_fd = open_dir(self._root_fd, parent, create=True, created=self._mark)
-        assert dir_fd is not None  # create=True never yields None
-        try:
-            existing = lstat_at(dir_fd, leaf)
-            keep_dir = existing is not None and member.isdir() and stat.S_ISDIR(existing.st_mode)
-            if member.islnk():
-                self._hardlink(dir_fd, parts, member, existing)
-            else:
-                if existing is not None and not keep_dir:
-                    # Replace, never write through: the old name may be a symlink or share
-                    # an inode with other hard links.
-                    remove_at(dir_fd, leaf, existing)
-                self._make(dir_fd, parts, member, data, keep_dir)
-        finally:
-            os.close(dir_fd)
+        dir_fd = self._parents.get(parent, self._mark)
+        existing = lstat_at(dir_fd, leaf)
+        keep_dir = existing is not None and member.isdir() and stat.S_ISDIR(existing.st_mode)
+        if member.islnk():
+            self._hardlink(dir_fd, parts, member, existing)
+        else:
+            if existing is not None and not keep_dir:
+                # Replace, never write through: the old name may be a symlink or share
+                # an inode with other hard links.
+                self._parents.forget(parts)
+                remove_at(dir_fd, leaf, existing)
+            self._make(dir_fd, parts, member, data, keep_dir)
         self._mark(parts)
 
     def _make(
@@ -374,6 +430,7 @@ class _Extractor:
             if stat.S_ISDIR(target_st.st_mode):
                 raise UnsafePath(f"hard link {member.name!r} points at a directory")
             if existing is not None:
+                self._parents.forget(parts)
                 remove_at(dir_fd, parts[-1], existing)
             os.link(
                 target[-1],

@@ -133,8 +133,11 @@ class ImageStore:
                     f"the image database {self._db_path} was written by a newer matchlock",
                     hint="upgrade matchlock, or delete the file and re-import your images",
                 )
-            db.execute(_SCHEMA)
-            db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+            if version < _SCHEMA_VERSION:
+                # Only a new database is written to here: every `run` opens the store, and
+                # a write per run would cost a synced journal commit.
+                db.execute(_SCHEMA)
+                db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
 
     @property
     def tmp_dir(self) -> Path:
@@ -214,6 +217,22 @@ class ImageStore:
         finally:
             tmp.unlink(missing_ok=True)
 
+    def add_verified_blob(self, path: Path, digest: str) -> None:
+        """Move the file `path` (under `tmp_dir`) into the store as blob `digest`.
+
+        For writers that hash while they write (resumable downloads): the caller has checked
+        that the file's bytes have this digest, and has fsynced it. Hold `lease()`.
+        """
+        try:
+            path.chmod(0o644)
+            path.replace(self.blob_path(digest))
+            _fsync_dir(self._blobs)
+        except OSError as exc:
+            raise ImageError(
+                f"cannot store blob {digest} under {self._blobs}: {exc.strerror or exc}",
+                hint="check free disk space and permissions of the cache directory",
+            ) from None
+
     def _read_document(self, digest: str, what: str) -> bytes:
         try:
             with self.blob_path(digest).open("rb") as f:
@@ -230,11 +249,21 @@ class ImageStore:
     # -- names ---------------------------------------------------------------------------
 
     def tag(
-        self, name: str, manifest_digest: str, config_digest: str, layers: list[str]
+        self,
+        name: str,
+        manifest_digest: str,
+        config_digest: str,
+        layers: list[str],
+        *,
+        allow_digest: bool = False,
     ) -> StoredImage:
-        """Point `name` at an image whose blobs are all in the store (replacing any old one)."""
+        """Point `name` at an image whose blobs are all in the store (replacing any old one).
+
+        `allow_digest` admits `NAME@sha256:...` names: a pull by digest is cached under the
+        reference the user gave, which no later push can move.
+        """
         ref = parse_reference(name)
-        if ref.digest is not None:
+        if ref.digest is not None and not allow_digest:
             raise ImageError(
                 f"cannot name an image {name!r}: a name must not contain a digest",
                 hint="use NAME[:TAG]",
@@ -336,6 +365,10 @@ class ImageStore:
     def config(self, image: StoredImage) -> ImageConfig:
         return parse_image_config(self._read_document(image.config_digest, "image config"))
 
+    def rootfs_path(self, image: StoredImage) -> Path:
+        """Where the image's root filesystem is (or will be, once built)."""
+        return self._rootfs / f"{digest_hex(image.manifest_digest)}.ext4"
+
     def rootfs(self, image: StoredImage, log: Log = _quiet) -> Path:
         """The image's root filesystem as an ext4 file, built on first use.
 
@@ -343,7 +376,7 @@ class ImageStore:
         renamed into place, so a reader never sees a partial file. Concurrent callers
         build it once. Treat the file as read-only: every sandbox of the image shares it.
         """
-        out = self._rootfs / f"{digest_hex(image.manifest_digest)}.ext4"
+        out = self.rootfs_path(image)
         if out.is_file():
             return out
         with self.lease(), _flock(out.with_suffix(".lock"), exclusive=True):
