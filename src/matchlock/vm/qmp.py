@@ -53,7 +53,12 @@ class Qmp:
         payload: dict[str, Any] = {"execute": name}
         if arguments:
             payload["arguments"] = arguments
-        self._sock.sendall(json.dumps(payload).encode() + b"\n")
+        try:
+            self._sock.sendall(json.dumps(payload).encode() + b"\n")
+        except OSError as e:
+            # QEMU exited (e.g. a snapshot it could not load): EPIPE must not escape, click
+            # would turn it into a silent exit 1.
+            raise QmpError(f"QEMU control socket failed: {e}") from None
         while True:
             msg = self._read_message()
             if "return" in msg:
