@@ -1,0 +1,474 @@
+"""HTTP/2 from the guest, relayed as HTTP/1.1 requests upstream (one pooled connection each).
+
+The `h2` library does the HTTP/2 protocol work. Each guest stream goes through the same
+admission as an HTTP/1 request (authority = name, policy, secrets) and is then sent upstream as
+a canonical HTTP/1.1 request, so the request-smuggling defences of `http1` apply to it too:
+header names and values are checked before they are serialized, since a CR or LF smuggled
+through HPACK would otherwise split the HTTP/1.1 request.
+
+Flow control is end to end: guest DATA is acknowledged only after it was written upstream, and
+response data is sent only as the guest's window allows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+
+from matchlock.net import http1
+from matchlock.net.audit import AuditEvent
+from matchlock.net.http1 import Framing, HttpError, Response
+from matchlock.net.secrets import SecretLeak
+from matchlock.net.streams import IncompleteBody, Stream
+from matchlock.net.upstream import Connection, UpstreamError
+
+if TYPE_CHECKING:
+    from matchlock.net.proxy import Conn, Proxy
+
+_TOKEN = http1._METHOD
+_DROP_REQUEST = frozenset({b"host", b"cookie"}) | http1.HOP_BY_HOP
+_DROP_RESPONSE = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
+)
+_BAD_VALUE = frozenset(b"\r\n\0")
+MAX_STREAMS = 100
+CONNECTION_WINDOW = 16 * 1024 * 1024
+
+
+class _StreamGone(Exception):
+    pass
+
+
+@dataclass(eq=False)
+class _H2Stream:
+    id: int
+    body: asyncio.Queue[tuple[bytes, int] | None] = field(default_factory=asyncio.Queue)
+    window: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+    done: bool = False
+
+
+class H2Session:
+    def __init__(self, proxy: Proxy, guest: Stream, conn: Conn) -> None:
+        self.proxy = proxy
+        self.guest = guest
+        self.conn = conn
+        config = h2.config.H2Configuration(client_side=False, header_encoding=None)
+        self.h2 = h2.connection.H2Connection(config)
+        self.streams: dict[int, _H2Stream] = {}
+
+    def flush(self) -> None:
+        data = self.h2.data_to_send()
+        if data:
+            self.guest.write(data)
+
+    async def run(self) -> None:
+        self.h2.initiate_connection()
+        self.h2.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS})
+        self.h2.increment_flow_control_window(CONNECTION_WINDOW)
+        self.flush()
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                # Idle (no stream open) connections are closed by the proxy's reaper.
+                idle = self.proxy.idle_timeout
+                self.guest.deadline = 0.0 if self.streams else loop.time() + idle
+                data = await self.guest.read_some()
+                if not data:
+                    break
+                try:
+                    events = self.h2.receive_data(data)
+                except h2.exceptions.ProtocolError:
+                    self.flush()  # the GOAWAY h2 queued
+                    break
+                for event in events:
+                    if self._dispatch(event):
+                        self.flush()
+                        return
+                self.flush()
+                await self.guest.drain()
+        finally:
+            for st in self.streams.values():
+                if st.task is not None:
+                    st.task.cancel()
+
+    def _dispatch(self, event: h2.events.Event) -> bool:
+        """Handle one event; True when the connection is over."""
+        if isinstance(event, h2.events.RequestReceived):
+            new = _H2Stream(event.stream_id or 0)
+            self.streams[new.id] = new
+            ended = event.stream_ended is not None
+            new.task = asyncio.ensure_future(self._request(new, list(event.headers or []), ended))
+            return False
+        stream_id = getattr(event, "stream_id", None) or 0
+        st = self.streams.get(stream_id) if stream_id else None
+        if isinstance(event, h2.events.DataReceived):
+            if st is None or st.done:
+                self._ack(event.flow_controlled_length or 0, stream_id)
+            else:
+                st.body.put_nowait((event.data or b"", event.flow_controlled_length or 0))
+                if event.stream_ended is not None:
+                    st.body.put_nowait(None)
+        elif isinstance(event, h2.events.TrailersReceived):
+            if st is not None:
+                st.body.put_nowait(None)  # trailers are dropped (HTTP/1.1 upstream)
+        elif isinstance(event, h2.events.StreamReset):
+            self.streams.pop(stream_id, None)
+            if st is not None and st.task is not None:
+                st.task.cancel()
+        elif isinstance(event, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
+            for waiting in [st] if st is not None else list(self.streams.values()):
+                waiting.window.set()
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            return True
+        return False
+
+    def _ack(self, size: int, stream_id: int) -> None:
+        if size:
+            with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+                self.h2.acknowledge_received_data(size, stream_id)
+
+    # -- one request ---------------------------------------------------------------------
+
+    async def _request(
+        self, st: _H2Stream, headers: list[tuple[bytes, bytes]], ended: bool
+    ) -> None:
+        started = time.perf_counter()
+        up: Connection | None = None
+        method, path, status, up_bytes, down = "", "", 0, 0, 0
+        name = self.conn.name or self.conn.target.address
+        try:
+            built = self._build(headers, ended)
+            if isinstance(built, tuple):
+                req, name, reason = built
+                method, path = req.method.decode("latin-1"), req.path()
+                up, resp, body_task = await self._send_upstream(st, req, name, ended)
+                status = resp.status
+                down = await self._respond(st, up, resp)
+                if body_task is not None:
+                    if not body_task.done():
+                        await asyncio.wait((body_task,), timeout=1.0)
+                    up_bytes = body_task.result() if body_task.done() else 0
+                    if not body_task.done():
+                        body_task.cancel()
+                        resp.keep_alive = False
+                if resp.keep_alive:
+                    self.proxy.upstream.put_idle(up)
+                else:
+                    up.stream.abort()
+                up = None
+                self.proxy.audit(
+                    AuditEvent(
+                        host=name,
+                        port=self.conn.target.port,
+                        action="allow",
+                        reason=reason,
+                        method=method,
+                        path=path,
+                        status=status,
+                        bytes_up=up_bytes,
+                        bytes_down=down,
+                        protocol=self.conn.protocol,
+                        duration_ms=(time.perf_counter() - started) * 1000,
+                    )
+                )
+                return
+            blocked = built
+            method, path = blocked.method, blocked.path
+            await self._deny(st, blocked.status, blocked.reason, blocked.rule)
+            self.proxy.audit(
+                AuditEvent(
+                    host=name,
+                    port=self.conn.target.port,
+                    action="block",
+                    reason=blocked.reason,
+                    method=method,
+                    path=path,
+                    status=blocked.status,
+                    protocol=self.conn.protocol,
+                )
+            )
+        except UpstreamError as exc:
+            code = 403 if exc.blocked else 502
+            await self._deny(st, code, exc.message, None)
+            self.proxy.audit(
+                AuditEvent(
+                    host=name,
+                    port=self.conn.target.port,
+                    action="block",
+                    reason=exc.message,
+                    method=method,
+                    path=path,
+                    status=code,
+                    protocol=self.conn.protocol,
+                )
+            )
+        except _StreamGone:
+            pass
+        except (HttpError, IncompleteBody, ConnectionError, OSError) as exc:
+            self._reset(st, h2.errors.ErrorCodes.INTERNAL_ERROR)
+            self.proxy.audit(
+                AuditEvent(
+                    host=name,
+                    port=self.conn.target.port,
+                    action="allow",
+                    reason=f"aborted: {exc}",
+                    method=method,
+                    path=path,
+                    status=status,
+                    bytes_down=down,
+                    protocol=self.conn.protocol,
+                    duration_ms=(time.perf_counter() - started) * 1000,
+                )
+            )
+        finally:
+            st.done = True
+            if up is not None:
+                up.stream.abort()
+            self.streams.pop(st.id, None)
+            # Acknowledge what the guest sent that we will never forward.
+            while not st.body.empty():
+                item = st.body.get_nowait()
+                if item is not None:
+                    self._ack(item[1], st.id)
+            self.flush()
+
+    def _build(
+        self, headers: list[tuple[bytes, bytes]], ended: bool
+    ) -> tuple[http1.Request, str, str] | _Refused:
+        pseudo: dict[bytes, bytes] = {}
+        fields: list[tuple[bytes, bytes]] = []
+        host_header: bytes | None = None
+        cookies: list[bytes] = []
+        length: bytes | None = None
+        for key, value in headers:
+            if _BAD_VALUE.intersection(value) or _BAD_VALUE.intersection(key):
+                return _Refused(400, "CR, LF or NUL in an HTTP/2 header")
+            if key.startswith(b":"):
+                pseudo[key] = value
+                continue
+            if not _TOKEN.fullmatch(key):
+                return _Refused(400, "invalid HTTP/2 header name")
+            if key == b"host":
+                host_header = value
+            elif key == b"cookie":
+                cookies.append(value)
+            elif key == b"content-length":
+                length = value
+            if key not in _DROP_REQUEST:
+                fields.append((key, value))
+        method = pseudo.get(b":method", b"")
+        path = pseudo.get(b":path", b"")
+        authority = pseudo.get(b":authority") or host_header or b""
+        method_s, path_s = method.decode("latin-1"), path.split(b"?", 1)[0].decode("latin-1")
+        if host_header is not None and host_header.lower() != authority.lower():
+            return _Refused(400, "Host differs from :authority", method=method_s, path=path_s)
+        if not _TOKEN.fullmatch(method) or not http1._TARGET.fullmatch(path or b"-"):
+            return _Refused(400, "invalid :method or :path", method=method_s, path=path_s)
+        origin_form = path.startswith(b"/") or (method == b"OPTIONS" and path == b"*")
+        if not origin_form and method != b"CONNECT":
+            return _Refused(400, "invalid :path", method=method_s, path=path_s)
+        admitted = self.proxy.admit(self.conn, authority, method)
+        if not isinstance(admitted, tuple):
+            return _Refused(admitted.status, admitted.reason, admitted.rule, method_s, path_s)
+        name, decision = admitted
+        out: http1.Headers = [(b"host", authority)]
+        if cookies:
+            out.append((b"cookie", b"; ".join(cookies)))
+        out += fields
+        req = http1.Request(method, path, b"HTTP/1.1", out, authority)
+        if length is not None:
+            if not http1._DIGITS.fullmatch(length):
+                return _Refused(400, "invalid content-length", method=method_s, path=path_s)
+            req.content_length = int(length)
+            req.framing = Framing.LENGTH if req.content_length else Framing.NONE
+        elif not ended:
+            req.framing = Framing.CHUNKED
+        return req, name, decision.reason
+
+    async def _send_upstream(
+        self, st: _H2Stream, req: http1.Request, name: str, ended: bool
+    ) -> tuple[Connection, Response, asyncio.Task[int] | None]:
+        head = self.proxy.secrets.substitute_head(req.serialize(), name)
+        if isinstance(head, SecretLeak):
+            raise _LeakError(head)
+        for attempt in (0, 1):
+            up = await self.proxy.open_upstream(name, self.conn, fresh=attempt > 0)
+            up.stream.write(head)
+            body_task = None
+            if req.framing is not Framing.NONE:
+                chunked = req.framing is Framing.CHUNKED
+                body_task = asyncio.ensure_future(self._pump_body(st, up.stream, chunked))
+            try:
+                resp = await _read_final_response(up.stream, req.method)
+                return up, resp, body_task
+            except (ConnectionError, OSError, IncompleteBody):
+                up.stream.abort()
+                if body_task is not None or attempt:
+                    if body_task is not None:
+                        body_task.cancel()
+                    raise UpstreamError(
+                        f"{name} closed the connection without a response"
+                    ) from None
+        raise AssertionError("unreachable")
+
+    async def _pump_body(self, st: _H2Stream, up: Stream, chunked: bool) -> int:
+        total = 0
+        while True:
+            item = await st.body.get()
+            if item is None:
+                break
+            data, flow = item
+            if data:
+                up.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+                total += len(data)
+                await up.drain()
+            self._ack(flow, st.id)
+            self.flush()
+        if chunked:
+            up.write(b"0\r\n\r\n")
+        return total
+
+    async def _respond(self, st: _H2Stream, up: Connection, resp: Response) -> int:
+        headers = [(b":status", b"%d" % resp.status)]
+        headers += [
+            (key.lower(), value) for key, value in resp.headers if key.lower() not in _DROP_RESPONSE
+        ]
+        no_body = resp.framing is Framing.NONE
+        try:
+            self.h2.send_headers(st.id, headers, end_stream=no_body)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            raise _StreamGone() from None
+        self.flush()
+        if no_body:
+            return 0
+        total = 0
+        async for data in _body(up.stream, resp):
+            await self._send(st, data)
+            total += len(data)
+        try:
+            self.h2.end_stream(st.id)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            raise _StreamGone() from None
+        self.flush()
+        return total
+
+    async def _send(self, st: _H2Stream, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                window = min(
+                    self.h2.local_flow_control_window(st.id), self.h2.max_outbound_frame_size
+                )
+            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+                raise _StreamGone() from None
+            if window <= 0:
+                st.window.clear()
+                await st.window.wait()
+                continue
+            self.h2.send_data(st.id, bytes(view[:window]))
+            view = view[window:]
+            self.flush()
+            await self.guest.drain()
+
+    async def _deny(self, st: _H2Stream, status: int, reason: str, rule: str | None) -> None:
+        title = "blocked by the sandbox's egress policy" if status == 403 else "proxy error"
+        lines = [f"matchlock: {title}", f"reason: {reason}"]
+        if rule:
+            lines.append(f"rule: {rule}")
+        body = ("\n".join(lines) + "\n").encode()
+        try:
+            self.h2.send_headers(
+                st.id,
+                [
+                    (b":status", b"%d" % status),
+                    (b"content-type", b"text/plain; charset=utf-8"),
+                    (b"content-length", b"%d" % len(body)),
+                    (b"x-matchlock-blocked", b"1"),
+                ],
+            )
+            self.flush()
+            await self._send(st, body)
+            self.h2.end_stream(st.id)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, _StreamGone):
+            return
+        self.flush()
+
+    def _reset(self, st: _H2Stream, code: h2.errors.ErrorCodes) -> None:
+        with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            self.h2.reset_stream(st.id, code)
+        self.flush()
+
+
+@dataclass(slots=True)
+class _Refused:
+    status: int
+    reason: str
+    rule: str | None = None
+    method: str = ""
+    path: str = ""
+
+
+class _LeakError(UpstreamError):
+    def __init__(self, leak: SecretLeak) -> None:
+        super().__init__(leak.reason, blocked=True)
+
+
+async def _read_final_response(up: Stream, method: bytes) -> Response:
+    """The final response head (1xx are dropped: HTTP/2 clients here do not await them)."""
+    while True:
+        parsed = http1.parse_response(up.buf, method) if up.buf else None
+        if parsed is None:
+            if not await up.fill():
+                raise IncompleteBody("upstream closed before a response")
+            continue
+        resp, end = parsed
+        del up.buf[:end]
+        if resp.status >= 200 or resp.status == 101:
+            if resp.status == 101:
+                raise HttpError(502, "unexpected 101 from upstream")
+            return resp
+
+
+async def _body(up: Stream, resp: Response) -> AsyncIterator[bytes]:
+    """The response payload, decoded from its HTTP/1.1 framing, as it arrives."""
+    if resp.framing is Framing.LENGTH:
+        left = resp.content_length
+        while left:
+            data = await up.read_some()
+            if not data:
+                raise IncompleteBody("upstream closed before the end of the body")
+            if len(data) > left:
+                up.buf += data[left:]
+                data = data[:left]
+            left -= len(data)
+            yield data
+    elif resp.framing is Framing.CHUNKED:
+        parser = http1.ChunkedReader(decode=True)
+        while not parser.done:
+            data = await up.read_some()
+            if not data:
+                raise IncompleteBody("upstream closed before the end of a chunked body")
+            used = parser.feed(data)
+            if used < len(data):
+                up.buf += data[used:]
+            for piece in parser.payload:
+                yield piece
+            parser.payload.clear()
+    else:
+        while True:
+            data = await up.read_some()
+            if not data:
+                return
+            yield data

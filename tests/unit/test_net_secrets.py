@@ -1,0 +1,144 @@
+"""Secret specs, placeholders and substitution; values never show up in errors or reprs."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from matchlock.net.secrets import Secret, SecretLeak, SecretSet, make_secret, parse_secret
+
+VALUE = "sk-live-Abc123@x,y=z"
+
+
+def test_placeholder_format() -> None:
+    s = make_secret("KEY", "v", ["a.com"])
+    assert re.fullmatch(r"SANDBOX_SECRET_[0-9a-f]{32}", s.placeholder)
+    assert make_secret("KEY", "v", ["a.com"]).placeholder != s.placeholder
+
+
+def test_parse_from_environment() -> None:
+    s = parse_secret("API_KEY@api.example.com,*.example.org", {"API_KEY": VALUE})
+    assert (s.name, s.value, s.hosts) == ("API_KEY", VALUE, ("api.example.com", "*.example.org"))
+
+
+def test_parse_inline_value_splits_at_last_at() -> None:
+    s = parse_secret(f"K={VALUE}@h1.com,h2.com", {})
+    assert s.value == VALUE and s.hosts == ("h1.com", "h2.com")
+    s = parse_secret("K=a=b@c@h.com", {})
+    assert s.value == "a=b@c" and s.hosts == ("h.com",)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "K",
+        "K=val",
+        "K@",
+        "K=@h.com",
+        "=v@h.com",
+        "1K=v@h.com",
+        "K-X=v@h.com",
+        "K=v@h.com:443",
+        "K=v@1..2",
+        f"{VALUE}",
+    ],
+)
+def test_bad_specs_never_echo_the_value(spec: str) -> None:
+    with pytest.raises(ValueError) as exc:
+        parse_secret(spec, {})
+    assert VALUE not in str(exc.value) and "v@h" not in str(exc.value)
+    assert "val" not in str(exc.value).replace("valid", "").replace("value", "")
+
+
+def test_missing_or_empty_env_value() -> None:
+    with pytest.raises(ValueError, match=r"\$K is not set"):
+        parse_secret("K@h.com", {})
+    with pytest.raises(ValueError, match=r"\$K is not set or empty"):
+        parse_secret("K@h.com", {"K": ""})
+
+
+def test_value_with_line_break_refused_without_echo() -> None:
+    with pytest.raises(ValueError) as exc:
+        parse_secret("K=abc\r\nX-Evil: 1@h.com", {})
+    assert "abc" not in str(exc.value) and "Evil" not in str(exc.value)
+
+
+def test_repr_hides_value() -> None:
+    s = make_secret("K", VALUE, ["h.com"])
+    for text in (repr(s), str(s), repr(SecretSet([s])), repr([s]), f"{s}"):
+        assert VALUE not in text
+    assert "hidden" in repr(s)
+
+
+def test_guest_env() -> None:
+    a, b = make_secret("A", "1", ["a.com"]), make_secret("B", "2", ["b.com"])
+    assert SecretSet([a, b]).guest_env() == {"A": a.placeholder, "B": b.placeholder}
+    with pytest.raises(ValueError):
+        SecretSet([a, make_secret("A", "3", ["c.com"])])
+
+
+def _head(target: bytes, *headers: bytes) -> bytes:
+    return (
+        b"GET "
+        + target
+        + b" HTTP/1.1\r\nHost: x\r\n"
+        + b"".join(h + b"\r\n" for h in headers)
+        + b"\r\n"
+    )
+
+
+def test_substitution_for_valid_host_in_headers_and_target() -> None:
+    s = make_secret("K", 'va lue/+="', ["api.example.com"])
+    p = s.placeholder.encode()
+    out = SecretSet([s]).substitute_head(
+        _head(b"/v1?key=" + p, b"Authorization: Bearer " + p), "api.example.com"
+    )
+    assert out == _head(b"/v1?key=va%20lue/+=%22", b'Authorization: Bearer va lue/+="')
+
+
+def test_glob_hosts() -> None:
+    s = make_secret("K", "v", ["*.example.com"])
+    p = s.placeholder.encode()
+    ss = SecretSet([s])
+    assert ss.substitute_head(_head(b"/", b"X: " + p), "a.example.com") == _head(b"/", b"X: v")
+    assert isinstance(ss.substitute_head(_head(b"/", b"X: " + p), "example.com"), SecretLeak)
+
+
+def test_placeholder_to_other_host_is_a_leak() -> None:
+    a = make_secret("A", "secret-a", ["a.com"])
+    b = make_secret("B", "secret-b", ["b.com"])
+    ss = SecretSet([a, b])
+    head = _head(b"/?x=" + b.placeholder.encode(), b"X-A: " + a.placeholder.encode())
+    result = ss.substitute_head(head, "a.com")
+    assert isinstance(result, SecretLeak) and result.secret_name == "B"
+    assert "secret-b" not in result.reason and "B@b.com" in result.reason
+    # anywhere in the head, including header names
+    assert isinstance(
+        ss.substitute_head(_head(b"/", a.placeholder.encode() + b": 1"), "b.com"), SecretLeak
+    )
+
+
+def test_no_placeholder_passes_unchanged() -> None:
+    ss = SecretSet([make_secret("A", "x", ["a.com"])])
+    head = _head(b"/", b"X: 1")
+    assert ss.substitute_head(head, "a.com") is head
+    assert SecretSet().substitute_head(head, "a.com") is head
+
+
+def test_substitute_value_for_h2_fields() -> None:
+    s = make_secret("K", "a b", ["h.com"])
+    ss = SecretSet([s])
+    p = s.placeholder.encode()
+    assert ss.substitute_value(b"Bearer " + p, "h.com") == b"Bearer a b"
+    assert ss.substitute_value(b"/x?k=" + p, "h.com", target=True) == b"/x?k=a%20b"
+    assert isinstance(ss.substitute_value(p, "other.com"), SecretLeak)
+
+
+def test_secret_requires_hosts_and_valid_name() -> None:
+    with pytest.raises(ValueError):
+        Secret("K", "v", (), "SANDBOX_SECRET_" + "0" * 32)
+    with pytest.raises(ValueError):
+        make_secret("bad-name", "v", ["h.com"])
+    with pytest.raises(ValueError):
+        make_secret("K", "v", ["h.com"], placeholder="short")
