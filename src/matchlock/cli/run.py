@@ -54,9 +54,11 @@ def read_env_file(path: str) -> list[tuple[str, str]]:
 
 def compose_env(
     image_env: tuple[str, ...], files: tuple[str, ...], flags: tuple[str, ...], hostname: str,
-    tty: bool,
+    tty: bool, network: dict[str, str] | None = None,
 ) -> list[str]:
-    """Image ENV, then env files in order, then -e; later wins, order of first appearance kept."""
+    """Image ENV, env files in order, -e, then the network's (CA paths, secret placeholders);
+    later wins, order of first appearance kept. A secret's placeholder always wins: a -e of the
+    same name must not put a real value where the user asked for a placeholder."""
     env: dict[str, str] = {}
     for entry in image_env:
         name, sep, value = entry.partition("=")
@@ -67,6 +69,7 @@ def compose_env(
     for entry in flags:
         name, value = parse_env_entry(entry, "-e")
         env[name] = value
+    env.update(network or {})
     env.setdefault("PATH", DEFAULT_PATH)
     env.setdefault("HOSTNAME", hostname)
     if tty:
@@ -112,6 +115,8 @@ def _parse_memory(value: str) -> int:
 @click.command(context_settings={"allow_interspersed_args": False})
 @click.option("--image", default=None,
               help="Image reference or local tag (default: built-in busybox).")
+@click.option("--pull", "pull", is_flag=True,
+              help="Ask the registry for the image even if it is cached.")
 @click.option("-e", "--env", "envs", multiple=True, help="KEY=VALUE, or KEY to copy from the host.")
 @click.option("--env-file", "env_files", multiple=True, help="File of KEY=VALUE lines.")
 @click.option("-w", "--workdir", default=None, help="Working directory in the guest.")
@@ -128,8 +133,21 @@ def _parse_memory(value: str) -> int:
 @click.option("--privileged", is_flag=True, help="No seccomp, capability drop or no_new_privs.")
 @click.option("--rm/--no-rm", "rm", default=True, show_default=True,
               help="Remove the sandbox when the command exits.")
-@click.option("--no-network", is_flag=True,
-              help="Give the VM no network device (the default today).")
+@click.option("--no-network", is_flag=True, help="Give the VM no network device at all.")
+@click.option("--allow-host", "allow_hosts", multiple=True, metavar="HOST[:PORT]",
+              help="Allow egress to a host glob (*.x.com), ports 80/443 unless :PORT given; "
+              "'*' allows every public host. Repeatable, comma-separated.")
+@click.option("--secret", "secret_specs", multiple=True, metavar="NAME[=VALUE]@HOST[,HOST]",
+              help="Inject a secret on requests to HOSTs; the guest sees a placeholder.")
+@click.option("--add-host", "add_hosts", multiple=True, metavar="HOST:IP",
+              help="Pin HOST to IP for egress (also allows a private IP).")
+@click.option("--allow-private-host", "allow_private", multiple=True, metavar="HOST",
+              help="Let HOST resolve to private, loopback or link-local addresses.")
+@click.option("--upstream-ca", default=None, metavar="FILE",
+              help="Extra CA that upstream TLS certificates may chain to.")
+@click.option("--upstream-dns", "upstream_dns", multiple=True, metavar="IP[:PORT]",
+              help="Resolve egress host names with this server instead of the host's.")
+@click.option("--log-network", is_flag=True, help="Print every request and block to stderr.")
 @click.option("--accel", default=None, help="kvm, tcg or auto (env MATCHLOCK_ACCEL).")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(
@@ -137,6 +155,10 @@ def run(
     user: str | None, entrypoint: str | None, cpus: str, memory: str, disk_size: str,
     timeout: float | None, hostname: str | None, interactive: bool, tty: bool,
     privileged: bool, rm: bool, no_network: bool, accel: str | None, command: tuple[str, ...],
+    pull: bool = False, allow_hosts: tuple[str, ...] = (), secret_specs: tuple[str, ...] = (),
+    add_hosts: tuple[str, ...] = (), allow_private: tuple[str, ...] = (),
+    upstream_ca: str | None = None, upstream_dns: tuple[str, ...] = (),
+    log_network: bool = False,
 ) -> None:
     """Run COMMAND in a new ephemeral microVM booted from an OCI image."""
     from matchlock.guest.protocol import ExecRequest
@@ -162,15 +184,29 @@ def run(
         raise MatchlockError("-it needs a terminal on stdin", hint="drop -t to pipe stdin instead")
 
     from matchlock.sandbox import boot
+    from matchlock.sandbox.network import Egress, NetworkOptions
 
+    net_flags = allow_hosts or secret_specs or add_hosts or allow_private or upstream_ca
+    if no_network and net_flags:
+        raise MatchlockError("--no-network cannot be combined with --allow-host, --secret, "
+                             "--add-host, --allow-private-host or --upstream-ca")
+    egress = None
+    # Without root there is no network namespace to seal a NIC in; with nothing allowed, no
+    # NIC loses nothing, so only an explicit network flag makes root a requirement.
+    if not no_network and (net_flags or os.geteuid() == 0):
+        egress = Egress(NetworkOptions(
+            allow_hosts=list(allow_hosts), allow_private=list(allow_private),
+            add_hosts=list(add_hosts), secrets=list(secret_specs), upstream_ca=upstream_ca,
+            upstream_dns=list(upstream_dns), log_network=log_network,
+        ))
     boot.artifacts()  # fail fast, before any image work, when the host is not set up
-    resolved = resolve_image(image)
+    resolved = resolve_image(image, pull=pull)
     cfg = resolved.config
     argv = compose_argv(cfg, command, entrypoint)
     opts = SandboxOptions(
         image=resolved.name, rootfs=resolved.rootfs, cpus=cpu_count,
         memory_mb=_parse_memory(memory), disk_size_mb=_parse_memory(disk_size),
-        hostname=hostname, accel=accel,
+        hostname=hostname, accel=accel, egress=egress,
     )
     sandbox = Sandbox(opts)
     timer = _Timeout(timeout, sandbox)
@@ -178,7 +214,8 @@ def run(
         timer.start()
         try:
             sandbox.start()
-            env = compose_env(cfg.env, env_files, envs, hostname or sandbox.id, tty)
+            env = compose_env(cfg.env, env_files, envs, hostname or sandbox.id, tty,
+                              egress.guest_env() if egress else {})
             rows, cols = _term_size()
             req = ExecRequest(
                 argv=argv, env=env, cwd=workdir or cfg.working_dir or "/",

@@ -19,9 +19,11 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from matchlock.errors import GuestError, MatchlockError
 from matchlock.guest import protocol as p
@@ -30,6 +32,9 @@ from matchlock.state import registry
 from matchlock.vm import qemu
 from matchlock.vm.qemu import Disk, VMConfig
 from matchlock.vm.qmp import Qmp
+
+if TYPE_CHECKING:
+    from matchlock.sandbox.network import Egress
 
 _HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 MIN_MEMORY_MB = 64
@@ -46,6 +51,7 @@ class SandboxOptions:
     accel: str | None = None
     boot_timeout: float = 60.0
     extra_hosts: tuple[str, ...] = ()
+    egress: Egress | None = None  # None: no NIC at all
 
     def validate(self) -> None:
         if not (math.isfinite(self.cpus) and self.cpus > 0):
@@ -120,12 +126,20 @@ class Sandbox:
             disks = [Disk(self.opts.rootfs, readonly=True), Disk(upper)]
         vcpus = math.ceil(self.opts.cpus)
         devices = "blk2" if disks else "none"
+        nic_args: list[str] = []
+        nic_fds: list[int] = []
+        if self.opts.egress is not None:
+            nic = self.opts.egress.open_link()
+            assert nic.tap_fd is not None
+            nic_args, nic_fds = nic.qemu_args(), [nic.tap_fd]
+            self.opts.egress.start_services(self.id, self.hostname, self.dir)
+            devices += "+net"
         tkey = template.key(arts.key, self.accel, vcpus, self.opts.memory_mb, devices)
         tmpl = template.find(tkey) if snapshots else None
         base = VMConfig(
             kernel=arts.kernel, initrd=arts.initrd, accel=self.accel, vcpus=vcpus,
             memory_mb=self.opts.memory_mb, console_log=self.dir / "console.log", disks=disks,
-            control_fd=-1,
+            control_fd=-1, extra_args=nic_args, extra_fds=nic_fds,
         )
         self.timings.add("host_prep", time.perf_counter() - t0)
         if tmpl is not None:
@@ -161,9 +175,13 @@ class Sandbox:
         cfg = dataclasses.replace(base, control_fd=guest_sock.fileno(), qmp_fd=qmp_guest.fileno(),
                                   ram_file=ram_file, incoming=ram_file is not None)
         # A Ctrl-C landing between the VMM's birth and our record of it would orphan the VM.
+        # The VMM is born inside the sandbox's network namespace, where its TAP lives.
+        egress = self.opts.egress
+        netns = egress.nic.netns.enter() if egress and egress.nic else nullcontext()
         with _signals_deferred():
             try:
-                self._proc = qemu.spawn(cfg, self.dir / "vmm.log")
+                with netns:
+                    self._proc = qemu.spawn(cfg, self.dir / "vmm.log")
             finally:
                 guest_sock.close()
                 qmp_guest.close()
@@ -233,17 +251,29 @@ class Sandbox:
                         hint=f"see {self.dir}/console.log, or run `matchlock diagnose`",
                     ) from None
 
+    @property
+    def hostname(self) -> str:
+        return self.opts.hostname or self.id
+
     def _setup(self) -> None:
         assert self._conn is not None
-        hostname = self.opts.hostname or self.id
+        net = None
+        resolv = None
+        egress = self.opts.egress
+        if egress is not None:
+            egress.wait_ready()
+            guest = egress.guest_config()
+            net, resolv = guest.net_config(), guest.resolv_conf()
         req = p.SetupRequest(
-            hostname=hostname,
+            hostname=self.hostname,
             root_dev="vda",
             upper_dev="vdb",
             clock_ns=time.time_ns(),
             entropy=secrets.token_bytes(64),
             hosts_lines=self.opts.extra_hosts,
             cpu_quota_us=self.cpu_quota_us(),
+            net=net,
+            resolv=resolv,
         )
         try:
             result = self._conn.setup(req, timeout=self.opts.boot_timeout)
@@ -254,6 +284,35 @@ class Sandbox:
                 f"guest set-up failed: {result.message} (errno {result.errno})",
                 hint="the image's root filesystem may be damaged; re-import or re-pull it",
             )
+        if egress is not None:
+            self._install_ca(egress)
+
+    def _install_ca(self, egress: Egress) -> None:
+        """Make the guest trust the proxy: our CA, alone and merged with the image's roots."""
+        from matchlock.guest.client import FileOpError
+        from matchlock.sandbox.network import GUEST_BUNDLE, MAX_BUNDLE, SYSTEM_BUNDLES
+
+        assert self._conn is not None
+        found: list[str] = []
+        bundle: bytes | None = None
+        for path in SYSTEM_BUNDLES:
+            try:
+                data = self._conn.read_file(path, MAX_BUNDLE)
+            except FileOpError:
+                continue
+            found.append(path)
+            bundle = bundle or data
+        files = egress.ca_files(bundle)
+        # Tools that ignore SSL_CERT_FILE read the system bundle: it gets the merged one too.
+        merged = files[GUEST_BUNDLE]
+        targets = {**files, **{path: merged for path in (found or SYSTEM_BUNDLES[:1])}}
+        try:
+            for path, data in targets.items():
+                self._conn.write_file(path, data, 0o644)
+        except FileOpError as e:
+            raise GuestError(f"cannot install the sandbox CA in the guest: {e}") from None
+        except AgentGone as e:
+            raise self._agent_failure(e) from None
 
     def cpu_quota_us(self) -> int:
         """A CFS quota when --cpus is not a whole number of vCPUs, else 0 (no limit)."""
@@ -326,6 +385,8 @@ class Sandbox:
                 self._conn.close()
             if self._qmp is not None:
                 self._qmp.close()
+            if self.opts.egress is not None:
+                self.opts.egress.close()
             if self.dir is not None and not os.environ.get("MATCHLOCK_KEEP_SANDBOX"):
                 registry.remove_dir(self.dir)
         self.timings.add("teardown", time.perf_counter() - t0)

@@ -45,6 +45,9 @@ class VMConfig:
     # template's RAM file, which every clone shares and none can change.
     ram_file: Path | None = None
     incoming: bool = False
+    # Devices set up by others (the NIC) and the descriptors they need inherited.
+    extra_args: Sequence[str] = field(default_factory=tuple)
+    extra_fds: Sequence[int] = field(default_factory=tuple)
 
 
 def kernel_cmdline(accel: str, extra: Sequence[str] = ()) -> str:
@@ -87,6 +90,7 @@ def command_line(cfg: VMConfig, binary: str = QEMU_BINARY) -> list[str]:
         argv += ["-chardev", f"socket,id=qmp,fd={cfg.qmp_fd}", "-mon", "chardev=qmp,mode=control"]
     if cfg.incoming:
         argv += ["-incoming", "defer"]
+    argv += cfg.extra_args
     for i, disk in enumerate(cfg.disks):
         opts = f"file={opt_path(disk.path)},if=none,id=d{i},format={disk.fmt},cache=unsafe"
         if disk.readonly:
@@ -133,7 +137,9 @@ def spawn(cfg: VMConfig, log_path: Path) -> subprocess.Popen[bytes]:
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
-            pass_fds=tuple(fd for fd in (cfg.control_fd, cfg.qmp_fd) if fd is not None),
+            pass_fds=tuple(
+                fd for fd in (cfg.control_fd, cfg.qmp_fd, *cfg.extra_fds) if fd is not None
+            ),
             preexec_fn=_tie_to_parent,
             close_fds=True,
         )

@@ -1,0 +1,232 @@
+"""A sandbox's egress: policy, secrets, CA, proxy and the network namespace, wired together.
+
+Everything here lives in the owning process. The guest gets a NIC into a private namespace,
+the addresses of the host's listeners, placeholders instead of secret values, and the CA that
+the proxy's certificates chain to.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import os
+import socket
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
+
+from matchlock.errors import MatchlockError
+
+if TYPE_CHECKING:
+    from matchlock.net.addressing import GuestConfig
+    from matchlock.net.audit import AuditEvent
+    from matchlock.net.nic import Nic
+    from matchlock.net.proxy import Proxy
+    from matchlock.net.stack import SandboxNetwork
+    from matchlock.net.target import Target
+
+# Where the guest finds our CA; the merged bundle replaces the image's own bundle as well, for
+# tools that read the system path and ignore the variables.
+GUEST_CA = "/etc/matchlock/ca.pem"
+GUEST_BUNDLE = "/etc/matchlock/ca-bundle.pem"
+SYSTEM_BUNDLES = (
+    "/etc/ssl/certs/ca-certificates.crt",  # Debian, Ubuntu, Alpine
+    "/etc/pki/tls/certs/ca-bundle.crt",  # Fedora, RHEL
+    "/etc/ssl/cert.pem",  # Alpine (LibreSSL), macOS-like layouts
+)
+MAX_BUNDLE = 8 << 20
+
+
+@dataclass
+class NetworkOptions:
+    allow_hosts: list[str] = field(default_factory=list)
+    allow_private: list[str] = field(default_factory=list)
+    add_hosts: list[str] = field(default_factory=list)
+    secrets: list[str] = field(default_factory=list)
+    upstream_ca: str | None = None
+    upstream_dns: list[str] = field(default_factory=list)
+    log_network: bool = False
+
+
+def _fail(flag: str, e: ValueError) -> MatchlockError:
+    return MatchlockError(f"invalid {flag}: {e}")
+
+
+class Egress:
+    """Built before the VM (so bad flags fail fast), started once the sandbox has an id."""
+
+    def __init__(self, opts: NetworkOptions, environ: dict[str, str] | None = None) -> None:
+        from matchlock.net import policy as pol
+        from matchlock.net import secrets as sec
+
+        env = dict(os.environ if environ is None else environ)
+        try:
+            parsed = [sec.parse_secret(s, env) for s in opts.secrets]
+        except ValueError as e:
+            raise _fail("--secret", e) from None
+        self.secrets = sec.SecretSet(parsed)
+        # A secret's hosts are where the user means to send it: they are allowed too.
+        allow = [*opts.allow_hosts, *(h for s in parsed for h in s.hosts)]
+        try:
+            self.policy = pol.Policy(allow, allow_private=opts.allow_private,
+                                     add_hosts=opts.add_hosts)
+        except ValueError as e:
+            raise _fail("--allow-host/--add-host/--allow-private-host", e) from None
+        if opts.upstream_ca is not None and not Path(opts.upstream_ca).is_file():
+            raise MatchlockError(f"--upstream-ca {opts.upstream_ca}: no such file")
+        self.opts = opts
+        self.nic: Nic | None = None
+        self.network: SandboxNetwork | None = None
+        self.proxy: Proxy | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._link_ready = threading.Event()
+        self._proxy: concurrent.futures.Future[Proxy] = concurrent.futures.Future()
+        self._ca_pem = b""
+        self._log_file: IO[str] | None = None
+
+    def guest_env(self) -> dict[str, str]:
+        env = dict(self.secrets.guest_env())
+        env.update({
+            "SSL_CERT_FILE": GUEST_BUNDLE,
+            "REQUESTS_CA_BUNDLE": GUEST_BUNDLE,
+            "CURL_CA_BUNDLE": GUEST_BUNDLE,
+            "PIP_CERT": GUEST_BUNDLE,
+            "NODE_EXTRA_CA_CERTS": GUEST_CA,
+        })
+        return env
+
+    def open_link(self) -> Nic:
+        """The namespace and TAP, synchronously: the VMM must be born with its NIC."""
+        from matchlock.net.nic import open_nic
+
+        try:
+            self.nic = open_nic()
+        except OSError as e:
+            raise MatchlockError(
+                f"cannot create the sandbox network: {e.strerror or e}",
+                hint="networking needs root (CAP_SYS_ADMIN, CAP_NET_ADMIN); or use --no-network",
+            ) from None
+        return self.nic
+
+    def start_services(self, sandbox_id: str, hostname: str, log_dir: Path) -> None:
+        """Firewall, resolver, CA and proxy, on a thread: they cost ~130 ms of imports and key
+        generation, which overlap the guest's restore and SETUP instead of delaying them.
+        Stage one (firewall, resolver, listener) must be up before SETUP brings eth0 up;
+        stage two (CA, proxy) before the CA is installed and the first connection is served
+        (connections accepted earlier wait for it)."""
+        self._thread = threading.Thread(
+            target=self._start_services, args=(sandbox_id, hostname, log_dir),
+            name="matchlock-egress-start", daemon=True)
+        self._thread.start()
+
+    def _start_services(self, sandbox_id: str, hostname: str, log_dir: Path) -> None:
+        try:
+            from matchlock.net.stack import SandboxNetwork
+
+            assert self.nic is not None
+            net = SandboxNetwork(hostname=hostname, iface=self.nic.iface,
+                                 addressing=self.nic.addressing)
+            self.network = net  # owns the NIC from here on, also if start fails
+            net.start(self.policy, on_socket=self._handle, nic=self.nic)
+        except BaseException as e:
+            self._error = e
+            self._proxy.set_exception(e)
+            return
+        finally:
+            self._link_ready.set()
+        try:
+            self._proxy.set_result(self._make_proxy(sandbox_id, log_dir))
+        except BaseException as e:
+            self._proxy.set_exception(e)
+
+    def _make_proxy(self, sandbox_id: str, log_dir: Path) -> Proxy:
+        from matchlock.net.audit import JsonLinesSink, fan_out
+        from matchlock.net.certs import CertificateAuthority
+        from matchlock.net.proxy import Proxy
+        from matchlock.net.upstream import Upstream
+
+        ca = CertificateAuthority.generate(sandbox_id)
+        self._ca_pem = ca.ca_pem()
+        self._log_file = open(log_dir / "network.log", "a")  # noqa: SIM115 - see close()
+        sinks: list[Callable[[AuditEvent], None]] = [JsonLinesSink(self._log_file)]
+        if self.opts.log_network:
+            sinks.append(_print_event)
+        upstream = Upstream(self.policy, upstream_dns=self.opts.upstream_dns,
+                            upstream_ca=self.opts.upstream_ca)
+        self.proxy = Proxy(self.policy, self.secrets, ca, fan_out(*sinks), upstream,
+                           sandbox=sandbox_id)
+        return self.proxy
+
+    async def _handle(self, sock: socket.socket, target: Target) -> None:
+        import asyncio
+
+        try:
+            proxy = await asyncio.wrap_future(self._proxy)
+        except BaseException:
+            sock.close()
+            raise
+        await proxy.handle(sock, target)
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Block until the firewall and resolver run; SETUP (eth0 up) must come after."""
+        if not self._link_ready.wait(timeout):
+            raise MatchlockError("the sandbox network did not start in time")
+        self._raise_error(self._error)
+
+    def _wait_proxy(self, timeout: float = 30.0) -> None:
+        try:
+            self._proxy.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise MatchlockError("the sandbox proxy did not start in time") from None
+        except BaseException as e:
+            self._raise_error(e)
+
+    @staticmethod
+    def _raise_error(e: BaseException | None) -> None:
+        if e is None:
+            return
+        if isinstance(e, MatchlockError):
+            raise e
+        raise MatchlockError(f"cannot start the sandbox network: {e}") from e
+
+    def guest_config(self) -> GuestConfig:
+        from matchlock.net.addressing import guest_config
+
+        assert self.nic is not None
+        return guest_config(self.nic.addressing)
+
+    def ca_files(self, image_bundle: bytes | None) -> dict[str, bytes]:
+        """The files the guest gets: our CA, and the image's roots with our CA appended."""
+        self._wait_proxy()
+        roots = image_bundle or b""
+        if roots and not roots.endswith(b"\n"):
+            roots += b"\n"
+        return {GUEST_CA: self._ca_pem, GUEST_BUNDLE: roots + self._ca_pem}
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._thread.join(10)
+        if self.proxy is not None and self.network is not None:
+            import asyncio
+
+            # Cancels the proxy's own tasks, so stopping the loop abandons none of them.
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(self.proxy.aclose(),
+                                                 self.network.loop).result(timeout=2)
+        if self.network is not None:
+            self.network.close()
+            self.network = None
+        elif self.nic is not None:
+            self.nic.close()
+        self.nic = None
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+
+def _print_event(event: AuditEvent) -> None:
+    print(f"matchlock: net {event.summary()}", file=sys.stderr, flush=True)
