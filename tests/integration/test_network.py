@@ -88,10 +88,30 @@ class Upstream:
         return path.read_text() if path.exists() else ""
 
 
+def _remove_stale() -> None:
+    """A run killed before its teardown leaves its namespace and veth, whose 10.99.0.1 route
+    would shadow this run's: remove those of runs whose process is gone."""
+    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    for line in listing.splitlines():
+        name = line.split()[0] if line.split() else ""
+        if not name.startswith("mltest-up-") or name == NS:
+            continue
+        pid = int(name.rsplit("-", 1)[1])
+        if Path(f"/proc/{pid}").exists():
+            continue
+        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True,
+                              text=True).stdout.split()
+        for orphan in pids:  # that run's upstream server, orphaned when it was killed
+            subprocess.run(["kill", "-9", orphan], capture_output=True)
+        subprocess.run(["ip", "link", "del", f"mlt{pid % 100000}"], capture_output=True)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
     d = tmp_path_factory.mktemp("upstream")
     ca = _ca(d)
+    _remove_stale()
     _sh("ip", "netns", "add", NS)
     proc = None
     try:
@@ -204,8 +224,24 @@ def test_secret_reaches_only_its_host(guest: Guest, upstream: Upstream) -> None:
         "'Bearer ' + os.environ['MY_TOKEN']}), timeout=20)\n"
         "print(json.dumps(dict(json.load(r)['headers'])))")
     assert code == 0
-    # …and upstream received the real value.
-    assert json.loads(out)["Authorization"] == f"Bearer {SECRET_VALUE}"
+    # …upstream received the real value (its log), and the echo came back masked.
+    assert json.loads(out)["Authorization"] == "Bearer " + "*" * len(SECRET_VALUE)
+    assert f"Authorization: Bearer {SECRET_VALUE}" in upstream.log("heads.log")
+
+
+def test_an_echoing_origin_cannot_hand_the_value_back(guest: Guest) -> None:
+    # The upstream echoes the request head: with the value injected, the echo would carry it.
+    code, out, err = guest.run(
+        "import os, urllib.request as u\n"
+        "r = u.urlopen(u.Request('https://api.test/headers', headers={'Authorization': "
+        "'Bearer ' + os.environ['MY_TOKEN'], 'Accept-Encoding': 'gzip'}), timeout=20)\n"
+        "print(r.headers.get('Content-Encoding')); print(r.read().decode())")
+    assert code == 0, err
+    encoding, body = out.split("\n", 1)
+    assert encoding == "None"  # the proxy asked the origin for plain bytes
+    auth = dict(json.loads(body)["headers"])["Authorization"]
+    assert auth == "Bearer " + "*" * len(SECRET_VALUE)
+    assert SECRET_VALUE not in out
 
 
 def test_placeholder_to_another_allowed_host_is_403(guest: Guest) -> None:
@@ -426,7 +462,8 @@ def test_cli_flags_end_to_end(upstream: Upstream, python_image: str, state_dir: 
         capture_output=True, env=env, timeout=180)
     assert r.returncode == 0, r.stderr
     placeholder, received = r.stdout.decode().split()
-    assert placeholder == "SANDBOX_SECRET_" and received == "cli-" + SECRET_VALUE
+    assert placeholder == "SANDBOX_SECRET_" and received == "*" * len("cli-" + SECRET_VALUE)
+    assert f"X-T: cli-{SECRET_VALUE}" in upstream.log("heads.log")
     assert b"allow api.test:443 GET /headers 200" in r.stderr
     assert SECRET_VALUE.encode() not in r.stderr
 

@@ -35,6 +35,8 @@ class Handler(BaseHTTPRequestHandler):
             f.write(f"{self.requestline}\n")
 
     def do_GET(self) -> None:
+        with open(DIR / "heads.log", "a") as f:
+            f.write(self.requestline + "\n" + str(self.headers) + "\n")
         if self.path.startswith("/sse"):
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")

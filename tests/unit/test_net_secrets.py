@@ -142,3 +142,47 @@ def test_secret_requires_hosts_and_valid_name() -> None:
         make_secret("bad-name", "v", ["h.com"])
     with pytest.raises(ValueError):
         make_secret("K", "v", ["h.com"], placeholder="short")
+
+
+# --- responses: an echoing origin must not hand the value back to the guest ---------------
+
+
+def test_mask_redacts_values_with_equal_length() -> None:
+    from matchlock.net.secrets import ValueMask
+
+    m = ValueMask([b"topsecret-123"])
+    out = m.all(b'{"auth": "Bearer topsecret-123"}')
+    assert out == b'{"auth": "Bearer *************"}'
+    assert len(out) == len(b'{"auth": "Bearer topsecret-123"}')
+
+
+def test_mask_catches_a_value_split_across_writes_and_holds_back_only_a_prefix() -> None:
+    from matchlock.net.secrets import ValueMask
+
+    value = b"topsecret-123"
+    for cut in range(1, len(value)):
+        m = ValueMask([value])
+        first = m.feed(b"data: " + value[:cut])
+        assert first == b"data: "  # only the possible beginning of the value is held back
+        rest = m.feed(value[cut:] + b"\n\n") + m.flush()
+        assert first + rest == b"data: " + b"*" * len(value) + b"\n\n"
+    m = ValueMask([value])
+    assert m.feed(b"event: x\n\n") == b"event: x\n\n"  # nothing held: streams stay live
+
+
+def test_mask_ignores_values_too_short_to_be_secrets() -> None:
+    from matchlock.net.secrets import ValueMask
+
+    assert ValueMask([b"abc"]).all(b"abcabc") == b"abcabc"
+
+
+def test_inject_drops_accept_encoding_only_when_a_value_went_in() -> None:
+    s = SecretSet([make_secret("TOKEN", "value-of-the-token", ["api.test"])])
+    ph = s.guest_env()["TOKEN"].encode()
+    head = (b"GET / HTTP/1.1\r\nHost: api.test\r\nAccept-Encoding: gzip\r\nX-T: " + ph
+            + b"\r\n\r\n")
+    out = s.inject(head, "api.test")
+    assert isinstance(out, bytes)
+    assert b"value-of-the-token" in out and b"Accept-Encoding" not in out
+    plain = b"GET / HTTP/1.1\r\nHost: api.test\r\nAccept-Encoding: gzip\r\n\r\n"
+    assert s.inject(plain, "api.test") == plain

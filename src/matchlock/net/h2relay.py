@@ -300,7 +300,7 @@ class H2Session:
     async def _send_upstream(
         self, st: _H2Stream, req: http1.Request, name: str, ended: bool
     ) -> tuple[Connection, Response, asyncio.Task[int] | None]:
-        head = self.proxy.secrets.substitute_head(req.serialize(), name)
+        head = self.proxy.secrets.inject(req.serialize(), name)
         if isinstance(head, SecretLeak):
             raise _LeakError(head)
         for attempt in (0, 1):
@@ -341,9 +341,12 @@ class H2Session:
         return total
 
     async def _respond(self, st: _H2Stream, up: Connection, resp: Response) -> int:
+        mask = self.proxy.secrets.mask()
         headers = [(b":status", b"%d" % resp.status)]
         headers += [
-            (key.lower(), value) for key, value in resp.headers if key.lower() not in _DROP_RESPONSE
+            (key.lower(), mask.all(value) if mask is not None else value)
+            for key, value in resp.headers
+            if key.lower() not in _DROP_RESPONSE
         ]
         no_body = resp.framing is Framing.NONE
         try:
@@ -355,8 +358,12 @@ class H2Session:
             return 0
         total = 0
         async for data in _body(up.stream, resp):
-            await self._send(st, data)
             total += len(data)
+            out = mask.feed(data) if mask is not None else data
+            if out:
+                await self._send(st, out)
+        if mask is not None and (tail := mask.flush()):
+            await self._send(st, tail)
         try:
             self.h2.end_stream(st.id)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):

@@ -34,11 +34,12 @@ from matchlock.net.audit import AuditEvent, AuditSink
 from matchlock.net.certs import CertificateAuthority
 from matchlock.net.http1 import Framing, HttpError, Request, Response
 from matchlock.net.policy import Decision, Policy, normalize_name
-from matchlock.net.secrets import SecretLeak, SecretSet
+from matchlock.net.secrets import SecretLeak, SecretSet, ValueMask
 from matchlock.net.streams import (
     IncompleteBody,
     Refused,
     Stream,
+    Writer,
     copy_chunked,
     copy_length,
     copy_until_close,
@@ -528,7 +529,7 @@ class Proxy:
             await self._answer(guest, conn, admitted, method=method, path=path)
             return False
         name, decision = admitted
-        head = self.secrets.substitute_head(req.serialize(), name)
+        head = self.secrets.inject(req.serialize(), name)
         if isinstance(head, SecretLeak):
             blocked = Blocked(403, head.reason, f"--secret {head.secret_name}")
             await self._answer(guest, conn, blocked, method=method, path=path)
@@ -578,7 +579,7 @@ class Proxy:
         close = not req.keep_alive or resp.framing is Framing.UNTIL_CLOSE
         down = 0
         try:
-            down = await _send_response(guest, up.stream, resp, close)
+            down = await _send_response(guest, up.stream, resp, close, self.secrets.mask())
             up_bytes = 0
             if body_task is not None:
                 if not body_task.done():  # the last write may still be draining
@@ -764,27 +765,58 @@ async def _response_or_body_error(
     return await resp_task
 
 
-async def _send_response(guest: Stream, up: Stream, resp: Response, close: bool) -> int:
+class _Masked:
+    """A Writer that redacts secret values on their way to the guest."""
+
+    def __init__(self, stream: Stream, mask: ValueMask) -> None:
+        self.stream = stream
+        self.mask = mask
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        out = self.mask.feed(bytes(data))
+        if out:
+            self.stream.write(out)
+
+    async def drain(self) -> None:
+        await self.stream.drain()
+
+    def finish(self) -> None:
+        tail = self.mask.flush()
+        if tail:
+            self.stream.write(tail)
+
+
+async def _send_response(
+    guest: Stream, up: Stream, resp: Response, close: bool, mask: ValueMask | None = None
+) -> int:
     head = resp.head_for_guest(close)
+    if mask is not None:
+        head = mask.all(head)
     framing = resp.framing
     if framing is Framing.NONE:
         guest.write(head)
         return 0
-    if framing is Framing.LENGTH:
+    if framing is Framing.LENGTH and len(up.buf) >= resp.content_length:
+        # The common small response: one write, one TLS record.
         n = resp.content_length
-        if len(up.buf) >= n:  # the common small response: one write, one TLS record
-            guest.write(head + up.buf[:n])
-            del up.buf[:n]
-            return n
-        guest.write(head)
-        return await copy_length(up, guest, n)
+        body = bytes(up.buf[:n])
+        del up.buf[:n]
+        guest.write(head + (mask.all(body) if mask is not None else body))
+        return n
     guest.write(head)
-    if framing is Framing.CHUNKED:
+    dst: Writer = guest if mask is None else _Masked(guest, mask)
+    if framing is Framing.LENGTH:
+        n = await copy_length(up, dst, resp.content_length)
+    elif framing is Framing.CHUNKED:
         try:
-            return await copy_chunked(up, guest)
+            n = await copy_chunked(up, dst)
         except HttpError as exc:
             raise HttpError(502, f"bad chunked body from upstream: {exc.message}") from None
-    return await copy_until_close(up, guest)
+    else:
+        n = await copy_until_close(up, dst)
+    if isinstance(dst, _Masked):
+        dst.finish()
+    return n
 
 
 async def _copy_request_body(guest: Stream, up: Stream, req: Request) -> int:

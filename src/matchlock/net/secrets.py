@@ -116,6 +116,50 @@ class _Compiled:
         return any(glob.matches(host) for glob in self.globs)
 
 
+_ACCEPT_ENCODING = re.compile(rb"(?im)^accept-encoding:[^\r\n]*\r\n")
+
+
+class ValueMask:
+    """Redacts secret values from bytes headed back to the guest.
+
+    An origin that echoes a request (many debugging endpoints do) would otherwise hand the
+    guest the value the proxy injected. Masks have the value's length, so HTTP framing
+    (Content-Length, chunk sizes) stays true; a value split across writes is caught by holding
+    back only a tail that could still begin one (usually nothing, so streams stay live).
+    """
+
+    # Shorter values would also match framing and ordinary data; they are not masked (and are
+    # not worth calling secrets).
+    MIN_LENGTH = 8
+
+    def __init__(self, values: Iterable[bytes]) -> None:
+        self._values = sorted({v for v in values if len(v) >= self.MIN_LENGTH},
+                              key=len, reverse=True)
+        self._held = b""
+
+    def feed(self, data: bytes) -> bytes:
+        buf = self._held + data if self._held else data
+        for v in self._values:
+            if v in buf:
+                buf = buf.replace(v, b"*" * len(v))
+        hold = 0
+        for v in self._values:
+            for k in range(min(len(v) - 1, len(buf)), hold, -1):
+                if buf.endswith(v[:k]):
+                    hold = k
+                    break
+        self._held = buf[len(buf) - hold:] if hold else b""
+        return buf[: len(buf) - hold] if hold else buf
+
+    def flush(self) -> bytes:
+        out, self._held = self._held, b""
+        return out
+
+    def all(self, data: bytes) -> bytes:
+        """A complete piece (a response head): mask it and release any hold at once."""
+        return self.feed(data) + self.flush()
+
+
 class SecretSet:
     """The secrets of one sandbox, applied to outgoing request heads."""
 
@@ -132,6 +176,12 @@ class SecretSet:
 
     def __repr__(self) -> str:
         return f"SecretSet({[c.secret.name for c in self._items]!r})"
+
+    def mask(self) -> ValueMask | None:
+        """A fresh mask for one response, or None when there is nothing to hide."""
+        if not self._items:
+            return None
+        return ValueMask(v for c in self._items for v in (c.value, c.target_value))
 
     def guest_env(self) -> dict[str, str]:
         """What the guest gets as environment: NAME → placeholder."""
@@ -171,6 +221,14 @@ class SecretSet:
             line = line.replace(c.placeholder, c.target_value)
             rest = rest.replace(c.placeholder, c.value)
         return line + rest
+
+    def inject(self, head: bytes, host: str) -> bytes | SecretLeak:
+        """`substitute_head`, and when a value went in, no compressed response: an origin that
+        echoes the request must answer in plain bytes, which the response mask can see."""
+        out = self.substitute_head(head, host)
+        if isinstance(out, bytes) and out != head:
+            out = _ACCEPT_ENCODING.sub(b"", out)
+        return out
 
     def substitute_value(
         self, value: bytes, host: str, *, target: bool = False

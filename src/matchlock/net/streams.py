@@ -12,7 +12,7 @@ import socket
 import struct
 from collections import deque
 from collections.abc import Callable
-from typing import cast
+from typing import Protocol, cast
 
 from matchlock.net.http1 import ChunkedReader, HttpError
 
@@ -208,7 +208,15 @@ class Stream(asyncio.Protocol):
             self.transport.abort()
 
 
-async def copy_length(src: Stream, dst: Stream, length: int) -> int:
+class Writer(Protocol):
+    """Where a body is copied to: a Stream, or a filter in front of one."""
+
+    def write(self, data: bytes | bytearray | memoryview) -> None: ...
+
+    async def drain(self) -> None: ...
+
+
+async def copy_length(src: Stream, dst: Writer, length: int) -> int:
     """Forward exactly `length` body bytes; extra bytes stay in `src.buf`."""
     left = length
     if src.buf:
@@ -230,7 +238,7 @@ async def copy_length(src: Stream, dst: Stream, length: int) -> int:
     return length
 
 
-async def copy_chunked(src: Stream, dst: Stream) -> int:
+async def copy_chunked(src: Stream, dst: Writer) -> int:
     """Forward a chunked body verbatim up to its last byte; returns the bytes forwarded."""
     parser = ChunkedReader()
     total = 0
@@ -252,7 +260,7 @@ async def copy_chunked(src: Stream, dst: Stream) -> int:
             raise IncompleteBody("closed before the end of a chunked body")
 
 
-async def copy_until_close(src: Stream, dst: Stream) -> int:
+async def copy_until_close(src: Stream, dst: Writer) -> int:
     total = 0
     data = await src.read_some()
     while data:
