@@ -475,3 +475,15 @@ def test_cli_default_is_sealed(state_dir: Path) -> None:
                        capture_output=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert b"dns=1" in r.stdout
+
+
+def test_busybox_wget_through_the_cli(upstream: Upstream, state_dir: Path) -> None:
+    r = subprocess.run(
+        [MATCHLOCK, "run", "--allow-host", "api.test", "--add-host", "api.test:10.99.0.2", "--",
+         "sh", "-c", "wget -q -O /tmp/r http://api.test/headers && cat /tmp/r; "
+         "wget -q -O /tmp/s http://other.test/ ; echo other=$?"],
+        capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.decode()
+    assert '"requestline": "GET /headers HTTP/1.1"' in out
+    assert "other=1" in out
