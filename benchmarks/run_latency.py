@@ -32,6 +32,7 @@ from pathlib import Path
 from matchlock.guest.protocol import ExecRequest
 from matchlock.image.resolve import resolve_image
 from matchlock.sandbox.core import Sandbox, SandboxOptions
+from matchlock.sandbox.network import Egress, NetworkOptions
 
 MATCHLOCK = str(Path(sys.executable).with_name("matchlock"))
 PHASES = ("host_prep", "vmm_start", "kernel_to_agent", "restore", "agent_ready", "exec",
@@ -47,6 +48,13 @@ def pct(values: list[float], q: float) -> float:
 
 def fmt_ms(values: list[float]) -> str:
     return f"{pct(values, 50) * 1000:7.1f} {pct(values, 95) * 1000:7.1f}"
+
+
+NETWORK = os.geteuid() == 0  # as `run` does: a sealed NIC when root, none otherwise
+
+
+def egress() -> Egress | None:
+    return Egress(NetworkOptions()) if NETWORK else None
 
 
 def end_to_end(runs: int, image: str | None, accel: str | None) -> list[float]:
@@ -70,7 +78,8 @@ def phases(runs: int, image: str | None, accel: str | None) -> tuple[dict[str, l
     got: dict[str, list[float]] = {p: [] for p in PHASES}
     used = ""
     for _ in range(runs):
-        sb = Sandbox(SandboxOptions(image=resolved.name, rootfs=resolved.rootfs, accel=accel))
+        sb = Sandbox(SandboxOptions(image=resolved.name, rootfs=resolved.rootfs, accel=accel,
+                                    egress=egress()))
         with sb:
             sb.start()
             t = time.perf_counter()
@@ -96,7 +105,9 @@ def _private_kib(pid: int) -> dict[str, int]:
 
 def round_trips_and_memory(image: str | None, accel: str | None) -> dict[str, float]:
     resolved = resolve_image(image)
-    with Sandbox(SandboxOptions(image=resolved.name, rootfs=resolved.rootfs, accel=accel)) as sb:
+    opts = SandboxOptions(image=resolved.name, rootfs=resolved.rootfs, accel=accel,
+                          egress=egress())
+    with Sandbox(opts) as sb:
         sb.start()
         execs = []
         for _ in range(50):
@@ -141,7 +152,8 @@ def main() -> None:
     rt = round_trips_and_memory(a.image, a.accel)
     label = used.upper()
     print(f"# matchlock start-up, accelerator: {label}, {a.runs} runs, image: "
-          f"{a.image or 'built-in busybox'}, {os.cpu_count()} host cores")
+          f"{a.image or 'built-in busybox'}, {os.cpu_count()} host cores, "
+          f"network: {'sealed NIC' if NETWORK else 'none'}")
     print(f"{'measure (p50 / p95 ms)':<28} " + " ".join(f"{m:>17}" for m in MODES))
     rows: list[tuple[str, str]] = [("run true, end to end", "end_to_end")]
     rows += [("  phase: " + name, name) for name in PHASES]
