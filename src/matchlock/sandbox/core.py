@@ -224,6 +224,7 @@ class Sandbox:
         self.timings.add("restore", time.perf_counter() - t2)
 
     def _discard_vm(self) -> None:
+        """Kill the VMM and drop the channels to it (the sandbox's files stay)."""
         self.kill_vm()
         if self._proc is not None:
             self._proc.wait()
@@ -378,13 +379,7 @@ class Sandbox:
         with _signals_deferred():
             # The writable layer is thrown away, so there is nothing to flush: kill the VMM
             # now rather than wait for a guest shutdown.
-            self.kill_vm()
-            if self._proc is not None:
-                self._proc.wait()
-            if self._conn is not None:
-                self._conn.close()
-            if self._qmp is not None:
-                self._qmp.close()
+            self._discard_vm()
             if self.opts.egress is not None:
                 self.opts.egress.close()
             if self.dir is not None and not os.environ.get("MATCHLOCK_KEEP_SANDBOX"):
