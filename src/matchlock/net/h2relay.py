@@ -30,7 +30,7 @@ from matchlock.net import http1
 from matchlock.net.audit import AuditEvent
 from matchlock.net.http1 import Framing, HttpError, Response
 from matchlock.net.secrets import SecretLeak
-from matchlock.net.streams import IncompleteBody, Stream
+from matchlock.net.streams import IncompleteBody, Stream, read_response
 from matchlock.net.upstream import Connection, UpstreamError
 
 if TYPE_CHECKING:
@@ -311,7 +311,9 @@ class H2Session:
                 chunked = req.framing is Framing.CHUNKED
                 body_task = asyncio.ensure_future(self._pump_body(st, up.stream, chunked))
             try:
-                resp = await _read_final_response(up.stream, req.method)
+                resp = await read_response(up.stream, req.method, None)
+                if resp.status == 101:
+                    raise HttpError(502, "unexpected 101 from upstream")
                 return up, resp, body_task
             except (ConnectionError, OSError, IncompleteBody):
                 up.stream.abort()
@@ -430,22 +432,6 @@ class _Refused:
 class _LeakError(UpstreamError):
     def __init__(self, leak: SecretLeak) -> None:
         super().__init__(leak.reason, blocked=True)
-
-
-async def _read_final_response(up: Stream, method: bytes) -> Response:
-    """The final response head (1xx are dropped: HTTP/2 clients here do not await them)."""
-    while True:
-        parsed = http1.parse_response(up.buf, method) if up.buf else None
-        if parsed is None:
-            if not await up.fill():
-                raise IncompleteBody("upstream closed before a response")
-            continue
-        resp, end = parsed
-        del up.buf[:end]
-        if resp.status >= 200 or resp.status == 101:
-            if resp.status == 101:
-                raise HttpError(502, "unexpected 101 from upstream")
-            return resp
 
 
 async def _body(up: Stream, resp: Response) -> AsyncIterator[bytes]:

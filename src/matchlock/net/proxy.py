@@ -43,6 +43,7 @@ from matchlock.net.streams import (
     copy_chunked,
     copy_length,
     copy_until_close,
+    read_response,
     splice,
 )
 from matchlock.net.target import Target
@@ -731,30 +732,14 @@ async def _read_request(guest: Stream, loop: asyncio.AbstractEventLoop) -> Reque
             return None
 
 
-async def _read_response(up: Stream, method: bytes, guest: Stream) -> Response:
-    """The final response head; 1xx informational responses are passed to the guest."""
-    while True:
-        parsed = http1.parse_response(up.buf, method) if up.buf else None
-        if parsed is None:
-            if not await up.fill():
-                raise IncompleteBody("upstream closed before a response")
-            continue
-        resp, end = parsed
-        del up.buf[:end]
-        if 100 <= resp.status < 200 and resp.status != 101:
-            guest.write(resp.raw)
-            continue
-        return resp
-
-
 async def _response_or_body_error(
     up: Stream, method: bytes, guest: Stream, body_task: asyncio.Future[int] | None
 ) -> Response:
     """The response head, unless forwarding the request body fails first (a malformed
     chunked body, the guest gone): then the origin may wait for the rest forever."""
     if body_task is None:
-        return await _read_response(up, method, guest)
-    resp_task = asyncio.ensure_future(_read_response(up, method, guest))
+        return await read_response(up, method, guest)
+    resp_task = asyncio.ensure_future(read_response(up, method, guest))
     await asyncio.wait((resp_task, body_task), return_when=asyncio.FIRST_COMPLETED)
     if not resp_task.done() and body_task.exception() is not None:
         resp_task.cancel()

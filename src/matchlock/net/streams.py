@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Protocol, cast
 
-from matchlock.net.http1 import ChunkedReader, HttpError
+from matchlock.net.http1 import ChunkedReader, HttpError, Response, parse_response
 
 READ_SIZE = 256 * 1024
 _HIGH_WATER = 1024 * 1024  # pause reading from a peer while this much is unconsumed
@@ -338,3 +338,21 @@ __all__ = [
     "pump",
     "splice",
 ]
+
+
+async def read_response(up: Stream, method: bytes, guest: Writer | None) -> Response:
+    """The final response head. 1xx informational responses (but 101) go on to `guest`
+    (HTTP/1), or are dropped when it is None (HTTP/2 clients here do not await them)."""
+    while True:
+        parsed = parse_response(up.buf, method) if up.buf else None
+        if parsed is None:
+            if not await up.fill():
+                raise IncompleteBody("upstream closed before a response")
+            continue
+        resp, end = parsed
+        del up.buf[:end]
+        if 100 <= resp.status < 200 and resp.status != 101:
+            if guest is not None:
+                guest.write(resp.raw)
+            continue
+        return resp
