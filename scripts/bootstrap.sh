@@ -12,7 +12,7 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 need=()
 for pkg in python3-venv python3-pip qemu-system-x86 qemu-utils busybox-static e2fsprogs \
-           musl-tools linux-source-6.1 flex bison libelf-dev bc make gcc xz-utils \
+           musl-tools linux-source-6.1 flex bison libelf-dev libssl-dev bc make gcc xz-utils \
            skopeo docker-registry apache2-utils umoci unzip nftables iproute2; do
   dpkg-query -W -f='${db:Status-Status}' "$pkg" 2>/dev/null | grep -qx installed || need+=("$pkg")
 done

@@ -14,7 +14,8 @@ from matchlock.errors import MatchlockError
 
 PACKAGES = [
     "qemu-system-x86", "qemu-utils", "busybox-static", "e2fsprogs", "musl-tools",
-    "linux-source-6.1", "flex", "bison", "libelf-dev", "bc", "make", "gcc", "xz-utils",
+    "linux-source-6.1", "flex", "bison", "libelf-dev", "libssl-dev", "bc", "make", "gcc",
+    "xz-utils", "nftables", "iproute2",
 ]
 
 
