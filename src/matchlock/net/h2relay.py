@@ -186,34 +186,10 @@ class H2Session:
                 return
             blocked = built
             method, path = blocked.method, blocked.path
-            await self._deny(st, blocked.status, blocked.reason, blocked.rule)
-            self.proxy.audit(
-                AuditEvent(
-                    host=name,
-                    port=self.conn.target.port,
-                    action="block",
-                    reason=blocked.reason,
-                    method=method,
-                    path=path,
-                    status=blocked.status,
-                    protocol=self.conn.protocol,
-                )
-            )
+            await self._block(st, name, blocked.status, blocked.reason, blocked.rule, method, path)
         except UpstreamError as exc:
             code = 403 if exc.blocked else 502
-            await self._deny(st, code, exc.message, None)
-            self.proxy.audit(
-                AuditEvent(
-                    host=name,
-                    port=self.conn.target.port,
-                    action="block",
-                    reason=exc.message,
-                    method=method,
-                    path=path,
-                    status=code,
-                    protocol=self.conn.protocol,
-                )
-            )
+            await self._block(st, name, code, exc.message, None, method, path)
         except _StreamGone:
             pass
         except (HttpError, IncompleteBody, ConnectionError, OSError) as exc:
@@ -390,6 +366,23 @@ class H2Session:
             view = view[window:]
             self.flush()
             await self.guest.drain()
+
+    async def _block(self, st: _H2Stream, name: str, status: int, reason: str,
+                     rule: str | None, method: str, path: str) -> None:
+        """Answer the stream with the denial and record it."""
+        await self._deny(st, status, reason, rule)
+        self.proxy.audit(
+            AuditEvent(
+                host=name,
+                port=self.conn.target.port,
+                action="block",
+                reason=reason,
+                method=method,
+                path=path,
+                status=status,
+                protocol=self.conn.protocol,
+            )
+        )
 
     async def _deny(self, st: _H2Stream, status: int, reason: str, rule: str | None) -> None:
         title = "blocked by the sandbox's egress policy" if status == 403 else "proxy error"
