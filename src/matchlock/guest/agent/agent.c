@@ -174,17 +174,25 @@ ssize_t send_from_fd(uint8_t type, uint32_t chan, int fd)
     return n;
 }
 
+/* Format into msg (truncated to fit), made valid UTF-8 for the host's strict decoder. */
+static __attribute__((format(printf, 2, 0))) size_t format_msg(char msg[MAX_LOG],
+                                                              const char *fmt, va_list ap)
+{
+    int n = vsnprintf(msg, MAX_LOG, fmt, ap);
+    size_t len = n < 0 ? 0 : (size_t)n >= MAX_LOG ? MAX_LOG - 1 : (size_t)n;
+    utf8_sanitize(msg, len);
+    return len;
+}
+
 void send_result(uint32_t chan, int err, const char *fmt, ...)
 {
     char msg[MAX_LOG];
     va_list ap;
     va_start(ap, fmt);
-    int n = vsnprintf(msg, sizeof msg, fmt, ap);
+    size_t len = format_msg(msg, fmt, ap);
     va_end(ap);
-    size_t len = n < 0 ? 0 : (size_t)n >= sizeof msg ? sizeof msg - 1 : (size_t)n;
     uint8_t code[4];
     put_be32(code, (uint32_t)(err > 0 && err < 4096 ? err : err ? EIO : 0));
-    utf8_sanitize(msg, len);
     send_frame(F_RESULT, chan, code, 4, msg, len);
 }
 
@@ -193,10 +201,8 @@ void agent_log(const char *fmt, ...)
     char msg[MAX_LOG];
     va_list ap;
     va_start(ap, fmt);
-    int n = vsnprintf(msg, sizeof msg, fmt, ap);
+    size_t len = format_msg(msg, fmt, ap);
     va_end(ap);
-    size_t len = n < 0 ? 0 : (size_t)n >= sizeof msg ? sizeof msg - 1 : (size_t)n;
-    utf8_sanitize(msg, len);
     dprintf(2, "matchlock-agent: %.*s\n", (int)len, msg);
     send_frame(F_LOG, 0, msg, len, NULL, 0);
 }
