@@ -83,7 +83,7 @@ class AgentConnection:
             self.error = reason
         with self._lock:
             channels = list(self._channels.values())
-        for ch in [*channels]:
+        for ch in channels:
             ch.closed = True
             with ch.credit:
                 ch.credit.notify_all()

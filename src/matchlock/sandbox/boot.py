@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import platform
 from dataclasses import dataclass
@@ -21,7 +22,14 @@ class BootArtifacts:
     key: str
 
 
+@functools.cache
 def artifacts() -> BootArtifacts:
+    """Kernel and initramfs for this process; `run` checks them before image work and the
+    sandbox uses them again, so the hashing of sources happens once per process."""
+    return _artifacts()
+
+
+def _artifacts() -> BootArtifacts:
     vmlinux = kernel.cached_kernel()
     if vmlinux is None:
         raise SetupMissing(
