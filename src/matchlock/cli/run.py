@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Container, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
@@ -38,7 +38,16 @@ def parse_env_entry(entry: str, origin: str) -> tuple[str, str]:
     return name, value
 
 
-def read_env_file(path: str) -> list[tuple[str, str]]:
+def hide_from_children(names: Iterable[str]) -> None:
+    """Drop host environment variables that hold secret values (`--secret NAME@host`) from
+    this process's environment, which every child inherits: QEMU, the process a guest
+    escape would land in, must not find the values in its own environment. The secrets were
+    read already; -e/--env-file of these names are moot (the placeholder wins)."""
+    for name in names:
+        os.environ.pop(name, None)
+
+
+def read_env_file(path: str, skip: Container[str] = ()) -> list[tuple[str, str]]:
     try:
         text = Path(path).read_text()
     except OSError as e:
@@ -46,7 +55,7 @@ def read_env_file(path: str) -> list[tuple[str, str]]:
     out = []
     for n, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
-        if not line or line.startswith("#"):
+        if not line or line.startswith("#") or line.partition("=")[0] in skip:
             continue
         out.append(parse_env_entry(line, f"{path}:{n}"))
     return out
@@ -58,18 +67,22 @@ def compose_env(
 ) -> list[str]:
     """Image ENV, env files in order, -e, then the network's (CA paths, secret placeholders);
     later wins, order of first appearance kept. A secret's placeholder always wins: a -e of the
-    same name must not put a real value where the user asked for a placeholder."""
+    same name must not put a real value where the user asked for a placeholder (so such
+    entries are not even looked up: `hide_from_children` removed them from the host's)."""
+    network = network or {}
     env: dict[str, str] = {}
     for entry in image_env:
         name, sep, value = entry.partition("=")
         if name and sep:
             env[name] = value
     for path in files:
-        env.update(read_env_file(path))
+        env.update(read_env_file(path, network))
     for entry in flags:
+        if entry.partition("=")[0] in network:
+            continue
         name, value = parse_env_entry(entry, "-e")
         env[name] = value
-    env.update(network or {})
+    env.update(network)
     env.setdefault("PATH", DEFAULT_PATH)
     env.setdefault("HOSTNAME", hostname)
     if tty:
@@ -138,7 +151,11 @@ def _parse_memory(value: str) -> int:
               help="Allow egress to a host glob (*.x.com), ports 80/443 unless :PORT given; "
               "'*' allows every public host. Repeatable, comma-separated.")
 @click.option("--secret", "secret_specs", multiple=True, metavar="NAME[=VALUE]@HOST[,HOST]",
-              help="Inject a secret on requests to HOSTs; the guest sees a placeholder.")
+              help="Inject a secret on requests to HOSTs; the guest sees a placeholder. "
+              "NAME@HOST takes the value from $NAME; NAME=VALUE shows it in ps and history.")
+@click.option("--secret-file", "secret_files", multiple=True, metavar="NAME=PATH@HOST[,HOST]",
+              help="Like --secret, the value read from a file (one line; a final newline is "
+              "dropped).")
 @click.option("--add-host", "add_hosts", multiple=True, metavar="HOST:IP",
               help="Pin HOST to IP for egress (also allows a private IP).")
 @click.option("--allow-private-host", "allow_private", multiple=True, metavar="HOST",
@@ -158,7 +175,7 @@ def run(
     pull: bool = False, allow_hosts: tuple[str, ...] = (), secret_specs: tuple[str, ...] = (),
     add_hosts: tuple[str, ...] = (), allow_private: tuple[str, ...] = (),
     upstream_ca: str | None = None, upstream_dns: tuple[str, ...] = (),
-    log_network: bool = False,
+    log_network: bool = False, secret_files: tuple[str, ...] = (),
 ) -> None:
     """Run COMMAND in a new ephemeral microVM booted from an OCI image."""
     from matchlock.guest.protocol import ExecRequest
@@ -186,19 +203,22 @@ def run(
     from matchlock.sandbox import boot
     from matchlock.sandbox.network import Egress, NetworkOptions
 
-    net_flags = allow_hosts or secret_specs or add_hosts or allow_private or upstream_ca
+    net_flags = (allow_hosts or secret_specs or secret_files or add_hosts or allow_private
+                 or upstream_ca)
     if no_network and net_flags:
         raise MatchlockError("--no-network cannot be combined with --allow-host, --secret, "
-                             "--add-host, --allow-private-host or --upstream-ca")
+                             "--secret-file, --add-host, --allow-private-host or --upstream-ca")
     egress = None
     # Without root there is no network namespace to seal a NIC in; with nothing allowed, no
     # NIC loses nothing, so only an explicit network flag makes root a requirement.
     if not no_network and (net_flags or os.geteuid() == 0):
         egress = Egress(NetworkOptions(
             allow_hosts=list(allow_hosts), allow_private=list(allow_private),
-            add_hosts=list(add_hosts), secrets=list(secret_specs), upstream_ca=upstream_ca,
+            add_hosts=list(add_hosts), secrets=list(secret_specs),
+            secret_files=list(secret_files), upstream_ca=upstream_ca,
             upstream_dns=list(upstream_dns), log_network=log_network,
         ))
+        hide_from_children(egress.environ_secret_names)
     boot.artifacts()  # fail fast, before any image work, when the host is not set up
     resolved = resolve_image(image, pull=pull)
     cfg = resolved.config

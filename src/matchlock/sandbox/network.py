@@ -45,7 +45,8 @@ class NetworkOptions:
     allow_hosts: list[str] = field(default_factory=list)
     allow_private: list[str] = field(default_factory=list)
     add_hosts: list[str] = field(default_factory=list)
-    secrets: list[str] = field(default_factory=list)
+    secrets: list[str] = field(default_factory=list)  # --secret specs
+    secret_files: list[str] = field(default_factory=list)  # --secret-file specs (paths)
     upstream_ca: str | None = None
     upstream_dns: list[str] = field(default_factory=list)
     log_network: bool = False
@@ -55,19 +56,46 @@ def _fail(flag: str, e: ValueError) -> MatchlockError:
     return MatchlockError(f"invalid {flag}: {e}")
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class Egress:
     """Built before the VM (so bad flags fail fast), started once the sandbox has an id."""
 
     def __init__(self, opts: NetworkOptions, environ: dict[str, str] | None = None) -> None:
         from matchlock.net import policy as pol
         from matchlock.net import secrets as sec
+        from matchlock.net.secret_sources import parse_secret_file
 
         env = dict(os.environ if environ is None else environ)
         try:
-            parsed = [sec.parse_secret(s, env) for s in opts.secrets]
+            from_flags = [sec.parse_secret(s, env) for s in opts.secrets]
         except ValueError as e:
             raise _fail("--secret", e) from None
-        self.secrets = sec.SecretSet(parsed)
+        try:
+            from_files = [parse_secret_file(s) for s in opts.secret_files]
+        except ValueError as e:
+            raise _fail("--secret-file", e) from None
+        parsed = [*from_flags, *from_files]
+        for s in parsed:
+            if not _utf8(s.value):
+                # An environment value with bytes that are not UTF-8: the encoder's own message
+                # would quote one of them.
+                raise MatchlockError(f"invalid --secret: the value of {s.name} is not UTF-8")
+        try:
+            self.secrets = sec.SecretSet(parsed)
+        except ValueError as e:
+            raise _fail("--secret/--secret-file", e) from None
+        # Names whose value came from this process's environment (`--secret NAME@host`): the
+        # caller can drop them from it, so that no child (QEMU above all) inherits the value.
+        self.environ_secret_names = tuple(
+            s.name for spec, s in zip(opts.secrets, from_flags, strict=True)
+            if "=" not in spec.rpartition("@")[0])
         # A secret's hosts are where the user means to send it: they are allowed too.
         allow = [*opts.allow_hosts, *(h for s in parsed for h in s.hosts)]
         try:
