@@ -198,14 +198,42 @@ class Origin:
             writer.write(b"HTTP/1.1 %d X\r\nContent-Length: 0\r\n\r\n" % code)
             await writer.drain()
             return True
+        echo = headers.get("authorization", "").encode("latin-1")
+        if path == "/echo-split":  # the Authorization value back, one byte per chunk
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for i in range(len(echo)):
+                writer.write(b"1;ext=%s\r\n%s\r\n" % (echo, echo[i : i + 1]))
+                if i % 3 == 0:
+                    await writer.drain()
+                    await asyncio.sleep(0.001)
+            writer.write(b"0\r\nX-Echo-Trailer: %s\r\n\r\n" % echo)
+            await writer.drain()
+            return True
+        if path == "/hints":  # 103 Early Hints echoing the value, then the response
+            writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: <%s>\r\n\r\n" % echo)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+            return True
         if path == "/ws" and headers.get("upgrade", "").lower() == "websocket":
             accept = base64.b64encode(
                 hashlib.sha1((headers["sec-websocket-key"] + WS_GUID).encode()).digest()
             )
+            extra = b""
+            if "sec-websocket-extensions" in headers:
+                extra = b"X-Offered-Extensions: " + headers["sec-websocket-extensions"].encode()
+                extra += b"\r\n"
             writer.write(
                 b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n"
+                + (b"X-Echo: %s\r\n" % echo if echo else b"") + extra + b"\r\n"
             )
+            if echo and headers.get("x-ws-echo-auth"):
+                # The value as one message in two fragments with a ping (itself carrying
+                # the value) between them: the client joins the fragments, not the ping.
+                half = len(echo) // 2
+                writer.write(bytes([0x01, half]) + echo[:half])
+                writer.write(bytes([0x89, len(echo)]) + echo)
+                writer.write(bytes([0x80, len(echo) - half]) + echo[half:])
             await writer.drain()
             await _ws_echo(reader, writer)
             return False
@@ -259,6 +287,55 @@ async def tcp_echo_server() -> tuple[asyncio.Server, int]:
 
     server = await asyncio.start_server(echo, "127.0.0.1", 0)
     return server, server.sockets[0].getsockname()[1]
+
+
+async def tcp_greeter_server() -> tuple[asyncio.Server, int]:
+    """Speaks first (as SMTP does), then echoes."""
+
+    async def greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 greeter ready\r\n")
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(greet, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+class LenientOrigin:
+    """Python's http.server (lenient: repeated whitespace, tabs, HTTP/0.9) with name-based
+    virtual hosts: answers with the Host it routed by, and logs every request it served."""
+
+    def __init__(self) -> None:
+        import http.server
+
+        self.served: list[str] = []
+        served = self.served
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                vhost = self.headers.get("Host", "default")
+                served.append(vhost)
+                body = f"vhost={vhost}\n".encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 class TestDNS(asyncio.DatagramProtocol):
@@ -315,6 +392,7 @@ class Rig:
         await self.https.start()
         await self.http.start()
         self.echo_server, self.echo_port = await tcp_echo_server()
+        self.greeter_server, self.greeter_port = await tcp_greeter_server()
         transport, self.dns = await asyncio.get_running_loop().create_datagram_endpoint(
             lambda: TestDNS({"rebind.test": "127.0.0.1", "origin.test": "127.0.0.1"}),
             local_addr=("127.0.0.1", 0),
@@ -334,6 +412,7 @@ class Rig:
         private: list[str] | None = None,
         upstream_dns: bool = False,
         sniff_wait: float = 0.25,
+        max_connections: int | None = None,
     ) -> Proxy:
         """(Re)start the proxy with a new policy."""
         self.policy = Policy(allow, allow_private=private or (), add_hosts=pins or ())
@@ -354,6 +433,7 @@ class Rig:
             upstream,
             sandbox="test",
             sniff_wait=sniff_wait,
+            **({} if max_connections is None else {"max_connections": max_connections}),
         )
         if self.serve_task is not None:
             self.loop.call_soon_threadsafe(self.serve_task.cancel)
@@ -391,6 +471,7 @@ class Rig:
             self.https.server.close()
             self.http.server.close()
             self.echo_server.close()
+            self.greeter_server.close()
             others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
             for task in others:
                 task.cancel()

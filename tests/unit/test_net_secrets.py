@@ -12,9 +12,9 @@ VALUE = "sk-live-Abc123@x,y=z"
 
 
 def test_placeholder_format() -> None:
-    s = make_secret("KEY", "v", ["a.com"])
+    s = make_secret("KEY", "value-of-key", ["a.com"])
     assert re.fullmatch(r"SANDBOX_SECRET_[0-9a-f]{32}", s.placeholder)
-    assert make_secret("KEY", "v", ["a.com"]).placeholder != s.placeholder
+    assert make_secret("KEY", "value-of-key", ["a.com"]).placeholder != s.placeholder
 
 
 def test_parse_from_environment() -> None:
@@ -25,8 +25,8 @@ def test_parse_from_environment() -> None:
 def test_parse_inline_value_splits_at_last_at() -> None:
     s = parse_secret(f"K={VALUE}@h1.com,h2.com", {})
     assert s.value == VALUE and s.hosts == ("h1.com", "h2.com")
-    s = parse_secret("K=a=b@c@h.com", {})
-    assert s.value == "a=b@c" and s.hosts == ("h.com",)
+    s = parse_secret("K=a=b@c@d=e@h.com", {})
+    assert s.value == "a=b@c@d=e" and s.hosts == ("h.com",)
 
 
 @pytest.mark.parametrize(
@@ -72,10 +72,10 @@ def test_repr_hides_value() -> None:
 
 
 def test_guest_env() -> None:
-    a, b = make_secret("A", "1", ["a.com"]), make_secret("B", "2", ["b.com"])
+    a, b = make_secret("A", "value-one", ["a.com"]), make_secret("B", "value-two", ["b.com"])
     assert SecretSet([a, b]).guest_env() == {"A": a.placeholder, "B": b.placeholder}
     with pytest.raises(ValueError):
-        SecretSet([a, make_secret("A", "3", ["c.com"])])
+        SecretSet([a, make_secret("A", "value-three", ["c.com"])])
 
 
 def _head(target: bytes, *headers: bytes) -> bytes:
@@ -89,19 +89,20 @@ def _head(target: bytes, *headers: bytes) -> bytes:
 
 
 def test_substitution_for_valid_host_in_headers_and_target() -> None:
-    s = make_secret("K", 'va lue/+="', ["api.example.com"])
+    s = make_secret("K", 'va lue/+="xyz', ["api.example.com"])
     p = s.placeholder.encode()
     out = SecretSet([s]).substitute_head(
         _head(b"/v1?key=" + p, b"Authorization: Bearer " + p), "api.example.com"
     )
-    assert out == _head(b"/v1?key=va%20lue/+=%22", b'Authorization: Bearer va lue/+="')
+    assert out == _head(b"/v1?key=va%20lue/+=%22xyz", b'Authorization: Bearer va lue/+="xyz')
 
 
 def test_glob_hosts() -> None:
-    s = make_secret("K", "v", ["*.example.com"])
+    s = make_secret("K", "value-glob", ["*.example.com"])
     p = s.placeholder.encode()
     ss = SecretSet([s])
-    assert ss.substitute_head(_head(b"/", b"X: " + p), "a.example.com") == _head(b"/", b"X: v")
+    out = ss.substitute_head(_head(b"/", b"X: " + p), "a.example.com")
+    assert out == _head(b"/", b"X: value-glob")
     assert isinstance(ss.substitute_head(_head(b"/", b"X: " + p), "example.com"), SecretLeak)
 
 
@@ -120,18 +121,18 @@ def test_placeholder_to_other_host_is_a_leak() -> None:
 
 
 def test_no_placeholder_passes_unchanged() -> None:
-    ss = SecretSet([make_secret("A", "x", ["a.com"])])
+    ss = SecretSet([make_secret("A", "value-x-1", ["a.com"])])
     head = _head(b"/", b"X: 1")
     assert ss.substitute_head(head, "a.com") is head
     assert SecretSet().substitute_head(head, "a.com") is head
 
 
 def test_substitute_value_for_h2_fields() -> None:
-    s = make_secret("K", "a b", ["h.com"])
+    s = make_secret("K", "a b value", ["h.com"])
     ss = SecretSet([s])
     p = s.placeholder.encode()
-    assert ss.substitute_value(b"Bearer " + p, "h.com") == b"Bearer a b"
-    assert ss.substitute_value(b"/x?k=" + p, "h.com", target=True) == b"/x?k=a%20b"
+    assert ss.substitute_value(b"Bearer " + p, "h.com") == b"Bearer a b value"
+    assert ss.substitute_value(b"/x?k=" + p, "h.com", target=True) == b"/x?k=a%20b%20value"
     assert isinstance(ss.substitute_value(p, "other.com"), SecretLeak)
 
 
@@ -170,10 +171,13 @@ def test_mask_catches_a_value_split_across_writes_and_holds_back_only_a_prefix()
     assert m.feed(b"event: x\n\n") == b"event: x\n\n"  # nothing held: streams stay live
 
 
-def test_mask_ignores_values_too_short_to_be_secrets() -> None:
-    from matchlock.net.secrets import ValueMask
-
-    assert ValueMask([b"abc"]).all(b"abcabc") == b"abcabc"
+def test_values_too_short_to_be_masked_are_refused_without_echo() -> None:
+    with pytest.raises(ValueError, match="at least 8") as info:
+        make_secret("K", "s3cr3t", ["h.com"])
+    assert "s3cr3t" not in str(info.value)
+    with pytest.raises(ValueError, match="at least 8"):
+        parse_secret("K=1234567@h.com", {})
+    assert make_secret("K", "12345678", ["h.com"]).value == "12345678"
 
 
 def test_inject_drops_accept_encoding_only_when_a_value_went_in() -> None:

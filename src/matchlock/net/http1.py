@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass, field
 
 MAX_HEAD = 64 * 1024
+MAX_REQUEST_LINE = 8192
 MAX_HEADERS = 100
 MAX_CHUNK_LINE = 4096
 MAX_TRAILERS = 16 * 1024
@@ -186,6 +187,9 @@ def skip_empty_lines(buf: bytearray) -> None:
 
 def parse_request(buf: bytes | bytearray) -> tuple[Request, int] | None:
     """Parse a request head at the start of `buf`: (request, head length) or None for more."""
+    line_end = buf.find(b"\n", 0, MAX_REQUEST_LINE + 1)
+    if line_end < 0 and len(buf) > MAX_REQUEST_LINE:
+        raise HttpError(414, f"request line longer than {MAX_REQUEST_LINE} bytes")
     end = _head_end(buf, 0)
     if end < 0:
         return None

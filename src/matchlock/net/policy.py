@@ -43,6 +43,10 @@ class Decision:
     allowed: bool
     reason: str
     rule: str | None = None
+    # May bytes that are neither TLS nor HTTP be spliced to this port uninspected? Only where
+    # the user named the port (`host:port`, or `*` beyond 80/443): on the default web ports
+    # raw TCP would be a way around the SNI/Host checks.
+    raw: bool = False
 
 
 def normalize_name(name: str) -> str | None:
@@ -128,10 +132,17 @@ class Rule:
     text: str
     host: HostGlob
     ports: frozenset[int]
+    explicit_port: bool = False  # `HOST:PORT`, as opposed to a bare pattern's default ports
 
     @property
     def is_open(self) -> bool:
         return self.host.is_any
+
+    def raw_allowed(self, port: int) -> bool:
+        """Did the user open `port` for more than HTTP and TLS? (See Decision.raw.)"""
+        if self.explicit_port:
+            return True
+        return self.is_open and port not in DEFAULT_PORTS
 
     def __str__(self) -> str:
         return self.text
@@ -156,7 +167,7 @@ def parse_rule(spec: str) -> Rule:
     else:
         ports = ALL_PORTS if host.is_any else DEFAULT_PORTS
         text = host.text
-    return Rule(text=text, host=host, ports=ports)
+    return Rule(text=text, host=host, ports=ports, explicit_port=bool(port_text))
 
 
 def split_specs(values: Iterable[str]) -> list[str]:
@@ -240,11 +251,19 @@ class Policy:
         if not rules:
             return Decision(False, "the allow-list is empty: all egress is denied")
         other_port: Rule | None = None
+        allowed: Rule | None = None
         for rule in rules:
             if rule.host.matches(norm):
                 if port in rule.ports:
-                    return Decision(True, f"allowed by --allow-host {rule.text}", rule.text)
-                other_port = other_port or rule
+                    if rule.raw_allowed(port):
+                        return Decision(
+                            True, f"allowed by --allow-host {rule.text}", rule.text, raw=True
+                        )
+                    allowed = allowed or rule
+                else:
+                    other_port = other_port or rule
+        if allowed is not None:
+            return Decision(True, f"allowed by --allow-host {allowed.text}", allowed.text)
         if other_port is not None:
             return Decision(
                 False,
@@ -258,7 +277,10 @@ class Policy:
         """A connection the guest opened by address (not through the sandbox's DNS)."""
         for rule in self._rules:
             if rule.is_open and port in rule.ports:
-                return Decision(True, f"open mode (--allow-host {rule.text})", rule.text)
+                return Decision(
+                    True, f"open mode (--allow-host {rule.text})", rule.text,
+                    raw=rule.raw_allowed(port),
+                )
         return Decision(
             False,
             f"connections by address are refused: {address} did not come from the sandbox's "

@@ -1,4 +1,7 @@
-"""The sandbox's transparent egress proxy (docs/network.md, "The proxy").
+"""The sandbox's transparent egress proxy (docs/network.md, "The proxy"): connection entry,
+TLS termination and request admission. The layers it hands connections to live beside it:
+`classify` (what the first bytes are), `http1relay` and `h2relay` (requests), `websocket`
+(frames after an upgrade), `raw` (uninspected TCP) and `audit`.
 
 Every guest TCP connection arrives here with the `Target` the plumbing learnt (the name the
 guest resolved through the sandbox's DNS, the address and port it dialled). The proxy peeks at
@@ -8,8 +11,10 @@ when the event loop's own TLS implementation takes over the socket:
 - TLS: the SNI must equal the target's name and (name, port) must be allowed, *before* the
   handshake; otherwise a TLS alert and close. Then TLS with a leaf for the name, HTTP/1.1 or
   HTTP/2 as the guest offers (ALPN).
-- Plain HTTP: the same per request, minus TLS.
-- Anything else: spliced to name:port if the policy allows, else reset.
+- Plain HTTP (anything an origin could read as a request line): the same per request, minus
+  TLS.
+- Anything else: spliced to name:port if the policy allows raw TCP there (a port the user
+  named), else reset.
 
 Per HTTP request: `Host`/`:authority` must equal the name, the policy is checked again (runtime
 changes), placeholders are swapped for the secrets valid for that host (any other placeholder
@@ -20,94 +25,53 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
-import re
 import socket
 import struct
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 from matchlock.net import http1
 from matchlock.net.audit import AuditEvent, AuditSink
 from matchlock.net.certs import CertificateAuthority
-from matchlock.net.http1 import Framing, HttpError, Request, Response
+from matchlock.net.classify import MAX_FIRST_LINE, Kind, classify
+from matchlock.net.http1 import HttpError
 from matchlock.net.policy import Decision, Policy, normalize_name
-from matchlock.net.secrets import SecretLeak, SecretSet, ValueMask
-from matchlock.net.streams import (
-    IncompleteBody,
-    Refused,
-    Stream,
-    Writer,
-    copy_chunked,
-    copy_length,
-    copy_until_close,
-    read_response,
-    splice,
-)
+from matchlock.net.raw import relay_raw
+from matchlock.net.secrets import SecretSet
+from matchlock.net.streams import Stream
 from matchlock.net.target import Target
 from matchlock.net.tls_sniff import AlertDescription, ClientHello, Invalid, Sniff, alert, sniff
-from matchlock.net.upstream import Connection, Upstream, UpstreamError
+from matchlock.net.upstream import Connection, Upstream
 
 log = logging.getLogger(__name__)
 
 SNIFF_WAIT = 0.25  # server-speaks-first protocols (SMTP, MySQL, …) get raw TCP after this
 HELLO_TIMEOUT = 10.0  # to receive a whole ClientHello / first request line
 HANDSHAKE_TIMEOUT = 10.0
-HEAD_TIMEOUT = 30.0  # to receive a whole request head
 IDLE_TIMEOUT = 300.0  # keep-alive connection idle between requests
 MAX_CONNECTIONS = 2048
 LINGER = 1.0  # after an error response, read and drop the guest's input this long at most
 LINGER_BYTES = 1 << 20
-H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-MAX_FIRST_LINE = 8192
-_REQUEST_LINE = re.compile(rb"[^ \r\n]+ [^ \r\n]+ HTTP/[0-9.]+")
-# A prefix that could still become an HTTP request line ("GET /x HT…"); anything else
-# without a line end yet is not HTTP.
-_PARTIAL_REQUEST = re.compile(
-    rb"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}"  # method
-    rb"(?: [\x21-\x7e]*(?: (?:H(?:T(?:T(?:P(?:/[0-9.]*)?)?)?)?)?)?)?"  # target, "HTTP/1.1"
-)
-
-Kind = Literal["tls", "h2", "http", "raw", "more"]
-
-
-def classify(data: bytes) -> Kind:
-    """What a connection's first bytes are. "more": cannot tell yet.
-
-    This decides what may be spliced raw, so it errs towards "not raw": anything that starts
-    like a TLS record, or whose first line is an HTTP request line (any case, after stray
-    CRLFs) is handled as such, since an origin would route it by SNI or Host, and a raw
-    splice would let the guest pick another site on the same address (domain fronting).
-    """
-    return _classify(data)[0]
+PEEK_SIZE = max(16384 + 5, MAX_FIRST_LINE + 1)  # a whole ClientHello record, or a first line
 
 
 def _classify(data: bytes) -> tuple[Kind, ClientHello | Invalid | None]:
     """classify(), plus the parsed ClientHello for TLS (parsed once per connection)."""
-    if not data:
+    kind = classify(data)
+    if kind != "tls":
+        return kind, None
+    hello = sniff(data)
+    if isinstance(hello, Sniff):
         return "more", None
-    if data[0] == 0x16:
-        hello = sniff(data)
-        if isinstance(hello, Sniff):
-            return "more", None
-        return "tls", hello
-    if H2_PREFACE.startswith(data[: len(H2_PREFACE)]):
-        return ("h2" if len(data) >= len(H2_PREFACE) else "more"), None
-    line = data.lstrip(b"\r\n")
-    if not line:
-        return ("more" if len(data) < MAX_FIRST_LINE else "raw"), None
-    end = line.find(b"\n")
-    if end < 0:
-        partial = len(line) < MAX_FIRST_LINE and _PARTIAL_REQUEST.fullmatch(line)
-        return ("more" if partial else "raw"), None
-    return ("http" if _REQUEST_LINE.fullmatch(line[:end].rstrip(b"\r")) else "raw"), None
+    return "tls", hello
 
 
 _REASONS = {
     400: "Bad Request",
     403: "Forbidden",
+    414: "URI Too Long",
     431: "Request Header Fields Too Large",
     501: "Not Implemented",
     502: "Bad Gateway",
@@ -187,7 +151,7 @@ class Proxy:
         except Exception:  # a broken sink must not break traffic
             log.exception("audit sink failed")
 
-    def _block_event(
+    def block_event(
         self, conn: Conn | Target, blocked: Blocked, protocol: str, method: str = "", path: str = ""
     ) -> None:
         target = conn.target if isinstance(conn, Conn) else conn
@@ -211,8 +175,8 @@ class Proxy:
         """Serve one accepted guest connection; never raises, always closes `sock`."""
         self._start_reaper()
         if self._active >= self.max_connections:
-            self._block_event(target, Blocked(0, "too many connections"), protocol="tcp")
-            _reset(sock)
+            self.block_event(target, Blocked(0, "too many connections"), protocol="tcp")
+            reset_socket(sock)
             return
         self._active += 1
         owned: list[Stream] = []  # once a transport owns the socket, close through it
@@ -226,7 +190,7 @@ class Proxy:
                 if not stream.closed():
                     stream.abort()
             if not owned:
-                _reset(sock)
+                reset_socket(sock)
 
     async def _handle(self, sock: socket.socket, target: Target, owned: list[Stream]) -> None:
         sock.setblocking(False)
@@ -236,47 +200,56 @@ class Proxy:
             decision = self.policy.check_address(target.address, target.port)
         else:
             decision = self.policy.check(target.name, target.port)
-        peeked = await self._peek(sock)
+        # Only a port the user named may carry raw TCP, so only there may a silent guest be
+        # waiting for the server to speak first; elsewhere the first bytes must come.
+        may_go_raw = decision.allowed and decision.raw
+        peeked = await self._peek(sock, may_go_raw)
         if peeked is None:  # closed before sending anything
             sock.close()
             return
         first, kind, hello = peeked
-        if not first:
-            kind = "raw"  # silence: a server-speaks-first protocol
-        if kind == "tls":
+        if not first and may_go_raw:
+            await relay_raw(self, sock, target, decision, owned, gate=True)
+        elif kind == "tls":
             assert hello is not None
             await self._tls(sock, target, hello, decision, owned)
         elif kind in ("h2", "http"):
             await self._plain(sock, target, owned, h2=kind == "h2")
         elif kind == "raw":
-            await self._raw(sock, target, decision, owned, gate=not first)
+            await relay_raw(self, sock, target, decision, owned, gate=False)
+        elif first and first[0] == 0x16:
+            # Still incomplete at the deadline: a slow ClientHello must not end up spliced.
+            blocked = Blocked(0, "incomplete TLS ClientHello (timed out)")
+            self._refuse_tls(sock, target, blocked, AlertDescription.DECODE_ERROR)
         else:
-            # Still incomplete at the deadline: a slow ClientHello or request line must not
-            # end up spliced raw (the origin would route it by SNI/Host).
-            blocked = Blocked(0, "incomplete TLS ClientHello or request line (timed out)")
-            if first[0] == 0x16:
-                self._refuse_tls(sock, target, blocked, AlertDescription.DECODE_ERROR)
-            else:
-                self._block_event(target, blocked, protocol="tcp")
-                _reset(sock)
+            what = "an incomplete first line" if first else "nothing"
+            blocked = Blocked(
+                0, f"the guest sent {what} within {HELLO_TIMEOUT:.0f} s (a request line or "
+                f"ClientHello was expected on port {target.port})"
+            )
+            self.block_event(target, blocked, protocol="tcp")
+            reset_socket(sock)
 
     async def _peek(
-        self, sock: socket.socket
+        self, sock: socket.socket, may_wait_for_server: bool
     ) -> tuple[bytes, Kind, ClientHello | Invalid | None] | None:
-        """The first bytes, left in the kernel, and what they are; b"" if the guest waits
-        for the server; None if it closed."""
+        """The first bytes, left in the kernel, and what they are; None if the guest closed.
+
+        b"" when the guest sends nothing: after `sniff_wait` if it `may_wait_for_server`
+        (server-speaks-first protocols), else after HELLO_TIMEOUT."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + HELLO_TIMEOUT
         waited = False
         delay = 0.001
         while True:
             try:
-                data = sock.recv(16384 + 5, socket.MSG_PEEK)
+                data = sock.recv(PEEK_SIZE, socket.MSG_PEEK)
             except BlockingIOError:
                 if waited:  # spurious wake-up
                     await asyncio.sleep(delay)
                     continue
-                if not await _readable(sock, self.sniff_wait):
+                wait = self.sniff_wait if may_wait_for_server else HELLO_TIMEOUT
+                if not await _readable(sock, wait):
                     return b"", "more", None
                 waited = True
                 continue
@@ -332,8 +305,8 @@ class Proxy:
             )
         except (OSError, TimeoutError) as exc:
             reason = f"TLS handshake with the guest failed: {_ssl_reason(exc)}"
-            self._block_event(target, Blocked(0, reason), protocol="tls")
-            _reset(sock)
+            self.block_event(target, Blocked(0, reason), protocol="tls")
+            reset_socket(sock)
             return
         owned.append(guest)
         ssl_obj = transport.get_extra_info("ssl_object")
@@ -344,7 +317,7 @@ class Proxy:
     def _refuse_tls(
         self, sock: socket.socket, target: Target, blocked: Blocked, code: AlertDescription
     ) -> None:
-        self._block_event(target, blocked, protocol="tls")
+        self.block_event(target, blocked, protocol="tls")
         # Consume what was only peeked: closing with unread bytes would send an RST that can
         # overtake the alert. Then FIN, so the guest reads the alert, not a reset.
         with contextlib.suppress(OSError):
@@ -365,65 +338,10 @@ class Proxy:
     ) -> None:
         # A denied connection is still read up to its first request head: every request is
         # admitted on its own (admit() re-checks the policy), so the 403 names method and path.
-        guest = await _stream_from(sock)
+        guest = await stream_from(sock)
         owned.append(guest)
         conn = Conn(target, target.name, "h2c" if h2 else "http", tls=False)
         await self._serve_http(guest, conn)
-
-    async def _raw(
-        self,
-        sock: socket.socket,
-        target: Target,
-        decision: Decision,
-        owned: list[Stream],
-        *,
-        gate: bool,
-    ) -> None:
-        """Splice to name:port. `gate`: the guest was silent so far (server speaks first);
-        its first bytes are checked when they come, since TLS or HTTP arriving only after
-        the server spoke is an attempt to get past the SNI/Host checks."""
-        if not decision.allowed:
-            self._block_event(target, Blocked(0, decision.reason, decision.rule), protocol="tcp")
-            _reset(sock)
-            return
-        started = time.perf_counter()
-        try:
-            up = await self.upstream.connect(target.name, target.address, target.port, tls=False)
-        except UpstreamError as exc:
-            self._block_event(target, Blocked(0, exc.message), protocol="tcp")
-            _reset(sock)
-            return
-        guest = await _stream_from(sock)
-        owned += (guest, up.stream)
-        self.audit(
-            AuditEvent(
-                host=target.name or target.address,
-                port=target.port,
-                action="allow",
-                reason=decision.reason,
-                protocol="tcp",
-            )
-        )
-        try:
-            up_bytes, down_bytes = await splice(guest, up.stream, gate=_raw_gate if gate else None)
-        except Refused as exc:
-            self._block_event(target, Blocked(0, str(exc)), protocol="tcp")
-            guest.reset()
-            up.stream.reset()
-            return
-        await asyncio.gather(guest.close(), up.stream.close())
-        self.audit(
-            AuditEvent(
-                host=target.name or target.address,
-                port=target.port,
-                action="allow",
-                reason="connection closed",
-                protocol="tcp",
-                bytes_up=up_bytes,
-                bytes_down=down_bytes,
-                duration_ms=(time.perf_counter() - started) * 1000,
-            )
-        )
 
     async def _serve_http(self, guest: Stream, conn: Conn) -> None:
         self._streams.add(guest)
@@ -433,17 +351,19 @@ class Proxy:
 
                 await H2Session(self, guest, conn).run()
             else:
-                await self._http1(guest, conn)
+                from matchlock.net.http1relay import Http1Relay
+
+                await Http1Relay(self, guest, conn).run()
         except (ConnectionError, OSError, TimeoutError, asyncio.IncompleteReadError):
             pass
         finally:
             self._streams.discard(guest)
             await guest.close()
 
-    async def _answer(
+    async def answer(
         self, guest: Stream, conn: Conn, blocked: Blocked, method: str = "", path: str = ""
     ) -> None:
-        self._block_event(conn, blocked, conn.protocol, method, path)
+        self.block_event(conn, blocked, conn.protocol, method, path)
         guest.write(response_for(blocked))
         with contextlib.suppress(ConnectionError, OSError, TimeoutError):
             await guest.drain()
@@ -503,190 +423,6 @@ class Proxy:
             dial_name, address, target.port, tls=conn.tls, alpn=("http/1.1",) if conn.tls else ()
         )
 
-    # -- HTTP/1.1 ------------------------------------------------------------------------
-
-    async def _http1(self, guest: Stream, conn: Conn) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            guest.deadline = loop.time() + self.idle_timeout
-            try:
-                parsed = await _read_request(guest, loop)
-            except HttpError as exc:
-                await self._answer(guest, conn, Blocked(exc.status, exc.message))
-                return
-            if parsed is None:
-                return
-            guest.deadline = 0.0
-            if not await self._exchange(guest, conn, parsed):
-                return
-
-    async def _exchange(self, guest: Stream, conn: Conn, req: Request) -> bool:
-        """Forward one request and its response; True if the guest connection may go on."""
-        started = time.perf_counter()
-        path = req.path()
-        method = req.method.decode("latin-1")
-        admitted = self.admit(conn, req.host, req.method)
-        if isinstance(admitted, Blocked):
-            await self._answer(guest, conn, admitted, method=method, path=path)
-            return False
-        name, decision = admitted
-        head = self.secrets.inject(req.serialize(), name)
-        if isinstance(head, SecretLeak):
-            blocked = Blocked(403, head.reason, f"--secret {head.secret_name}")
-            await self._answer(guest, conn, blocked, method=method, path=path)
-            return False
-        has_body = req.framing is not Framing.NONE
-        up: Connection | None = None
-        resp: Response | None = None
-        for attempt in (0, 1):
-            try:
-                up = await self.open_upstream(name, conn, fresh=attempt > 0)
-            except UpstreamError as exc:
-                status = 403 if exc.blocked else 502
-                await self._answer(
-                    guest, conn, Blocked(status, exc.message), method=method, path=path
-                )
-                return False
-            up.stream.write(head)
-            body_task = None
-            if has_body:
-                body_task = asyncio.ensure_future(_copy_request_body(guest, up.stream, req))
-            try:
-                resp = await _response_or_body_error(up.stream, req.method, guest, body_task)
-            except HttpError as exc:
-                _cancel(body_task)
-                up.stream.abort()
-                blocked = Blocked(exc.status, exc.message)
-                await self._answer(guest, conn, blocked, method=method, path=path)
-                return False
-            except (ConnectionError, OSError, IncompleteBody):
-                resp = None
-            if resp is not None:
-                break
-            up.stream.abort()
-            _cancel(body_task)
-            if has_body or attempt:  # a body cannot be replayed: the guest must retry
-                await self._answer(
-                    guest,
-                    conn,
-                    Blocked(502, f"{name} closed the connection without a response"),
-                    method=method,
-                    path=path,
-                )
-                return False
-        assert up is not None and resp is not None
-        if resp.status == 101:
-            return await self._upgrade(guest, conn, up, req, resp, name, started)
-        close = not req.keep_alive or resp.framing is Framing.UNTIL_CLOSE
-        down = 0
-        try:
-            down = await _send_response(guest, up.stream, resp, close, self.secrets.mask())
-            up_bytes = 0
-            if body_task is not None:
-                if not body_task.done():  # the last write may still be draining
-                    await asyncio.wait((body_task,), timeout=1.0)
-                if not body_task.done():
-                    # The origin answered before taking the whole body (an error, or a
-                    # refused Expect: 100-continue): neither connection is in a known state.
-                    raise IncompleteBody("response sent before the request body ended")
-                up_bytes = body_task.result()
-        except (HttpError, IncompleteBody, ConnectionError, OSError) as exc:
-            _cancel(body_task)
-            up.stream.abort()
-            guest.abort()
-            self.audit(
-                AuditEvent(
-                    host=name,
-                    port=conn.target.port,
-                    action="allow",
-                    reason=f"aborted: {exc}",
-                    method=method,
-                    path=path,
-                    status=resp.status,
-                    bytes_down=down,
-                    protocol=conn.protocol,
-                    duration_ms=(time.perf_counter() - started) * 1000,
-                )
-            )
-            return False
-        if resp.keep_alive:
-            self.upstream.put_idle(up)
-        else:
-            up.stream.abort()
-        self.audit(
-            AuditEvent(
-                host=name,
-                port=conn.target.port,
-                action="allow",
-                reason=decision.reason,
-                method=method,
-                path=path,
-                status=resp.status,
-                bytes_up=up_bytes,
-                bytes_down=down,
-                protocol=conn.protocol,
-                duration_ms=(time.perf_counter() - started) * 1000,
-            )
-        )
-        return not close
-
-    async def _upgrade(
-        self,
-        guest: Stream,
-        conn: Conn,
-        up: Connection,
-        req: Request,
-        resp: Response,
-        name: str,
-        started: float,
-    ) -> bool:
-        if not req.websocket:
-            up.stream.abort()
-            await self._answer(
-                guest,
-                conn,
-                Blocked(502, "unexpected 101 from upstream"),
-                method=req.method.decode("latin-1"),
-                path=req.path(),
-            )
-            return False
-        guest.write(resp.head_for_guest(close=False))
-        if up.stream.buf:  # frames the origin sent right after the 101
-            guest.write(bytes(up.stream.buf))
-            up.stream.buf.clear()
-        if guest.buf:
-            up.stream.write(bytes(guest.buf))
-            guest.buf.clear()
-        self.audit(
-            AuditEvent(
-                host=name,
-                port=conn.target.port,
-                action="allow",
-                reason="websocket upgrade",
-                method="GET",
-                path=req.path(),
-                status=101,
-                protocol="websocket",
-            )
-        )
-        up_bytes, down_bytes = await splice(guest, up.stream)
-        self.audit(
-            AuditEvent(
-                host=name,
-                port=conn.target.port,
-                action="allow",
-                reason="websocket closed",
-                method="GET",
-                path=req.path(),
-                status=101,
-                bytes_up=up_bytes,
-                bytes_down=down_bytes,
-                protocol="websocket",
-                duration_ms=(time.perf_counter() - started) * 1000,
-            )
-        )
-        return False
-
     # -- housekeeping ----------------------------------------------------------------------
 
     def _start_reaper(self) -> None:
@@ -711,120 +447,6 @@ class Proxy:
         self.upstream.close_idle()
 
 
-# -- HTTP/1 helpers -----------------------------------------------------------------------
-
-
-async def _read_request(guest: Stream, loop: asyncio.AbstractEventLoop) -> Request | None:
-    head_deadline = 0.0
-    while True:
-        if guest.buf:
-            http1.skip_empty_lines(guest.buf)
-            parsed = http1.parse_request(guest.buf)
-            if parsed is not None:
-                req, end = parsed
-                del guest.buf[:end]
-                return req
-            if not head_deadline:  # a head has started: it gets HEAD_TIMEOUT, not the idle time
-                head_deadline = guest.deadline = loop.time() + HEAD_TIMEOUT
-        if not await guest.fill():
-            if guest.buf:
-                raise HttpError(400, "connection closed in the middle of a request head")
-            return None
-
-
-async def _response_or_body_error(
-    up: Stream, method: bytes, guest: Stream, body_task: asyncio.Future[int] | None
-) -> Response:
-    """The response head, unless forwarding the request body fails first (a malformed
-    chunked body, the guest gone): then the origin may wait for the rest forever."""
-    if body_task is None:
-        return await read_response(up, method, guest)
-    resp_task = asyncio.ensure_future(read_response(up, method, guest))
-    await asyncio.wait((resp_task, body_task), return_when=asyncio.FIRST_COMPLETED)
-    if not resp_task.done() and body_task.exception() is not None:
-        resp_task.cancel()
-        exc = body_task.exception()
-        if isinstance(exc, HttpError):
-            raise HttpError(400, f"bad request body: {exc.message}")
-        raise IncompleteBody(f"request body: {exc}")
-    return await resp_task
-
-
-class _Masked:
-    """A Writer that redacts secret values on their way to the guest."""
-
-    def __init__(self, stream: Stream, mask: ValueMask) -> None:
-        self.stream = stream
-        self.mask = mask
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        out = self.mask.feed(bytes(data))
-        if out:
-            self.stream.write(out)
-
-    async def drain(self) -> None:
-        await self.stream.drain()
-
-    def finish(self) -> None:
-        tail = self.mask.flush()
-        if tail:
-            self.stream.write(tail)
-
-
-async def _send_response(
-    guest: Stream, up: Stream, resp: Response, close: bool, mask: ValueMask | None = None
-) -> int:
-    head = resp.head_for_guest(close)
-    if mask is not None:
-        head = mask.all(head)
-    framing = resp.framing
-    if framing is Framing.NONE:
-        guest.write(head)
-        return 0
-    if framing is Framing.LENGTH and len(up.buf) >= resp.content_length:
-        # The common small response: one write, one TLS record.
-        n = resp.content_length
-        body = bytes(up.buf[:n])
-        del up.buf[:n]
-        guest.write(head + (mask.all(body) if mask is not None else body))
-        return n
-    guest.write(head)
-    dst: Writer = guest if mask is None else _Masked(guest, mask)
-    if framing is Framing.LENGTH:
-        n = await copy_length(up, dst, resp.content_length)
-    elif framing is Framing.CHUNKED:
-        try:
-            n = await copy_chunked(up, dst)
-        except HttpError as exc:
-            raise HttpError(502, f"bad chunked body from upstream: {exc.message}") from None
-    else:
-        n = await copy_until_close(up, dst)
-    if isinstance(dst, _Masked):
-        dst.finish()
-    return n
-
-
-async def _copy_request_body(guest: Stream, up: Stream, req: Request) -> int:
-    if req.framing is Framing.LENGTH:
-        return await copy_length(guest, up, req.content_length)
-    return await copy_chunked(guest, up)
-
-
-def _raw_gate(data: bytes) -> str | None:
-    """For splice(): None = forward; "more" = need more bytes; else why to refuse."""
-    kind = classify(data)
-    if kind == "more":
-        return "more"
-    if kind == "raw":
-        return None
-    return f"{kind} sent after the server spoke first (would bypass the SNI/Host checks)"
-
-
-def _cancel(task: asyncio.Future[int] | None) -> None:
-    if task is not None and not task.done():
-        task.cancel()
-
-
 # -- socket helpers -----------------------------------------------------------------------
 
 
@@ -847,13 +469,13 @@ async def _readable(sock: socket.socket, timeout: float) -> bool:
         loop.remove_reader(sock.fileno())
 
 
-async def _stream_from(sock: socket.socket) -> Stream:
+async def stream_from(sock: socket.socket) -> Stream:
     stream = Stream()
     await asyncio.get_running_loop().connect_accepted_socket(lambda: stream, sock)
     return stream
 
 
-def _reset(sock: socket.socket) -> None:
+def reset_socket(sock: socket.socket) -> None:
     """Close with RST (SO_LINGER 0): the guest sees 'connection refused/reset' at once."""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -861,8 +483,6 @@ def _reset(sock: socket.socket) -> None:
 
 
 def _is_ip(host: str) -> bool:
-    import ipaddress
-
     try:
         ipaddress.ip_address(host)
     except ValueError:
@@ -892,7 +512,7 @@ async def serve(
                 target = target_of(sock)
             except Exception:
                 log.exception("cannot tell where a guest connection was headed; refusing it")
-                _reset(sock)
+                reset_socket(sock)
                 continue
             task = loop.create_task(proxy.handle(sock, target))
             tasks.add(task)

@@ -15,9 +15,13 @@ import secrets as _random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from matchlock.net.masking import PlaceholderScanner, ValueMask
 from matchlock.net.policy import HostGlob, normalize_name
 
 PREFIX = "SANDBOX_SECRET_"
+# Responses are masked for values (net/masking.py); a shorter value would also match ordinary
+# data and framing, so it could not be masked without corrupting traffic: refused instead.
+MIN_VALUE_LENGTH = 8
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _PLACEHOLDER = re.compile(r"^[A-Za-z0-9_]{16,128}$")
 # Bytes that cannot appear raw in a request target; they are percent-encoded there.
@@ -43,6 +47,12 @@ class Secret:
             raise ValueError(f"secret name {self.name!r} is not a valid environment variable name")
         if not self.value:
             raise ValueError(f"secret {self.name} has an empty value")
+        if len(self.value) < MIN_VALUE_LENGTH:
+            raise ValueError(
+                f"secret {self.name}: the value has {len(self.value)} characters, at least "
+                f"{MIN_VALUE_LENGTH} are needed (a shorter value cannot be kept out of responses "
+                "without corrupting ordinary data)"
+            )
         if any(c in self.value for c in "\r\n\0"):
             # Substituted into header lines: a line break would let the value forge headers.
             raise ValueError(f"the value of secret {self.name} contains a line break or NUL")
@@ -116,48 +126,11 @@ class _Compiled:
         return any(glob.matches(host) for glob in self.globs)
 
 
-_ACCEPT_ENCODING = re.compile(rb"(?im)^accept-encoding:[^\r\n]*\r\n")
-
-
-class ValueMask:
-    """Redacts secret values from bytes headed back to the guest.
-
-    An origin that echoes a request (many debugging endpoints do) would otherwise hand the
-    guest the value the proxy injected. Masks have the value's length, so HTTP framing
-    (Content-Length, chunk sizes) stays true; a value split across writes is caught by holding
-    back only a tail that could still begin one (usually nothing, so streams stay live).
-    """
-
-    # Shorter values would also match framing and ordinary data; they are not masked (and are
-    # not worth calling secrets).
-    MIN_LENGTH = 8
-
-    def __init__(self, values: Iterable[bytes]) -> None:
-        self._values = sorted({v for v in values if len(v) >= self.MIN_LENGTH},
-                              key=len, reverse=True)
-        self._held = b""
-
-    def feed(self, data: bytes) -> bytes:
-        buf = self._held + data if self._held else data
-        for v in self._values:
-            if v in buf:
-                buf = buf.replace(v, b"*" * len(v))
-        hold = 0
-        for v in self._values:
-            for k in range(min(len(v) - 1, len(buf)), hold, -1):
-                if buf.endswith(v[:k]):
-                    hold = k
-                    break
-        self._held = buf[len(buf) - hold:] if hold else b""
-        return buf[: len(buf) - hold] if hold else buf
-
-    def flush(self) -> bytes:
-        out, self._held = self._held, b""
-        return out
-
-    def all(self, data: bytes) -> bytes:
-        """A complete piece (a response head): mask it and release any hold at once."""
-        return self.feed(data) + self.flush()
+# Dropped from a request that carries a value, so an echo comes back in bytes a mask can
+# read: no compressed body, no compressed WebSocket messages.
+_COMPRESSION_OFFERS = re.compile(
+    rb"(?im)^(?:accept-encoding|sec-websocket-extensions):[^\r\n]*\r\n"
+)
 
 
 class SecretSet:
@@ -182,6 +155,12 @@ class SecretSet:
         if not self._items:
             return None
         return ValueMask(v for c in self._items for v in (c.value, c.target_value))
+
+    def scanner(self) -> PlaceholderScanner | None:
+        """A fresh placeholder scanner for one raw connection, or None without secrets."""
+        if not self._items:
+            return None
+        return PlaceholderScanner({c.placeholder: c.secret.name for c in self._items})
 
     def guest_env(self) -> dict[str, str]:
         """What the guest gets as environment: NAME → placeholder."""
@@ -223,11 +202,12 @@ class SecretSet:
         return line + rest
 
     def inject(self, head: bytes, host: str) -> bytes | SecretLeak:
-        """`substitute_head`, and when a value went in, no compressed response: an origin that
-        echoes the request must answer in plain bytes, which the response mask can see."""
+        """`substitute_head`, and when a value went in, no compressed response (nor WebSocket
+        compression): an origin that echoes the request must answer in plain bytes, which the
+        response mask can see."""
         out = self.substitute_head(head, host)
         if isinstance(out, bytes) and out != head:
-            out = _ACCEPT_ENCODING.sub(b"", out)
+            out = _COMPRESSION_OFFERS.sub(b"", out)
         return out
 
     def substitute_value(

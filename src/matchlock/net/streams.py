@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Protocol, cast
 
 from matchlock.net.http1 import ChunkedReader, HttpError, Response, parse_response
+from matchlock.net.masking import ValueMask
 
 READ_SIZE = 256 * 1024
 _HIGH_WATER = 1024 * 1024  # pause reading from a peer while this much is unconsumed
@@ -29,7 +30,9 @@ class Refused(Exception):
     """A splice's gate refused the first bytes."""
 
 
-Gate = Callable[[bytes], "str | None"]
+# Sees the bytes of one direction before they are forwarded: None = forward, "more" = hold
+# until more bytes come, anything else = refuse for that reason.
+Guard = Callable[[bytes], "str | None"]
 MAX_GATED = 16 * 1024
 
 
@@ -48,6 +51,7 @@ class Stream(asyncio.Protocol):
     def __init__(self) -> None:
         self.buf = bytearray()
         self.deadline = 0.0
+        self.received = 0  # bytes delivered by the transport so far
         self.transport: asyncio.Transport | None = None
         self._chunks: deque[bytes] = deque()
         self._pending = 0
@@ -74,6 +78,7 @@ class Stream(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
+        self.received += len(data)
         self._chunks.append(data)
         self._pending += len(data)
         if self._pending > _HIGH_WATER and not self._read_paused and self.transport is not None:
@@ -284,34 +289,47 @@ async def pump(src: Stream, dst: Stream) -> int:
     return total
 
 
-async def _gated(src: Stream, dst: Stream, gate: Gate) -> int:
-    """Hold `src`'s first bytes until `gate` decides; then forward them and go on."""
+async def _guarded(src: Stream, dst: Stream, guard: Guard) -> int:
+    """Forward `src` to `dst`, showing `guard` every piece first: it may refuse (Refused),
+    or answer "more" to see the next piece together with this one (held meanwhile, at most
+    MAX_GATED bytes: a guard that cannot decide by then refuses, whatever the timing)."""
     held = b""
-    while True:
-        data = await src.read_some()
-        held += data
-        verdict = gate(held) if data else None
-        if verdict == "more" and len(held) < MAX_GATED:
-            continue
-        if verdict not in (None, "more"):
-            raise Refused(verdict)
-        if held:
+    total = 0
+    try:
+        while True:
+            data = await src.read_some()
+            if not data:
+                if held:
+                    raise Refused("the connection ended before its first bytes could be checked")
+                dst.write_eof()
+                return total
+            held += data
+            verdict = guard(held)
+            if verdict == "more":
+                if len(held) >= MAX_GATED:
+                    raise Refused(f"first {len(held)} bytes still undecided")
+                continue
+            if verdict is not None:
+                raise Refused(verdict)
             dst.write(held)
-        if not data:
-            dst.write_eof()
-            return len(held)
-        return len(held) + await pump(src, dst)
+            total += len(held)
+            held = b""
+            await dst.drain()
+    except (ConnectionError, OSError):
+        dst.abort()
+        src.abort()
+        return total
 
 
-async def splice(a: Stream, b: Stream, gate: Gate | None = None) -> tuple[int, int]:
+async def splice(a: Stream, b: Stream, guard: Guard | None = None) -> tuple[int, int]:
     """Bytes both ways until both directions end: (a→b, b→a).
 
     Plain TCP keeps half-closes (one side may finish sending and still receive). TLS cannot
     half-close, so there the first direction to end closes both, or the other would hang.
-    `gate` inspects a's first bytes before they are forwarded (see `_gated`).
+    `guard` inspects what a sends before it is forwarded (see `_guarded`).
     """
     half = a.can_write_eof() and b.can_write_eof()
-    ab = asyncio.ensure_future(pump(a, b) if gate is None else _gated(a, b, gate))
+    ab = asyncio.ensure_future(pump(a, b) if guard is None else _guarded(a, b, guard))
     ba = asyncio.ensure_future(pump(b, a))
     try:
         if not half:
@@ -340,9 +358,12 @@ __all__ = [
 ]
 
 
-async def read_response(up: Stream, method: bytes, guest: Writer | None) -> Response:
+async def read_response(
+    up: Stream, method: bytes, guest: Writer | None, mask: ValueMask | None = None
+) -> Response:
     """The final response head. 1xx informational responses (but 101) go on to `guest`
-    (HTTP/1), or are dropped when it is None (HTTP/2 clients here do not await them)."""
+    (HTTP/1), masked like every head, or are dropped when it is None (HTTP/2 clients here do
+    not await them)."""
     while True:
         parsed = parse_response(up.buf, method) if up.buf else None
         if parsed is None:
@@ -353,6 +374,6 @@ async def read_response(up: Stream, method: bytes, guest: Writer | None) -> Resp
         del up.buf[:end]
         if 100 <= resp.status < 200 and resp.status != 101:
             if guest is not None:
-                guest.write(resp.raw)
+                guest.write(resp.raw if mask is None else mask.all(resp.raw))
             continue
         return resp
