@@ -264,3 +264,55 @@ def test_echo_in_plain_body_still_masked_and_framing_intact(rig: Rig) -> None:
     assert status == 200
     assert json.loads(body)["headers"]["authorization"] == "*" * len(VALUE)
     assert get(conn, "/echo")[0] == 200  # keep-alive still in sync
+
+
+# --- resources -------------------------------------------------------------------------------
+
+
+def test_connection_cap_refuses_with_one_audit_event_and_recovers(rig: Rig) -> None:
+    rig.configure([f"echo.test:{rig.echo_port}"], pins=["echo.test:127.0.0.1"],
+                  max_connections=5)
+    rig.aim("echo.test", rig.echo_port)
+    held_open = []
+    for i in range(5):
+        s = socket.create_connection(("127.0.0.1", rig.proxy_port), timeout=5)
+        s.sendall(b"\x00hold %d" % i)
+        assert s.recv(100) == b"\x00hold %d" % i
+        held_open.append(s)
+    refused = 0
+    for _ in range(20):  # a guest looping on connect
+        try:
+            with socket.create_connection(("127.0.0.1", rig.proxy_port), timeout=5) as s:
+                s.sendall(b"\x00more")
+                if s.recv(100) == b"":
+                    refused += 1
+        except (ConnectionResetError, BrokenPipeError):
+            refused += 1
+    assert refused == 20
+    caps = [e for e in rig.audit.events if "too many connections" in e.reason]
+    assert 1 <= len(caps) <= 2  # one event per second, not one per attempt
+    assert "limit is 5 (--max-connections)" in caps[0].reason
+    for s in held_open:
+        s.close()
+    time.sleep(0.2)
+    s = socket.create_connection(("127.0.0.1", rig.proxy_port), timeout=5)
+    s.sendall(b"\x00again")
+    assert s.recv(100) == b"\x00again"  # capacity is back once connections close
+    s.close()
+
+
+def test_soft_fd_limit_is_raised_and_caps_the_connections() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import resource\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 4096))\n"
+        "from matchlock.net.limits import connection_cap, raise_nofile_limit\n"
+        "soft = raise_nofile_limit()\n"
+        "print(soft, resource.getrlimit(resource.RLIMIT_NOFILE)[0], connection_cap(512, soft),"
+        " connection_cap(512, 1024), connection_cap(100, 1 << 20))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["4096", "4096", "512", "384", "100"]

@@ -51,3 +51,18 @@ def test_summary_and_strip_query() -> None:
     ev = AuditEvent(host="b.test", port=22, action="block", reason="not allowed", protocol="tcp")
     assert ev.summary().startswith("block b.test:22 tcp") and "(not allowed)" in ev.summary()
     assert strip_query("/a/b?token=x#frag") == "/a/b"
+
+
+def test_long_guest_fields_are_cut_and_control_characters_neutralised() -> None:
+    import json as _json
+
+    from matchlock.net.audit import AuditEvent as _Event
+
+    ev = _Event(host="h" * 300, port=80, action="block", reason="r" * 9000,
+                method="M" * 8192, path="/\x1b[2J" + "p" * 8192)
+    line = ev.to_json()
+    assert len(line) < 2000
+    data = _json.loads(line)
+    assert data["reason"].startswith("r" * 512) and data["reason"].endswith("(+8488 chars)")
+    assert "\x1b" not in ev.summary() and "\x1b" not in line
+    assert len(ev.summary()) < 2000

@@ -165,6 +165,8 @@ def _parse_memory(value: str) -> int:
 @click.option("--upstream-dns", "upstream_dns", multiple=True, metavar="IP[:PORT]",
               help="Resolve egress host names with this server instead of the host's.")
 @click.option("--log-network", is_flag=True, help="Print every request and block to stderr.")
+@click.option("--max-connections", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Concurrent guest TCP connections the proxy accepts (default 512).")
 @click.option("--accel", default=None, help="kvm, tcg or auto (env MATCHLOCK_ACCEL).")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(
@@ -176,6 +178,7 @@ def run(
     add_hosts: tuple[str, ...] = (), allow_private: tuple[str, ...] = (),
     upstream_ca: str | None = None, upstream_dns: tuple[str, ...] = (),
     log_network: bool = False, secret_files: tuple[str, ...] = (),
+    max_connections: int | None = None,
 ) -> None:
     """Run COMMAND in a new ephemeral microVM booted from an OCI image."""
     from matchlock.guest.protocol import ExecRequest
@@ -217,6 +220,7 @@ def run(
             add_hosts=list(add_hosts), secrets=list(secret_specs),
             secret_files=list(secret_files), upstream_ca=upstream_ca,
             upstream_dns=list(upstream_dns), log_network=log_network,
+            max_connections=max_connections or 0,
         ))
         hide_from_children(egress.environ_secret_names)
     boot.artifacts()  # fail fast, before any image work, when the host is not set up

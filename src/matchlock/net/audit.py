@@ -33,24 +33,44 @@ class AuditEvent:
     sandbox: str = ""
     time: float = field(default_factory=time.time)
 
-    def to_json(self) -> str:
+    def as_dict(self) -> dict[str, object]:
+        """The event's fields, text fields cut to their limits (they come from the guest)."""
         # Not dataclasses.asdict: it deep-copies, and this runs once per proxied request.
-        data = {name: getattr(self, name) for name in _FIELDS}
+        data: dict[str, object] = {name: getattr(self, name) for name in _FIELDS}
+        for name, limit in _LIMITS.items():
+            data[name] = _cut(getattr(self, name), limit)
         data["duration_ms"] = round(self.duration_ms, 3)
-        return json.dumps(data, separators=(",", ":"))
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict(), separators=(",", ":"))
 
     def summary(self) -> str:
         """One human line for `--log-network`."""
-        what = f"{self.method} {self.path}" if self.method else self.protocol or "tcp"
+        d = self.as_dict()
+        what = f"{d['method']} {d['path']}" if self.method else d["protocol"] or "tcp"
         status = f" {self.status}" if self.status else ""
-        tail = f" ({self.reason})" if self.action == "block" else ""
+        tail = f" ({d['reason']})" if self.action == "block" else ""
         return (
-            f"{self.action:5} {self.host}:{self.port} {what}{status} "
+            f"{self.action:5} {d['host']}:{self.port} {what}{status} "
             f"up={self.bytes_up} down={self.bytes_down} {self.duration_ms:.1f}ms{tail}"
         )
 
 
 _FIELDS = tuple(f.name for f in fields(AuditEvent))
+# A blocked 8 KiB request line must not make an 8 KiB audit line.
+_LIMITS = {"host": 256, "method": 32, "path": 512, "reason": 512, "protocol": 16, "sandbox": 64}
+
+
+# Control characters (guest-chosen paths printed by --log-network) could drive the terminal.
+_CONTROL = {c: "?" for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)]}
+
+
+def _cut(text: str, limit: int) -> str:
+    text = text.translate(_CONTROL)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}…(+{len(text) - limit} chars)"
 
 
 def strip_query(target: str) -> str:

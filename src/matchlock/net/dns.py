@@ -35,6 +35,7 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 
+from matchlock.net.logutil import warn
 from matchlock.net.synthetic import SyntheticMap, normalize_name
 
 log = logging.getLogger(__name__)
@@ -172,8 +173,8 @@ class DnsDatagramProtocol(asyncio.DatagramProtocol):
             return
         try:
             reply = self._respond(data)
-        except Exception:
-            log.exception("DNS responder failed")
+        except Exception as e:
+            warn(log, "dns", "DNS responder failed", e)
             return
         if reply is not None:
             self._transport.sendto(reply, addr)
@@ -217,8 +218,8 @@ class DnsStreamServer:
                     await writer.drain()
             except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
                 pass
-            except Exception:
-                log.exception("DNS over TCP failed")
+            except Exception as e:
+                warn(log, "dns-tcp", "DNS over TCP failed", e)
             finally:
                 writer.close()
                 with contextlib.suppress(Exception):

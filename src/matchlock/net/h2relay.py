@@ -8,6 +8,12 @@ through HPACK would otherwise split the HTTP/1.1 request.
 
 Flow control is end to end: guest DATA is acknowledged only after it was written upstream, and
 response data is sent only as the guest's window allows.
+
+Memory per guest connection is bounded whatever the upstream's speed (a slow origin, a guest
+that stops reading): at most CONNECTION_WINDOW bytes of request data not yet acknowledged,
+and per stream (at most MAX_STREAMS) STREAM_BUFFER bytes queued towards the origin plus
+STREAM_BUFFER bytes read from it and one transport read (READ_SIZE). With the values below:
+4 MiB + 32 * (64 + 64 + 256) KiB = 16 MiB. `buffered()` reports the current figure.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from matchlock.net import http1
 from matchlock.net.audit import AuditEvent
 from matchlock.net.http1 import Framing, HttpError, Response
 from matchlock.net.secrets import SecretLeak
-from matchlock.net.streams import IncompleteBody, Stream, read_response
+from matchlock.net.streams import READ_HIGH, IncompleteBody, Stream, read_response
 from matchlock.net.upstream import Connection, UpstreamError
 
 if TYPE_CHECKING:
@@ -42,8 +48,9 @@ _DROP_RESPONSE = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
 )
 _BAD_VALUE = frozenset(b"\r\n\0")
-MAX_STREAMS = 100
-CONNECTION_WINDOW = 16 * 1024 * 1024
+MAX_STREAMS = 32
+CONNECTION_WINDOW = 4 * 1024 * 1024
+STREAM_BUFFER = 64 * 1024
 
 
 class _StreamGone(Exception):
@@ -57,6 +64,8 @@ class _H2Stream:
     window: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     done: bool = False
+    queued: int = 0  # request bytes in `body`, not yet written upstream
+    upstream: Stream | None = None
 
 
 class H2Session:
@@ -117,7 +126,9 @@ class H2Session:
             if st is None or st.done:
                 self._ack(event.flow_controlled_length or 0, stream_id)
             else:
-                st.body.put_nowait((event.data or b"", event.flow_controlled_length or 0))
+                data = event.data or b""
+                st.queued += len(data)
+                st.body.put_nowait((data, event.flow_controlled_length or 0))
                 if event.stream_ended is not None:
                     st.body.put_nowait(None)
         elif isinstance(event, h2.events.TrailersReceived):
@@ -133,6 +144,15 @@ class H2Session:
         elif isinstance(event, h2.events.ConnectionTerminated):
             return True
         return False
+
+    def buffered(self) -> int:
+        """Bytes this connection holds in memory for its streams (see the module doc)."""
+        total = self.guest.unsent
+        for st in self.streams.values():
+            total += st.queued
+            if st.upstream is not None:
+                total += st.upstream.unsent + st.upstream.unread
+        return total
 
     def _ack(self, size: int, stream_id: int) -> None:
         if size:
@@ -164,6 +184,7 @@ class H2Session:
                         body_task.cancel()
                         resp.keep_alive = False
                 if resp.keep_alive:
+                    up.stream.read_high = READ_HIGH  # pooled: HTTP/1 may reuse it next
                     self.proxy.upstream.put_idle(up)
                 else:
                     up.stream.abort()
@@ -281,6 +302,8 @@ class H2Session:
             raise _LeakError(head)
         for attempt in (0, 1):
             up = await self.proxy.open_upstream(name, self.conn, fresh=attempt > 0)
+            up.stream.read_high = STREAM_BUFFER
+            st.upstream = up.stream
             up.stream.write(head)
             body_task = None
             if req.framing is not Framing.NONE:
@@ -308,10 +331,11 @@ class H2Session:
             if item is None:
                 break
             data, flow = item
+            st.queued -= len(data)
             if data:
                 up.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
                 total += len(data)
-                await up.drain()
+                await up.drain_below(STREAM_BUFFER)
             self._ack(flow, st.id)
             self.flush()
         if chunked:

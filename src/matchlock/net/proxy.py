@@ -29,6 +29,7 @@ import ipaddress
 import logging
 import socket
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,6 +38,8 @@ from matchlock.net.audit import AuditEvent, AuditSink
 from matchlock.net.certs import CertificateAuthority
 from matchlock.net.classify import MAX_FIRST_LINE, Kind, classify
 from matchlock.net.http1 import HttpError
+from matchlock.net.limits import DEFAULT_MAX_CONNECTIONS
+from matchlock.net.logutil import warn
 from matchlock.net.policy import Decision, Policy, normalize_name
 from matchlock.net.raw import relay_raw
 from matchlock.net.secrets import SecretSet
@@ -51,7 +54,6 @@ SNIFF_WAIT = 0.25  # server-speaks-first protocols (SMTP, MySQL, …) get raw TC
 HELLO_TIMEOUT = 10.0  # to receive a whole ClientHello / first request line
 HANDSHAKE_TIMEOUT = 10.0
 IDLE_TIMEOUT = 300.0  # keep-alive connection idle between requests
-MAX_CONNECTIONS = 2048
 LINGER = 1.0  # after an error response, read and drop the guest's input this long at most
 LINGER_BYTES = 1 << 20
 PEEK_SIZE = max(16384 + 5, MAX_FIRST_LINE + 1)  # a whole ClientHello record, or a first line
@@ -125,7 +127,7 @@ class Proxy:
         sandbox: str = "",
         sniff_wait: float = SNIFF_WAIT,
         idle_timeout: float = IDLE_TIMEOUT,
-        max_connections: int = MAX_CONNECTIONS,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         self.policy = policy
         self.secrets = secrets
@@ -138,6 +140,8 @@ class Proxy:
         self._audit = audit_sink
         self._streams: set[Stream] = set()
         self._active = 0
+        self._refused = 0  # over the cap since the last audit event about it
+        self._refused_reported = 0.0
         self._reaper: asyncio.Task[None] | None = None
 
     # -- audit ---------------------------------------------------------------------------
@@ -148,8 +152,8 @@ class Proxy:
         event.sandbox = self.sandbox
         try:
             self._audit(event)
-        except Exception:  # a broken sink must not break traffic
-            log.exception("audit sink failed")
+        except Exception as exc:  # a broken sink must not break traffic
+            warn(log, "audit", "writing a network audit event failed", exc)
 
     def block_event(
         self, conn: Conn | Target, blocked: Blocked, protocol: str, method: str = "", path: str = ""
@@ -175,15 +179,16 @@ class Proxy:
         """Serve one accepted guest connection; never raises, always closes `sock`."""
         self._start_reaper()
         if self._active >= self.max_connections:
-            self.block_event(target, Blocked(0, "too many connections"), protocol="tcp")
+            self._refuse_over_cap(target)
             reset_socket(sock)
             return
         self._active += 1
         owned: list[Stream] = []  # once a transport owns the socket, close through it
         try:
             await self._handle(sock, target, owned)
-        except Exception:
-            log.exception("proxy connection to %s:%s failed", target.name, target.port)
+        except Exception as exc:
+            warn(log, "conn", f"proxy connection to {target.name or target.address}:"
+                 f"{target.port} failed", exc)
         finally:
             self._active -= 1
             for stream in owned:
@@ -191,6 +196,20 @@ class Proxy:
                     stream.abort()
             if not owned:
                 reset_socket(sock)
+
+    def _refuse_over_cap(self, target: Target) -> None:
+        """One audit event per second at most: a guest looping on connect must not turn
+        the cap into a flood of log lines."""
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refused_reported < 1.0:
+            return
+        reason = (
+            f"too many connections: the sandbox has {self._active} open, its limit is "
+            f"{self.max_connections} (--max-connections); {self._refused} refused"
+        )
+        self._refused, self._refused_reported = 0, now
+        self.block_event(target, Blocked(0, reason), protocol="tcp")
 
     async def _handle(self, sock: socket.socket, target: Target, owned: list[Stream]) -> None:
         sock.setblocking(False)
@@ -510,8 +529,8 @@ async def serve(
             sock, _ = await loop.sock_accept(listener)
             try:
                 target = target_of(sock)
-            except Exception:
-                log.exception("cannot tell where a guest connection was headed; refusing it")
+            except Exception as exc:
+                warn(log, "target", "cannot tell where a guest connection was headed; refused", exc)
                 reset_socket(sock)
                 continue
             task = loop.create_task(proxy.handle(sock, target))

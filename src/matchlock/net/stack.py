@@ -30,6 +30,7 @@ from matchlock.net.dns import (
     NamePolicy,
     answer,
 )
+from matchlock.net.logutil import warn
 from matchlock.net.netns import SandboxNetns
 from matchlock.net.nic import LinkFactory, Nic, open_nic, tap_link
 from matchlock.net.origdst import original_dst
@@ -224,7 +225,7 @@ class SandboxNetwork:
                 sock, _ = await loop.sock_accept(listener)
             except OSError as e:
                 # Out of fds or buffers: back off instead of spinning on the listener.
-                log.warning("accepting a guest connection failed: %s", e)
+                warn(log, "accept", "accepting a guest connection failed", e)
                 await asyncio.sleep(0.1)
                 continue
             if self._active >= self._max_connections:
@@ -248,8 +249,8 @@ class SandboxNetwork:
             await handler(sock, Target(name, address, port))
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("connection handler failed for %s:%d", address, port)
+        except Exception as e:
+            warn(log, "handler", f"connection handler failed for {address}:{port}", e)
         finally:
             self._active -= 1
             if name is not None:

@@ -18,7 +18,7 @@ from matchlock.net.http1 import ChunkedReader, HttpError, Response, parse_respon
 from matchlock.net.masking import ValueMask
 
 READ_SIZE = 256 * 1024
-_HIGH_WATER = 1024 * 1024  # pause reading from a peer while this much is unconsumed
+READ_HIGH = _HIGH_WATER = 1024 * 1024  # pause reading from a peer with this much unconsumed
 _WRITE_HIGH = 1024 * 1024  # drain() waits while the transport holds more than this
 
 
@@ -52,6 +52,7 @@ class Stream(asyncio.Protocol):
         self.buf = bytearray()
         self.deadline = 0.0
         self.received = 0  # bytes delivered by the transport so far
+        self.read_high = _HIGH_WATER  # pause the transport with this much unread
         self.transport: asyncio.Transport | None = None
         self._chunks: deque[bytes] = deque()
         self._pending = 0
@@ -81,7 +82,7 @@ class Stream(asyncio.Protocol):
         self.received += len(data)
         self._chunks.append(data)
         self._pending += len(data)
-        if self._pending > _HIGH_WATER and not self._read_paused and self.transport is not None:
+        if self._pending > self.read_high and not self._read_paused and self.transport is not None:
             self._read_paused = True
             self.transport.pause_reading()
         self._wake_reader()
@@ -127,7 +128,8 @@ class Stream(asyncio.Protocol):
                 self._reader = None
         data = self._chunks.popleft()
         self._pending -= len(data)
-        if self._read_paused and self._pending <= _HIGH_WATER // 4 and self.transport is not None:
+        resume = self._read_paused and self._pending <= self.read_high // 4
+        if resume and self.transport is not None:
             self._read_paused = False
             self.transport.resume_reading()
         return data
@@ -166,6 +168,27 @@ class Stream(asyncio.Protocol):
             self._drainer = None
         if self._lost:
             raise ConnectionResetError("connection lost")
+
+    async def drain_below(self, limit: int) -> None:
+        """Wait until at most `limit` bytes are queued for the peer (a tighter drain())."""
+        if self.transport is None or self.transport.get_write_buffer_size() <= limit:
+            return await self.drain()
+        self.transport.set_write_buffer_limits(high=limit)  # pauses us now if over it
+        try:
+            await self.drain()
+        finally:
+            if not self._lost:
+                self.transport.set_write_buffer_limits(high=_WRITE_HIGH)
+
+    @property
+    def unread(self) -> int:
+        """Bytes received and held here, not consumed yet."""
+        return self._pending + len(self.buf)
+
+    @property
+    def unsent(self) -> int:
+        """Bytes queued in the transport for the peer."""
+        return 0 if self.transport is None else self.transport.get_write_buffer_size()
 
     # -- state and closing -----------------------------------------------------------------
 

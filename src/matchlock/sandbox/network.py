@@ -19,6 +19,12 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from matchlock.errors import MatchlockError
+from matchlock.net.limits import (
+    DEFAULT_MAX_CONNECTIONS,
+    KERNEL_HEADROOM,
+    connection_cap,
+    raise_nofile_limit,
+)
 
 if TYPE_CHECKING:
     from matchlock.net.addressing import GuestConfig
@@ -50,6 +56,7 @@ class NetworkOptions:
     upstream_ca: str | None = None
     upstream_dns: list[str] = field(default_factory=list)
     log_network: bool = False
+    max_connections: int = 0  # concurrent guest connections; 0 = the default (net/limits.py)
 
 
 def _fail(flag: str, e: ValueError) -> MatchlockError:
@@ -103,6 +110,10 @@ class Egress:
                                      add_hosts=opts.add_hosts)
         except ValueError as e:
             raise _fail("--allow-host/--add-host/--allow-private-host", e) from None
+        if opts.max_connections < 0:
+            raise MatchlockError("invalid --max-connections: must be a positive number")
+        self.max_connections = connection_cap(
+            opts.max_connections or DEFAULT_MAX_CONNECTIONS, raise_nofile_limit())
         if opts.upstream_ca is not None and not Path(opts.upstream_ca).is_file():
             raise MatchlockError(f"--upstream-ca {opts.upstream_ca}: no such file")
         self.opts = opts
@@ -157,7 +168,8 @@ class Egress:
 
             assert self.nic is not None
             net = SandboxNetwork(hostname=hostname, iface=self.nic.iface,
-                                 addressing=self.nic.addressing)
+                                 addressing=self.nic.addressing,
+                                 max_connections=self.max_connections + KERNEL_HEADROOM)
             self.network = net  # owns the NIC from here on, also if start fails
             net.start(self.policy, on_socket=self._handle, nic=self.nic)
         except BaseException as e:
@@ -186,7 +198,7 @@ class Egress:
         upstream = Upstream(self.policy, upstream_dns=self.opts.upstream_dns,
                             upstream_ca=self.opts.upstream_ca)
         self.proxy = Proxy(self.policy, self.secrets, ca, fan_out(*sinks), upstream,
-                           sandbox=sandbox_id)
+                           sandbox=sandbox_id, max_connections=self.max_connections)
         return self.proxy
 
     async def _handle(self, sock: socket.socket, target: Target) -> None:
