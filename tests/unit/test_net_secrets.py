@@ -52,9 +52,9 @@ def test_bad_specs_never_echo_the_value(spec: str) -> None:
 
 
 def test_missing_or_empty_env_value() -> None:
-    with pytest.raises(ValueError, match=r"\$K is not set"):
+    with pytest.raises(ValueError, match=r"the host variable it names is not set"):
         parse_secret("K@h.com", {})
-    with pytest.raises(ValueError, match=r"\$K is not set or empty"):
+    with pytest.raises(ValueError, match=r"--secret …@h.com: the host variable it names is not"):
         parse_secret("K@h.com", {"K": ""})
 
 

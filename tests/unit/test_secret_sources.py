@@ -205,9 +205,6 @@ def test_hide_from_children_and_moot_env_flags(monkeypatch: pytest.MonkeyPatch,
         compose_env((), (), ("ML_TEST_SECRET",), "h", False, {})
 
 
-@pytest.mark.xfail(strict=True, reason="known gap in net/secrets.py (not this module's): "
-                   "`--secret VALUE@host` (the name forgotten) echoes VALUE as the variable "
-                   "name in '$VALUE is not set'; drop this marker once it no longer does")
 def test_a_value_given_without_a_name_is_not_echoed() -> None:
     value = "AKIA0EXAMPLE0VALUE0123"  # a valid variable name, as many key formats are
     with pytest.raises(MatchlockError) as exc:

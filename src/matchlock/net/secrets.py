@@ -89,7 +89,13 @@ def parse_secret(spec: str, environ: Mapping[str, str]) -> Secret:
     if not eq:
         value = environ.get(name, "")
         if not value:
-            raise ValueError(f"--secret {name}@…: ${name} is not set or empty on the host")
+            # Not named in the message: `--secret VALUE@host` (the name forgotten) is a common
+            # slip, and then the "name" is the secret itself.
+            raise ValueError(
+                f"--secret …@{hosts_text.strip()}: the host variable it names is not set or empty "
+                "(NAME@host takes the value from $NAME; check the spelling, or use "
+                "--secret-file NAME=PATH@host)"
+            )
     elif not value:
         raise ValueError(f"--secret {name}=…: empty value")
     return make_secret(name, value, hosts)
