@@ -569,16 +569,21 @@ def _status_fields(out: bytes) -> dict[str, str]:
 
 
 def test_capabilities_no_new_privs_and_seccomp_mode(agent: Agent) -> None:
-    dropped = {16, 17, 19, 21, 22}
+    dropped = {12, 13, 16, 17, 19, 21, 22, 23, 24, 25, 38, 39}
     st = _status_fields(agent.run(["cat", "/proc/self/status"]).stdout)
     bnd = int(st["CapBnd"], 16)
     assert all(not bnd & (1 << c) for c in dropped)
+    for name in ("CapPrm", "CapInh", "CapAmb"):
+        assert all(not int(st[name], 16) & (1 << c) for c in dropped), name
     assert bnd & (1 << 0)  # CAP_CHOWN stays
     assert int(st["CapEff"], 16) == bnd  # root keeps the rest
     assert st["NoNewPrivs"] == "1"
     assert st["Seccomp"] == "2"
     st = _status_fields(agent.run(["cat", "/proc/self/status"], privileged=True).stdout)
-    assert all(int(st["CapBnd"], 16) & (1 << c) for c in dropped)
+    # Privileged keeps every capability the agent has: here, whatever this host gave us.
+    own = _status_fields(Path("/proc/self/status").read_bytes())
+    assert int(st["CapBnd"], 16) == int(own["CapBnd"], 16)
+    assert own["CapBnd"] != f"{bnd:016x}"
     assert st["NoNewPrivs"] == "0" and st["Seccomp"] == "0"
     st = _status_fields(agent.run(["cat", "/proc/self/status"], user="nobody").stdout)
     assert int(st["CapEff"], 16) == 0
@@ -587,6 +592,7 @@ def test_capabilities_no_new_privs_and_seccomp_mode(agent: Agent) -> None:
 def test_command_gets_the_original_fd_limit(agent: Agent) -> None:
     r = agent.run(["sh", "-c", "ulimit -n"])
     assert int(r.stdout) == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
 
 
 def test_command_gets_default_signal_dispositions(agent: Agent) -> None:

@@ -29,6 +29,7 @@
 
 #define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #define MAX_GROUPS 256
+#define NOFILE_HARD (1u << 20)
 
 struct exec_req {
     char **argv;
@@ -307,14 +308,48 @@ static const struct sock_filter seccomp_filter[] = {
     /* 19 L_ENOSYS */ RET(SECCOMP_RET_ERRNO | ENOSYS),
 };
 
-static void drop_bounding_caps(void)
+/* What root in a default exec gives up. The VM is the sandbox: root keeps what installing and
+ * running software needs (chown, dac_override, fowner, fsetid, setuid/setgid, setpcap,
+ * setfcap, kill, net_bind_service, sys_chroot; mknod too, as devtmpfs already holds every
+ * device node). It loses what reaches past the guest kernel or changes what the host set up:
+ *   SYS_ADMIN, SYS_MODULE, SYS_RAWIO, SYS_BOOT, SYS_PTRACE: mounts, kernel code, device memory
+ *     and ports, reboot, other processes' memory (the exec's own init has every capability);
+ *   NET_ADMIN, NET_RAW: eth0's address, routes, MTU and neighbours, and forged packets (raw and
+ *     packet sockets). The host's firewall does not depend on it; the wiring is still the
+ *     host's to decide;
+ *   SYS_TIME: the clock is the host's too (set at SETUP);
+ *   SYS_NICE, SYS_RESOURCE: a real-time policy (directly, or by raising RLIMIT_RTPRIO) is not
+ *     subject to the CFS quota of a fractional --cpus;
+ *   PERFMON, BPF: kernel attack surface; the guest kernel builds neither today, and root
+ *     should not gain them unasked if it ever does. */
+static const int dropped_caps[] = {21, 16, 17, 22, 19, 12, 13, 25, 23, 24, 38, 39};
+
+/* Header and data of capget/capset (<linux/capability.h>, version 3: two 32-bit words). */
+struct cap_header {
+    uint32_t version;
+    int pid;
+};
+struct cap_data {
+    uint32_t effective, permitted, inheritable;
+};
+
+/* Out of the bounding set, execve cannot give a capability back, even to root; out of the
+ * inheritable set too (and so the ambient set), or root's execve would restore it from there. */
+static void drop_caps(void)
 {
-    /* CAP_SYS_PTRACE, CAP_SYS_ADMIN, CAP_SYS_MODULE, CAP_SYS_RAWIO, CAP_SYS_BOOT. Gone from the
-     * bounding set, execve cannot give them back, even to root. */
-    static const int caps[] = {19, 21, 16, 17, 22};
-    for (size_t i = 0; i < sizeof caps / sizeof *caps; i++)
-        if (prctl(PR_CAPBSET_DROP, caps[i], 0, 0, 0) && errno != EINVAL)
-            die(126, "matchlock: drop capability %d: %s", caps[i], strerror(errno));
+    struct cap_header h = {0x20080522, 0};
+    struct cap_data d[2];
+    if (syscall(SYS_capget, &h, d)) die(126, "matchlock: capget: %s", strerror(errno));
+    for (size_t i = 0; i < sizeof dropped_caps / sizeof *dropped_caps; i++) {
+        int cap = dropped_caps[i];
+        if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) && errno != EINVAL)
+            die(126, "matchlock: drop capability %d: %s", cap, strerror(errno));
+        uint32_t keep = ~(1u << (cap % 32));
+        d[cap / 32].effective &= keep;
+        d[cap / 32].permitted &= keep;
+        d[cap / 32].inheritable &= keep;
+    }
+    if (syscall(SYS_capset, &h, d)) die(126, "matchlock: capset: %s", strerror(errno));
 }
 
 static void install_seccomp(void)
@@ -383,10 +418,17 @@ static __attribute__((noreturn)) void run_command(struct exec_req *r)
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
     close(3); /* the status pipe is the init's business */
+    /* The kernel's soft limit back; the hard one up to the kernel's default nr_open, as a
+     * default exec's root can no longer raise it itself (no CAP_SYS_RESOURCE). */
     struct rlimit rl;
     if (g_nofile_soft && getrlimit(RLIMIT_NOFILE, &rl) == 0) {
+        rlim_t hard = rl.rlim_max;
         rl.rlim_cur = (rlim_t)g_nofile_soft;
-        setrlimit(RLIMIT_NOFILE, &rl);
+        if (rl.rlim_max < NOFILE_HARD) rl.rlim_max = NOFILE_HARD;
+        if (setrlimit(RLIMIT_NOFILE, &rl)) {
+            rl.rlim_max = hard; /* a lower nr_open (--stdio on a host) */
+            setrlimit(RLIMIT_NOFILE, &rl);
+        }
     }
 
     bool tty = r->flags & EXEC_FLAG_TTY;
@@ -396,7 +438,7 @@ static __attribute__((noreturn)) void run_command(struct exec_req *r)
 
     struct user u;
     resolve_user(r->user, &u);
-    if (!(r->flags & EXEC_FLAG_PRIVILEGED)) drop_bounding_caps();
+    if (!(r->flags & EXEC_FLAG_PRIVILEGED)) drop_caps();
     if (tty && fchown(0, u.uid, (gid_t)-1) < 0) {
         /* cosmetic (lets the user reopen its own terminal); not worth failing for */
     }
