@@ -594,6 +594,13 @@ def test_command_gets_the_original_fd_limit(agent: Agent) -> None:
     assert int(r.stdout) == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
+def test_kernel_files_are_read_only_in_a_default_exec(agent: Agent) -> None:
+    # Checked with access(2) only: a write that got through would land on this host.
+    script = ("for p in /sys /sys/kernel /proc/sys/kernel/hostname /proc/sysrq-trigger; do "
+              "[ -w $p ] && echo $p writable; done; grep -c ' /proc ' /proc/self/mountinfo")
+    r = agent.run(["sh", "-c", script])
+    assert r.stdout == b"1\n", r.stderr  # nothing writable; the exec's own /proc is mounted
+
 
 def test_command_gets_default_signal_dispositions(agent: Agent) -> None:
     # The agent ignores SIGPIPE; the command must not inherit that.

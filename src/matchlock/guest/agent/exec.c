@@ -352,6 +352,35 @@ static void drop_caps(void)
     if (syscall(SYS_capset, &h, d)) die(126, "matchlock: capset: %s", strerror(errno));
 }
 
+/* struct mount_attr of mount_setattr(2) (<linux/mount.h>, which musl does not ship). */
+struct mount_attr {
+    uint64_t attr_set, attr_clr, propagation, userns_fd;
+};
+#define MOUNT_ATTR_RDONLY 0x1u
+
+/* Kernel settings root can change with no capability at all, by writing a file: in /sys
+ * (unbind a virtio driver: the NIC, a disk, the control port), in /proc/sys (net.ipv4.*
+ * reconfigures the network, ping_group_range hands out ICMP sockets without CAP_NET_RAW,
+ * kernel.hostname skips CAP_SYS_ADMIN; with core dumps built in, kernel.core_pattern "|prog"
+ * would run prog with every capability), and /proc/sysrq-trigger (reboot, or kill every
+ * process of every exec). Read-only in this exec's mount namespace only (PID 1 and privileged
+ * execs keep them writable); without CAP_SYS_ADMIN the command cannot remount or unmount
+ * them. Recursive, so /sys/fs/cgroup and whatever gets mounted below later are covered. */
+static void protect_kernel_files(void)
+{
+    static const char *const paths[] = {"/sys", "/proc/sys", "/proc/sysrq-trigger"};
+    struct mount_attr ro = {.attr_set = MOUNT_ATTR_RDONLY};
+    for (size_t i = 0; i < sizeof paths / sizeof *paths; i++) {
+        const char *p = paths[i];
+        if (mount(p, p, NULL, MS_BIND | MS_REC, NULL)) {
+            if (errno == ENOENT) continue; /* nothing there to protect */
+            die(126, "matchlock: make %s read-only: %s", p, strerror(errno));
+        }
+        if (syscall(SYS_mount_setattr, AT_FDCWD, p, AT_RECURSIVE, &ro, sizeof ro))
+            die(126, "matchlock: make %s read-only: %s", p, strerror(errno));
+    }
+}
+
 static void install_seccomp(void)
 {
     struct sock_fprog prog = {sizeof seccomp_filter / sizeof *seccomp_filter, seccomp_filter};
@@ -470,6 +499,7 @@ static __attribute__((noreturn)) void exec_init(struct exec_req *r, const int st
     umount2("/proc", MNT_DETACH);
     if (mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL))
         die(126, "matchlock: mount /proc for the exec: %s", strerror(errno));
+    if (!(r->flags & EXEC_FLAG_PRIVILEGED)) protect_kernel_files();
 
     /* Every signal stays blocked (the agent blocked them before clone): a namespace init
      * drops signals it has no handler for, and sigwaitinfo below collects them instead. */
