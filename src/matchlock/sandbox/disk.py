@@ -55,8 +55,13 @@ def template(size_mb: int) -> Path:
     return path
 
 
-def sparse_copy(src: Path, dst: Path) -> None:
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
+def sparse_copy(src: Path, dst: Path, mode: int = 0o666) -> None:
+    """Copy the data regions of `src` to `dst`, a new file (`mode`, less the umask) or an
+    existing one (its mode kept)."""
+    def opener(path: str, flags: int) -> int:
+        return os.open(path, flags, mode)
+
+    with open(src, "rb") as fin, open(dst, "wb", opener=opener) as fout:
         size = os.fstat(fin.fileno()).st_size
         fout.truncate(size)
         off = 0

@@ -13,14 +13,24 @@ What makes one snapshot valid for every image and sandbox:
   and the agent drops the block cache of each disk before mounting it;
 - the agent reseeds the kernel RNG from fresh host entropy in SETUP, so clones share no
   random state from then on.
+
+The VMM is confined (chroot into an empty directory, its own uid, seccomp without exec): the
+owner opens the migration stream's file and hands QEMU the descriptor (`migrate "fd:..."`).
+Templates are private to their owner: directories 0700, files 0600, and a template appears
+only complete (written in a temporary directory, then renamed).
+
+QEMU 7.2 opens the RAM file read-write (it has no read-only file with a private writable
+mapping before 8.2's `rom=off`), so a compromised VMM could write to it. The `complete` marker
+records the RAM file's size and ctime, which no write, truncation or timestamp change can leave
+as it was: a template changed after it was saved is never restored again but rebuilt.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import shlex
 import shutil
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +44,7 @@ LAYOUT_VERSION = "1"
 ROOT_DEVICE_BYTES = 64 << 30
 UPPER_DEVICE_BYTES = 1 << 40
 _MIGRATION_TIMEOUT_S = 30.0
+_STREAM_FD = "matchlock-migration"
 
 
 @dataclass(frozen=True)
@@ -66,12 +77,35 @@ def key(boot_key: str, accel: str, vcpus: int, memory_mb: int, devices: str) -> 
 
 
 def _root() -> Path:
-    return cache_dir() / "templates"
+    root = cache_dir() / "templates"
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if stat.S_IMODE(root.stat().st_mode) != 0o700:
+        os.chmod(root, 0o700)
+    return root
 
 
 def find(tkey: str) -> Template | None:
     t = Template(_root() / tkey)
-    return t if (t.dir / "complete").exists() else None
+    try:
+        mode = stat.S_IMODE(t.dir.stat().st_mode)
+    except FileNotFoundError:
+        return None
+    if mode & 0o077:
+        discard(t)  # written by an older version, readable by others: rebuilt once
+        return None
+    try:
+        recorded = (t.dir / "complete").read_text()
+        st = t.ram.stat()
+    except FileNotFoundError:
+        return None  # being written, or removed
+    if recorded != _identity(st):
+        discard(t)  # changed since it was saved (or saved by an older version)
+        return None
+    return t
+
+
+def _identity(st: os.stat_result) -> str:
+    return f"{st.st_size} {st.st_ctime_ns}\n"
 
 
 def discard(t: Template) -> None:
@@ -90,27 +124,40 @@ def _memfd_of(pid: int, size: int) -> Path:
     raise QmpError("cannot find the VM's memory to snapshot it")
 
 
+def _create_private(path: Path) -> int:
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
+                   0o600)
+
+
 def save(qmp: Qmp, pid: int, tkey: str, memory_mb: int) -> Template:
     """Snapshot a running VM (paused meanwhile) as the template for its shape."""
     root = _root()
-    root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{tkey}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp.mkdir(mode=0o700)
     qmp.command("stop")
     try:
         qmp.command("migrate-set-capabilities",
                     capabilities=[{"capability": "x-ignore-shared", "state": True}])
-        qmp.command("migrate", uri=f"exec:cat > {_shell_quote(tmp / 'state')}")
+        fd = _create_private(tmp / "state")
+        try:
+            qmp.send_fd(_STREAM_FD, fd)
+        finally:
+            os.close(fd)  # QEMU holds its own copy and closes it when the stream ends
+        qmp.command("migrate", uri=f"fd:{_STREAM_FD}")
         _wait_migrated(qmp)
         # The RAM must be copied while the VM is still stopped, or it would not match the state.
-        sparse_copy(_memfd_of(pid, memory_mb << 20), tmp / "ram")
+        sparse_copy(_memfd_of(pid, memory_mb << 20), tmp / "ram", mode=0o600)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
         qmp.command("cont")
-    (tmp / "complete").touch()
+    fd = _create_private(tmp / "complete")
+    try:
+        os.write(fd, _identity(os.stat(tmp / "ram")).encode())
+    finally:
+        os.close(fd)
     final = root / tkey
     try:
         tmp.rename(final)
@@ -123,7 +170,15 @@ def restore(qmp: Qmp, t: Template) -> None:
     """Load a template into a VMM started with `incoming` and its RAM file; then run it."""
     qmp.command("migrate-set-capabilities",
                 capabilities=[{"capability": "x-ignore-shared", "state": True}])
-    qmp.command("migrate-incoming", uri=f"exec:cat {_shell_quote(t.state)}")
+    try:
+        fd = os.open(t.state, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError as e:
+        raise QmpError(f"cannot open the snapshot: {e}") from None
+    try:
+        qmp.send_fd(_STREAM_FD, fd)
+    finally:
+        os.close(fd)
+    qmp.command("migrate-incoming", uri=f"fd:{_STREAM_FD}")
     _wait_paused(qmp)
     qmp.command("cont")
 
@@ -152,10 +207,6 @@ def _wait_paused(qmp: Qmp) -> None:
         if time.monotonic() > deadline:
             raise QmpError("restoring the snapshot timed out")
         time.sleep(0.002)
-
-
-def _shell_quote(path: Path) -> str:
-    return shlex.quote(str(path))
 
 
 def remove_all() -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from matchlock.errors import MatchlockError
@@ -49,12 +50,19 @@ class Qmp:
             raise QmpError("malformed message on the QEMU control socket")
         return msg
 
-    def command(self, name: str, **arguments: Any) -> Any:
+    def command(self, name: str, *, fds: Sequence[int] = (), **arguments: Any) -> Any:
+        """Run a command; `fds` travel with it as SCM_RIGHTS (for `getfd`)."""
         payload: dict[str, Any] = {"execute": name}
         if arguments:
             payload["arguments"] = arguments
+        data = json.dumps(payload).encode() + b"\n"
         try:
-            self._sock.sendall(json.dumps(payload).encode() + b"\n")
+            if fds:
+                # QEMU attaches the descriptors to the command read with them: one message.
+                sent = socket.send_fds(self._sock, [data], list(fds))
+                self._sock.sendall(data[sent:])
+            else:
+                self._sock.sendall(data)
         except OSError as e:
             # QEMU exited (e.g. a snapshot it could not load): EPIPE must not escape, click
             # would turn it into a silent exit 1.
@@ -67,6 +75,11 @@ class Qmp:
                 err = msg["error"]
                 raise QmpError(f"QEMU refused {name}: {err.get('desc', err)}")
             # Anything else is an asynchronous event; nothing here needs them.
+
+    def send_fd(self, name: str, fd: int) -> None:
+        """Hand QEMU a descriptor under `name` (QMP getfd), e.g. for `migrate "fd:NAME"`: a
+        confined VMM opens nothing by path."""
+        self.command("getfd", fds=[fd], fdname=name)
 
     def close(self) -> None:
         self._sock.close()

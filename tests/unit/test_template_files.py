@@ -1,0 +1,102 @@
+"""Snapshot templates without a VM: the migration stream travels as a descriptor over QMP,
+and templates are private and tamper-evident."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+
+from matchlock.sandbox import template
+from matchlock.vm.qmp import Qmp
+
+# --- descriptors over QMP --------------------------------------------------------------------
+
+
+def test_getfd_carries_the_descriptor_with_the_command(tmp_path: Path) -> None:
+    ours, qemu_end = socket.socketpair()
+    got: dict[str, object] = {}
+
+    def fake_qemu() -> None:
+        f = qemu_end.makefile("rwb")
+        f.write(b'{"QMP": {}}\n')
+        f.flush()
+        assert json.loads(f.readline())["execute"] == "qmp_capabilities"
+        f.write(b'{"return": {}}\n')
+        f.flush()
+        msg, fds, _flags, _addr = socket.recv_fds(qemu_end, 4096, 4)
+        got["msg"], got["fds"] = json.loads(msg), fds
+        qemu_end.sendall(b'{"event": "SOMETHING"}\n{"return": {}}\n')
+
+    t = threading.Thread(target=fake_qemu)
+    t.start()
+    data = tmp_path / "stream"
+    data.write_bytes(b"migration")
+    qmp = Qmp(ours, timeout=5)
+    with open(data, "rb") as f:
+        qmp.send_fd("matchlock-migration", f.fileno())
+    t.join(5)
+    assert got["msg"] == {"execute": "getfd", "arguments": {"fdname": "matchlock-migration"}}
+    fds = got["fds"]
+    assert isinstance(fds, list) and len(fds) == 1
+    assert os.read(fds[0], 100) == b"migration"
+    os.close(fds[0])
+    qmp.close()
+    qemu_end.close()
+
+
+# --- templates -------------------------------------------------------------------------------
+
+
+def _fake_template(key: str, cache: Path) -> template.Template:
+    """What save() leaves, without a VM: private files and the RAM file's identity."""
+    root = cache / "templates"
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    t = template.Template(root / key)
+    t.dir.mkdir(mode=0o700)
+    for name in ("ram", "state"):
+        os.close(os.open(t.dir / name, os.O_WRONLY | os.O_CREAT, 0o600))
+    t.ram.write_bytes(b"\0" * 4096)
+    (t.dir / "complete").write_text(template._identity(t.ram.stat()))
+    return t
+
+
+def test_an_intact_private_template_is_found(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MATCHLOCK_CACHE_DIR", str(tmp_path))
+    t = _fake_template("k1", tmp_path)
+    assert template.find("k1") == t
+    assert stat.S_IMODE((tmp_path / "templates").stat().st_mode) == 0o700
+    assert template.find("absent") is None
+
+
+def test_a_template_written_to_after_saving_is_discarded(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MATCHLOCK_CACHE_DIR", str(tmp_path))
+    t = _fake_template("k2", tmp_path)
+    with open(t.ram, "r+b") as f:  # as a compromised VMM could, through its descriptor
+        f.write(b"\x90")
+    assert template.find("k2") is None
+    assert not t.dir.exists()
+
+
+def test_a_template_readable_by_others_is_discarded(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MATCHLOCK_CACHE_DIR", str(tmp_path))
+    t = _fake_template("k3", tmp_path)
+    os.chmod(t.dir, 0o755)
+    assert template.find("k3") is None
+    assert not t.dir.exists()
+
+
+def test_a_template_of_the_old_format_is_discarded(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MATCHLOCK_CACHE_DIR", str(tmp_path))
+    t = _fake_template("k4", tmp_path)
+    (t.dir / "complete").write_text("")
+    assert template.find("k4") is None
