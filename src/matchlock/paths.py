@@ -22,3 +22,10 @@ def state_dir() -> Path:
     if env:
         return Path(env)
     return Path.home() / ".matchlock"
+
+
+def runtime_dir() -> Path:
+    """Host-wide coordination between owners (VMM user ids, the VMM's empty root): root only,
+    and on a tmpfs that a reboot empties, when /run is one."""
+    env = os.environ.get("MATCHLOCK_RUN_DIR")
+    return Path(env) if env else Path("/run/matchlock")

@@ -29,7 +29,7 @@ from matchlock.errors import GuestError, MatchlockError
 from matchlock.guest import protocol as p
 from matchlock.guest.client import AgentConnection, AgentGone, Exec
 from matchlock.state import registry
-from matchlock.vm import qemu
+from matchlock.vm import confine, qemu
 from matchlock.vm.qemu import Disk, VMConfig
 from matchlock.vm.qmp import Qmp
 
@@ -92,6 +92,8 @@ class Sandbox:
         self.id = ""
         self._owner: registry.Owner | None = None
         self._proc: subprocess.Popen[bytes] | None = None
+        self._vmm: qemu.Vmm | None = None
+        self._identity: confine.VmmIdentity | None = None
         self._conn: AgentConnection | None = None
         self._qmp: Qmp | None = None
         self.restored = False
@@ -116,6 +118,12 @@ class Sandbox:
         self.accel, self.accel_reason = choice.accel, choice.reason
         self.dir, self._owner = registry.create_dir(self.opts.image)
         self.id = self._owner.id
+        runas: tuple[int, int] | None = None
+        chroot: Path | None = None
+        if confine.enabled():
+            # Released by close() once the VMM is reaped (or by the kernel with this process).
+            self._identity = confine.acquire_identity()
+            runas, chroot = (self._identity.uid, self._identity.gid), confine.empty_root()
         disks: list[Disk] = []
         snapshots = template.enabled()
         if self.opts.rootfs is not None:
@@ -140,6 +148,9 @@ class Sandbox:
             kernel=arts.kernel, initrd=arts.initrd, accel=self.accel, vcpus=vcpus,
             memory_mb=self.opts.memory_mb, console_log=self.dir / "console.log", disks=disks,
             control_fd=-1, extra_args=nic_args, extra_fds=nic_fds,
+            runas=runas, chroot=chroot,
+            # Without a NIC the VMM still gets a namespace of its own: no route anywhere.
+            private_netns=runas is not None and self.opts.egress is None,
         )
         self.timings.add("host_prep", time.perf_counter() - t0)
         if tmpl is not None:
@@ -181,7 +192,8 @@ class Sandbox:
         with _signals_deferred():
             try:
                 with netns:
-                    self._proc = qemu.spawn(cfg, self.dir / "vmm.log")
+                    self._vmm = qemu.spawn(cfg, self.dir / "vmm.log")
+                    self._proc = self._vmm.proc
             finally:
                 guest_sock.close()
                 qmp_guest.close()
@@ -228,11 +240,13 @@ class Sandbox:
         self.kill_vm()
         if self._proc is not None:
             self._proc.wait()
+        if self._vmm is not None:
+            self._vmm.close_hangup()
         if self._conn is not None:
             self._conn.close()
         if self._qmp is not None:
             self._qmp.close()
-        self._proc = self._conn = self._qmp = None
+        self._proc = self._conn = self._qmp = self._vmm = None
 
     def _wait_hello(self) -> p.Hello:
         assert self._conn is not None and self._proc is not None
@@ -380,6 +394,8 @@ class Sandbox:
             # The writable layer is thrown away, so there is nothing to flush: kill the VMM
             # now rather than wait for a guest shutdown.
             self._discard_vm()
+            if self._identity is not None:
+                self._identity.release()
             if self.opts.egress is not None:
                 self.opts.egress.close()
             if self.dir is not None and not os.environ.get("MATCHLOCK_KEEP_SANDBOX"):
@@ -392,15 +408,30 @@ _DEFERRED = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 @contextlib.contextmanager
 def _signals_deferred() -> Iterator[None]:
-    """Hold interrupting signals until a critical section is over; they are delivered after."""
+    """Hold interrupting signals until a critical section is over; they are delivered after.
+
+    Blocking them in this thread is not enough: the kernel hands a process-directed signal to
+    any thread that does not block it (the egress thread), and Python then runs the handler in
+    the main thread, inside the section. So the Python handlers are swapped for one that only
+    records, and what it recorded is raised again once the section is over."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    held: list[int] = []
+
+    def hold(signo: int, _frame: object) -> None:
+        held.append(signo)
+
+    handlers = {s: signal.signal(s, hold) for s in _DEFERRED}
     old = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED)
     try:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for s, h in handlers.items():
+            signal.signal(s, signal.SIG_DFL if h is None else h)  # None: not set from Python
+        for signo in dict.fromkeys(held):
+            signal.raise_signal(signo)
 
 
 def _pad(path: Path, size: int) -> bool:

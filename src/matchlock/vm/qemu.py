@@ -1,25 +1,31 @@
 """The QEMU microvm backend: the command line (pure) and the VMM process.
 
-The VMM process is tied to its owner with PR_SET_PDEATHSIG, so a matchlock process killed with
-SIGKILL cannot leave a running VM behind; `matchlock gc` removes what remains on disk.
+The VMM process is tied to its owner, so a matchlock process killed with SIGKILL cannot leave a
+running VM behind: PR_SET_PDEATHSIG until QEMU drops its privileges (which clears it), then
+SIGHUP from a controlling terminal that the owner holds (see `vm.confine`). `matchlock gc`
+removes what remains on disk.
 """
 
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import shutil
 import signal
 import subprocess
+import termios
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from matchlock.errors import SetupMissing
+from matchlock.vm import confine
 from matchlock.vm.accel import host_tsc_khz
 
 QEMU_BINARY = "qemu-system-x86_64"
 _PR_SET_PDEATHSIG = 1
+_CLONE_NEWNET = 0x40000000
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,12 @@ class VMConfig:
     # Devices set up by others (the NIC) and the descriptors they need inherited.
     extra_args: Sequence[str] = field(default_factory=tuple)
     extra_fds: Sequence[int] = field(default_factory=tuple)
+    # Confinement (vm.confine): after start-up QEMU becomes runas=(uid, gid) inside the empty
+    # directory `chroot`. Without a NIC, private_netns gives it a network namespace of its own
+    # with no interface up. QEMU's seccomp filter is always on.
+    runas: tuple[int, int] | None = None
+    chroot: Path | None = None
+    private_netns: bool = False
 
 
 def kernel_cmdline(accel: str, extra: Sequence[str] = ()) -> str:
@@ -77,6 +89,7 @@ def command_line(cfg: VMConfig, binary: str = QEMU_BINARY) -> list[str]:
         "-m", f"{cfg.memory_mb}M",
         "-smp", str(cfg.vcpus),
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+        "-sandbox", confine.sandbox_arg(cfg.runas is not None),
         "-kernel", str(cfg.kernel),
         "-initrd", str(cfg.initrd),
         "-append", kernel_cmdline(cfg.accel, cfg.extra_cmdline),
@@ -90,9 +103,18 @@ def command_line(cfg: VMConfig, binary: str = QEMU_BINARY) -> list[str]:
         argv += ["-chardev", f"socket,id=qmp,fd={cfg.qmp_fd}", "-mon", "chardev=qmp,mode=control"]
     if cfg.incoming:
         argv += ["-incoming", "defer"]
+    if cfg.runas is not None:
+        uid, gid = cfg.runas
+        argv += ["-runas", f"{uid}:{gid}"]
+    if cfg.chroot is not None:
+        argv += ["-chroot", str(cfg.chroot)]
     argv += cfg.extra_args
     for i, disk in enumerate(cfg.disks):
-        opts = f"file={opt_path(disk.path)},if=none,id=d{i},format={disk.fmt},cache=unsafe"
+        # auto-read-only=off: with -drive's default (on), QEMU reopens the image *by path*
+        # when the block layer drops or regains write permission (saving or loading a
+        # snapshot), which a VMM in an empty chroot without root cannot do.
+        opts = (f"file={opt_path(disk.path)},if=none,id=d{i},format={disk.fmt},cache=unsafe,"
+                "auto-read-only=off")
         if disk.readonly:
             opts += ",readonly=on"
         argv += ["-drive", opts, "-device", f"virtio-blk-device,drive=d{i}"]
@@ -121,28 +143,73 @@ def find_qemu() -> str:
     return path
 
 
-def _tie_to_parent() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    # Own process group: a Ctrl-C typed at the user's terminal must reach the guest command
-    # through the agent, not kill the VMM under it.
-    os.setpgid(0, 0)
+class _Preexec:
+    """What the child does between fork and exec. Everything is prepared before the fork."""
+
+    def __init__(self, cfg: VMConfig, hangup_tty: int | None) -> None:
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self._hangup_tty = hangup_tty
+        self._private_netns = cfg.private_netns
+        self._filter = None
+        if cfg.runas is not None and confine.filter_supported():
+            self._filter = confine.PreparedFilter(confine.setid_filter(*cfg.runas))
+
+    def __call__(self) -> None:
+        self._libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        # The owner spawns with SIGINT/SIGTERM/SIGHUP blocked (a critical section); a mask is
+        # inherited across exec, and QEMU must receive the hang-up's SIGHUP.
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())
+        # Popen made this process a session leader (start_new_session): a Ctrl-C typed at
+        # the user's terminal must reach the guest command through the agent, not kill the
+        # VMM under it. Its controlling terminal is the owner's pty (hang-up on owner death).
+        if self._hangup_tty is not None:
+            fcntl.ioctl(self._hangup_tty, termios.TIOCSCTTY, 0)
+        if self._private_netns and self._libc.unshare(_CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET)")
+        if self._filter is not None:
+            self._filter.install()  # last: it forbids setsid
 
 
-def spawn(cfg: VMConfig, log_path: Path) -> subprocess.Popen[bytes]:
+@dataclass
+class Vmm:
+    """The QEMU process and the terminal whose hang-up stops it when the owner dies."""
+
+    proc: subprocess.Popen[bytes]
+    hangup_fd: int | None
+
+    def close_hangup(self) -> None:
+        if self.hangup_fd is not None:
+            os.close(self.hangup_fd)
+            self.hangup_fd = None
+
+
+def spawn(cfg: VMConfig, log_path: Path) -> Vmm:
     argv = command_line(cfg, find_qemu())
-    with open(log_path, "ab") as log:
-        return subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            pass_fds=tuple(
-                fd for fd in (cfg.control_fd, cfg.qmp_fd, *cfg.extra_fds) if fd is not None
-            ),
-            preexec_fn=_tie_to_parent,
-            close_fds=True,
-        )
+    master = slave = None
+    if cfg.runas is not None:
+        master, slave = os.openpty()  # both close-on-exec: only the ctty link survives exec
+    try:
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                pass_fds=tuple(
+                    fd for fd in (cfg.control_fd, cfg.qmp_fd, *cfg.extra_fds) if fd is not None
+                ),
+                preexec_fn=_Preexec(cfg, slave),
+                start_new_session=True,
+                close_fds=True,
+            )
+    except BaseException:
+        if master is not None:
+            os.close(master)
+        raise
+    finally:
+        if slave is not None:
+            os.close(slave)
+    return Vmm(proc, master)
 
 
 def qemu_version(binary: str | None = None) -> str | None:
