@@ -3,6 +3,7 @@ capabilities, no route but its TAP; private templates; and it dies with its owne
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -171,3 +172,13 @@ def test_the_vmm_dies_with_its_owner(state_dir: Path) -> None:
     r = subprocess.run([MATCHLOCK, "gc"], capture_output=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert leftovers(state_dir) == []
+
+
+def test_diagnose_reports_the_confinement() -> None:
+    r = subprocess.run([MATCHLOCK, "diagnose", "--json"], capture_output=True, text=True,
+                       timeout=600)
+    checks = {c["name"]: c for c in json.loads(r.stdout)["checks"]}
+    check = checks["vmm confinement"]
+    assert check["status"] == "pass"
+    assert check["message"] == (f"seccomp + uid {confine.UID_BASE}+n per sandbox + chroot "
+                                f"{runtime_dir() / 'vmm-root'}")

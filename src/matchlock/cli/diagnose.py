@@ -98,8 +98,33 @@ def _privileges() -> Check:
                  "network run unprivileged", None)
 
 
+def _confinement() -> Check:
+    import subprocess
+
+    from matchlock.vm import confine, qemu
+
+    name = "vmm confinement"
+    path = shutil.which(qemu.QEMU_BINARY)
+    if path is None:
+        return Check(name, "fail", f"{qemu.QEMU_BINARY} not found", FIX_SETUP)
+    try:
+        usage = subprocess.run([path, "-help"], capture_output=True, text=True,
+                               timeout=10).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        return Check(name, "fail", f"cannot run {path}: {e}", FIX_SETUP)
+    if not any(line.startswith("-sandbox") for line in usage.splitlines()):
+        return Check(name, "fail", "this QEMU has no seccomp support (-sandbox)",
+                     "install Debian's qemu-system-x86: " + FIX_SETUP)
+    if not confine.enabled():
+        return Check(name, "warn", "seccomp only: not root, so QEMU runs as you "
+                     "(no uid of its own, no chroot)")
+    return Check(name, "pass", f"seccomp + uid {confine.UID_BASE}+n per sandbox + chroot "
+                 f"{confine.root_path()}")
+
+
 def run_checks() -> list[Check]:
-    return [_accel(), _qemu(), _kernel(), _agent(), _mkfs(), _disk(), _privileges()]
+    return [_accel(), _qemu(), _confinement(), _kernel(), _agent(), _mkfs(), _disk(),
+            _privileges()]
 
 
 @click.command()

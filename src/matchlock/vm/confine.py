@@ -70,11 +70,14 @@ def _private_dir(path: Path) -> None:
         os.chmod(path, 0o700)
 
 
+def root_path(base: Path | None = None) -> Path:
+    return (base or runtime_dir()) / "vmm-root"
+
+
 def empty_root(base: Path | None = None) -> Path:
     """The VMM's root after start-up: an empty directory, root's, that nobody can write."""
-    run = base or runtime_dir()
-    _private_dir(run)
-    root = run / "vmm-root"
+    root = root_path(base)
+    _private_dir(root.parent)
     with contextlib.suppress(FileExistsError):
         os.mkdir(root, 0o555)
     st = os.lstat(root)
