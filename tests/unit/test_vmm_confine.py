@@ -57,6 +57,18 @@ def test_a_slot_locked_by_another_process_is_skipped(tmp_path: Path,
         holder.wait()
 
 
+def test_gc_removes_only_the_slot_files_nobody_holds(tmp_path: Path) -> None:
+    held = confine.acquire_identity(tmp_path)
+    ids_dir = tmp_path / "vmm-ids"
+    for stale in ("17", "4000"):  # left by owners killed with SIGKILL
+        (ids_dir / stale).touch()
+    assert confine.remove_stale_ids(tmp_path) == 2
+    assert [p.name for p in ids_dir.iterdir()] == [str(held.uid - confine.UID_BASE)]
+    held.release()
+    assert confine.remove_stale_ids(tmp_path) == 0
+    assert confine.remove_stale_ids(tmp_path / "absent") == 0
+
+
 # --- the empty root --------------------------------------------------------------------------
 
 

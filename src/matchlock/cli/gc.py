@@ -9,8 +9,11 @@ import click
 def gc() -> None:
     """Kill orphaned VMs and remove the files of dead sandboxes."""
     from matchlock.state import registry
+    from matchlock.vm import confine
 
     collected = registry.gc()
+    if confine.enabled():
+        confine.remove_stale_ids()  # the VMM user ids of dead owners
     for c in collected:
         extra = " (killed its VM)" if c.killed_vmm else ""
         click.echo(f"removed {c.id}{extra}")

@@ -140,6 +140,32 @@ def acquire_identity(base: Path | None = None) -> VmmIdentity:
                          hint=f"{UID_SLOTS} sandboxes are running on this host")
 
 
+def remove_stale_ids(base: Path | None = None) -> int:
+    """Delete the slot files nobody holds (an owner killed by SIGKILL leaves its file behind,
+    unlocked); for `matchlock gc`, after it has killed orphaned VMMs. Returns how many."""
+    ids = (base or runtime_dir()) / "vmm-ids"
+    if not ids.is_dir():
+        return 0
+    removed = 0
+    for path in ids.iterdir():
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = os.fstat(fd)
+            now = os.stat(path, follow_symlinks=False)
+            if (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino):
+                os.unlink(path)  # while locked, as release() does
+                removed += 1
+        except (BlockingIOError, FileNotFoundError):
+            pass
+        finally:
+            os.close(fd)
+    return removed
+
+
 # --- the set*id filter ---------------------------------------------------------------------
 
 _AUDIT_ARCH_X86_64 = 0xC000003E
