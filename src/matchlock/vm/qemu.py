@@ -103,6 +103,8 @@ def command_line(cfg: VMConfig, binary: str = QEMU_BINARY) -> list[str]:
         argv += ["-chardev", f"socket,id=qmp,fd={cfg.qmp_fd}", "-mon", "chardev=qmp,mode=control"]
     if cfg.incoming:
         argv += ["-incoming", "defer"]
+    # QEMU 7.2 (Debian 12) syntax; from 8.1 the same is `-run-with user=UID:GID,chroot=DIR`,
+    # and -chroot is deprecated there.
     if cfg.runas is not None:
         uid, gid = cfg.runas
         argv += ["-runas", f"{uid}:{gid}"]
