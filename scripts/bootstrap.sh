@@ -13,13 +13,22 @@ export DEBIAN_FRONTEND=noninteractive
 need=()
 for pkg in python3-venv python3-pip qemu-system-x86 qemu-utils busybox-static e2fsprogs \
            musl-tools linux-source-6.1 flex bison libelf-dev libssl-dev bc make gcc xz-utils \
-           skopeo docker-registry apache2-utils umoci unzip nftables iproute2; do
+           skopeo docker-registry apache2-utils umoci unzip nftables iproute2 nginx-light; do
   dpkg-query -W -f='${db:Status-Status}' "$pkg" 2>/dev/null | grep -qx installed || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
   echo "bootstrap: installing ${need[*]}" >&2
   apt-get update -qq
+  # Packages such as nginx (a test upstream, never a host service here) must not start
+  # daemons on install: deny service starts for the duration, unless the host already does.
+  deny_starts=0
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d
+    deny_starts=1
+  fi
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  if [ "$deny_starts" = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
 fi
 
 if [ ! -x .venv/bin/python ]; then

@@ -37,6 +37,24 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         with open(DIR / "heads.log", "a") as f:
             f.write(self.requestline + "\n" + str(self.headers) + "\n")
+        echo = self.headers.get("Authorization", "").encode("latin-1")
+        if self.path.startswith("/echo-split"):  # Authorization back, one byte per chunk
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for i in range(len(echo)):
+                self.wfile.write(b"1;e=%s\r\n%s\r\n" % (echo, echo[i : i + 1]))
+            self.wfile.write(b"0\r\nX-Trailer: %s\r\n\r\n" % echo)
+            return
+        if self.path.startswith("/hints"):  # 103 Early Hints echoing Authorization
+            self.send_response_only(103)
+            self.send_header("Link", f"<{echo.decode('latin-1')}>")
+            self.end_headers()
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+            return
         if self.path.startswith("/sse"):
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")

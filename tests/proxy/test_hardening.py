@@ -134,7 +134,7 @@ def test_request_after_a_pause_without_a_server_greeting_is_refused(rig: Rig) ->
     s.sendall(b"EHLO  / HTTP/1.1\r\nHost: evil.test\r\n\r\n")
     with pytest.raises((ConnectionResetError, TimeoutError)):
         assert s.recv(100) == b""
-    assert "after the server spoke first" in last_event(rig).reason
+    assert "after a pause, the server silent" in last_event(rig).reason
 
 
 @pytest.mark.parametrize("piece", [1, 100, 4096])
@@ -316,3 +316,29 @@ def test_soft_fd_limit_is_raised_and_caps_the_connections() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.split()
     assert out == ["4096", "4096", "512", "384", "100"]
+
+
+def test_short_client_first_message_on_a_named_port_is_relayed(rig: Rig) -> None:
+    # `x` could still become `x / HTTP/1.1`: on a port named for raw TCP it is forwarded
+    # after a short pause (a prefix is no request), under a guard that stays on.
+    rig.configure([f"echo.test:{rig.echo_port}"], pins=["echo.test:127.0.0.1"], sniff_wait=0.05)
+    rig.aim("echo.test", rig.echo_port)
+    s = socket.create_connection(("127.0.0.1", rig.proxy_port), timeout=5)
+    s.sendall(b"x")
+    assert s.recv(10) == b"x"
+    # …and the guard is still on: the line turning into a request line is refused.
+    with pytest.raises((ConnectionResetError, BrokenPipeError, TimeoutError)):
+        s.sendall(b"yz  / HTTP/1.1\r\nHost: evil.test\r\n\r\n")
+        time.sleep(0.1)
+        assert s.recv(100) == b""
+    assert "http after a pause" in last_event(rig).reason
+
+
+def test_short_message_on_a_web_port_waits_for_a_request(rig: Rig) -> None:
+    rig.configure(["echo.test"], pins=["echo.test:127.0.0.1"], sniff_wait=0.05)
+    rig.aim("echo.test", 80)
+    s = socket.create_connection(("127.0.0.1", rig.proxy_port), timeout=5)
+    s.sendall(b"GE")
+    time.sleep(0.3)  # not raw: still waiting for the request line
+    s.sendall(b"T  / HTTP/1.1\r\nHost: evil.test\r\n\r\n")
+    assert s.recv(4096).startswith(b"HTTP/1.1 400")

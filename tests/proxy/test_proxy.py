@@ -535,7 +535,7 @@ def test_tls_after_server_first_silence_is_refused(rig: Rig) -> None:
     s.sendall(outgoing.read())
     with pytest.raises((ConnectionResetError, TimeoutError)):
         assert s.recv(100) == b""
-    assert "after the server spoke first" in last_event(rig).reason
+    assert "after a pause, the server silent" in last_event(rig).reason
 
 
 def test_http_request_line_dribbled_after_silence_is_refused(rig: Rig) -> None:
@@ -543,12 +543,17 @@ def test_http_request_line_dribbled_after_silence_is_refused(rig: Rig) -> None:
     rig.aim("echo.test", rig.echo_port)
     s = socket.create_connection(("127.0.0.1", rig.proxy_port), timeout=5)
     time.sleep(0.2)
-    with pytest.raises((ConnectionResetError, TimeoutError)):  # refused once it is clear
+    # The undecided prefix may pass (it is no request: the echo server returns it), the
+    # piece that makes it a request line never does, and the connection is refused then.
+    echoed = b""
+    with pytest.raises((ConnectionResetError, TimeoutError, BrokenPipeError)):
         for piece in (b"\r\nge", b"t / HT", b"TP/1.1\r\nHost: evil.test\r\n\r\n"):
             s.sendall(piece)
             time.sleep(0.05)
-        assert s.recv(100) == b""
-    assert "http sent after the server spoke first" in last_event(rig).reason
+        while chunk := s.recv(100):
+            echoed += chunk
+    assert b"HTTP/" not in echoed and b"evil" not in echoed
+    assert "http after a pause, the server silent" in last_event(rig).reason
 
 
 def test_lowercase_request_is_http_not_raw(rig: Rig) -> None:

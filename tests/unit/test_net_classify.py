@@ -41,7 +41,12 @@ from matchlock.net.classify import H2_PREFACE, MAX_FIRST_LINE, classify
         (b"GET\xa0/ HTTP/1.1\r\n", "http"),  # NBSP: str.split() splits there
         (b"GET/ HTTP/1.1\r\n", "http"),
         (b"G3T / HTTP/1.1\r\n", "http"),
-        (b"get mykey\r\n", "http"),  # memcached's text protocol looks like HTTP/0.9: refused
+        (b"get / HTTP/1.1\r\n", "http"),  # lower case: Go's and h11's servers take it
+        (b"get /", "more"),  # the line is awaited: it may still name a version
+        (b"get mykey\r\n", "raw"),  # memcached: no origin reads this as a request
+        (b"ping over tcp", "more"),
+        (b"ping over tcp\r\n", "raw"),
+        (b"SET key value\r\n", "http"),  # upper-case word and a space: refused, a known cost
         (b"X" * MAX_FIRST_LINE, "http"),  # undecided at the limit: the strict parser refuses
         (b" " * MAX_FIRST_LINE, "http"),
         # What stays raw: protocols no origin reads as a request.

@@ -190,3 +190,11 @@ def test_inject_drops_accept_encoding_only_when_a_value_went_in() -> None:
     assert b"value-of-the-token" in out and b"Accept-Encoding" not in out
     plain = b"GET / HTTP/1.1\r\nHost: api.test\r\nAccept-Encoding: gzip\r\n\r\n"
     assert s.inject(plain, "api.test") == plain
+
+
+def test_bad_host_part_is_not_quoted_it_may_be_the_end_of_a_value() -> None:
+    for spec in ("K=abcdefgh@tail-of-the:value", "K=abcd@efgh@1.2.3.4", "K=xyzxyzxyz@a b"):
+        with pytest.raises(ValueError, match="what follows the last '@'") as info:
+            parse_secret(spec, {})
+        tail = spec.rpartition("@")[2]
+        assert tail not in str(info.value)

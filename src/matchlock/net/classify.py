@@ -8,8 +8,9 @@ lines), so the test here is deliberately wider than any one parser:
 
 - a TLS record start (0x16) is TLS;
 - the HTTP/2 connection preface is h2;
-- a first line whose first word is a method-like token (letters, `_`, `-`) followed by
-  whitespace is HTTP, whatever follows (this covers `GET  / HTTP/1.1`, `get\t/`, `GET /`);
+- a first line whose first word is a method-like token (upper-case letters, `_`, `-`, the
+  methods nginx and friends take without a version) followed by whitespace is HTTP, whatever
+  follows (this covers `GET  / HTTP/1.1`, `GET\t/`, HTTP/0.9's `GET /`);
 - any other first line of printable text is HTTP if it mentions `HTTP/` anywhere (any
   case): the line is awaited whole before it may go raw (`SSH-2.0-…` idents do);
 - a first line or a token that grows past MAX_FIRST_LINE without being decided is "http" too,
@@ -37,7 +38,7 @@ MAX_FIRST_LINE = MAX_REQUEST_LINE  # undecided beyond this: the HTTP parser refu
 _SEPARATORS = b" \t\x0b\x0c\x1c\x1d\x1e\x1f\x85\xa0"
 _LEADING = _SEPARATORS + b"\r\n"
 _TCHAR = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
-_METHOD_CHARS = frozenset(b"-_ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+_METHOD_CHARS = frozenset(b"-_ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 _HTTP_SLASH = re.compile(rb"(?i)http/")
 
 
@@ -71,9 +72,9 @@ def _first_line(data: bytes) -> Kind:
         return "raw"
     if nxt in _SEPARATORS and all(c in _METHOD_CHARS for c in word):
         return "http"
-    # `WORD2.0 …`, `GET/…`, `PING\r\n`: not a method and a separator, but a lenient origin
-    # may still take the line as a request if it names an HTTP version; decide once the
-    # whole line is here.
+    # `get key`, `WORD2.0 …`, `GET/…`, `PING\r\n`: no origin takes these without a version,
+    # but a lenient one (Go's, h11) takes `get / HTTP/1.1`: decide once the whole line is
+    # here.
     end = data.find(b"\n", pos)
     line = data[start:] if end < 0 else data[start:end]
     if _HTTP_SLASH.search(line):

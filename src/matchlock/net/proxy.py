@@ -227,7 +227,7 @@ class Proxy:
             sock.close()
             return
         first, kind, hello = peeked
-        if not first and may_go_raw:
+        if may_go_raw and (not first or (kind == "more" and first[0] != 0x16)):
             await relay_raw(self, sock, target, decision, owned, gate=True)
         elif kind == "tls":
             assert hello is not None
@@ -260,6 +260,7 @@ class Proxy:
         deadline = loop.time() + HELLO_TIMEOUT
         waited = False
         delay = 0.001
+        seen, changed = 0, loop.time()
         while True:
             try:
                 data = sock.recv(PEEK_SIZE, socket.MSG_PEEK)
@@ -277,7 +278,15 @@ class Proxy:
             if not data:
                 return None
             kind, hello = _classify(data)
-            if kind != "more" or loop.time() > deadline:
+            now = loop.time()
+            if kind != "more" or now > deadline:
+                return data, kind, hello
+            if len(data) != seen:
+                seen, changed = len(data), now
+            elif may_wait_for_server and now - changed > self.sniff_wait and data[0] != 0x16:
+                # A short message that cannot be told from the start of a request line yet
+                # (`x`, `STAT`), and then silence: on a port named for raw TCP it goes on
+                # under the raw guard, which refuses it the moment it turns into HTTP.
                 return data, kind, hello
             # More of the ClientHello (or request line) is on its way: poll, since the
             # socket stays readable while the peeked bytes sit in it.

@@ -5,9 +5,12 @@ nor secret substitution can apply. That is why raw is only for ports the user na
 (`--allow-host host:port`; `Decision.raw`), never for the default web ports, and why two
 guards still watch what the guest sends:
 
-- the classifier, on the first bytes a guest sends after a silence: unless the server has
-  really spoken first (SMTP, MySQL, …: no HTTP or TLS server does), TLS or HTTP sent after
-  a pause is refused, it would bypass the SNI/Host checks;
+- the classifier, on the first line of a guest that was silent or sent something too short to
+  classify before pausing: the bytes are forwarded as they come while the line stays
+  undecided (a prefix such as `GET` is no request to any origin), and the connection is
+  refused the moment it turns into TLS or HTTP, before the deciding bytes are forwarded;
+  unless the server has really spoken first (SMTP, MySQL, …: no HTTP or TLS server does),
+  after which what the guest sends is that protocol's own;
 - a placeholder scanner for the whole stream: a secret's placeholder in raw bytes is headed
   somewhere it can neither be substituted nor checked, so the connection is refused.
 """
@@ -34,23 +37,27 @@ if TYPE_CHECKING:
 class RawGuard:
     """The guard of the guest→upstream direction (streams.Guard)."""
 
-    __slots__ = ("_gating", "_scanner", "_server")
+    __slots__ = ("_gating", "_line", "_scanner", "_server")
 
     def __init__(self, gate: bool, scanner: PlaceholderScanner | None, server: Stream) -> None:
         self._gating = gate
+        self._line = b""  # what the guest sent while its first line is undecided
         self._scanner = scanner
         self._server = server
 
     def __call__(self, data: bytes) -> str | None:
-        if self._gating and self._server.received:
-            self._gating = False  # a real server-speaks-first protocol: what follows is its own
-        if self._gating:
-            kind = classify(data)
-            if kind == "more":
-                return "more"
-            if kind != "raw":
-                return f"{kind} sent after the server spoke first (bypasses the SNI/Host checks)"
+        if self._gating and not self._line and self._server.received:
+            # The server spoke before the guest said anything: a real server-speaks-first
+            # protocol, and what follows is its own. (Answers to the guest's own first bytes
+            # do not count.)
             self._gating = False
+        if self._gating:
+            self._line += data
+            kind = classify(self._line)
+            if kind in ("tls", "h2", "http"):
+                return f"{kind} after a pause, the server silent (bypasses the SNI/Host checks)"
+            if kind == "raw":
+                self._gating, self._line = False, b""
         if self._scanner is not None:
             name = self._scanner.feed(data)
             if name is not None:

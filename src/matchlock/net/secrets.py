@@ -98,6 +98,18 @@ def parse_secret(spec: str, environ: Mapping[str, str]) -> Secret:
             )
     elif not value:
         raise ValueError(f"--secret {name}=…: empty value")
+    for host in hosts:
+        try:
+            if ":" in host:
+                raise ValueError("port")
+            HostGlob(host)
+        except ValueError:
+            # Not quoted: with `@host` forgotten, the text after the last `@` is the end of
+            # the value.
+            raise ValueError(
+                f"--secret {name}: what follows the last '@' is not a list of host names "
+                "(no ports, no addresses); expected NAME[=VALUE]@host[,host…]"
+            ) from None
     return make_secret(name, value, hosts)
 
 
