@@ -18,12 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from matchlock.image.resolve import resolve_image
-from matchlock.sandbox.core import Sandbox, SandboxOptions
 from matchlock.sandbox.network import Egress, NetworkOptions
 
 from .conftest import MATCHLOCK
-from .test_network import NS, UPSTREAM, Guest, Upstream, upstream  # noqa: F401 (fixture)
+from .guest_util import Guest, booted
+from .test_network import NS, UPSTREAM, Upstream, upstream  # noqa: F401 (fixture)
 
 pytestmark = [
     pytest.mark.vm,
@@ -108,18 +107,14 @@ def routed_to_evil(response: bytes) -> bool:
 
 @pytest.fixture(scope="module")
 def front(upstream: Upstream, nginx: Path, python_image: str) -> Iterator[Guest]:  # noqa: F811
-    resolved = resolve_image(python_image)
     egress = Egress(NetworkOptions(
         allow_hosts=["front.test", f"front.test:{NGINX_PORT}", "front.test:7"],
         add_hosts=["front.test:10.99.0.2"],
         secrets=[f"FRONT_KEY={VALUE}@front.test"],
         upstream_ca=str(upstream.ca),
     ))
-    sb = Sandbox(SandboxOptions(image=resolved.name, rootfs=resolved.rootfs, egress=egress))
-    with sb:
-        sb.start()
-        env = [*resolved.config.env, *(f"{k}={v}" for k, v in egress.guest_env().items())]
-        yield Guest(sb, env)
+    with booted(python_image, egress) as g:
+        yield g
 
 
 RAW_CLIENT = """

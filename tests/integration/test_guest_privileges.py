@@ -14,18 +14,14 @@ the only peers are loopback and the sandbox's own network namespace.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from matchlock.guest.client import Output
-from matchlock.guest.protocol import ExecRequest, ExitStatus
-from matchlock.image.resolve import resolve_image
-from matchlock.sandbox.core import Sandbox, SandboxOptions
 from matchlock.sandbox.network import Egress, NetworkOptions
+
+from .guest_util import Guest, booted
 
 pytestmark = [
     pytest.mark.vm,
@@ -46,44 +42,17 @@ KEPT = {
 }
 
 
-@dataclass
-class Guest:
-    sandbox: Sandbox
-    env: list[str]
-
-    def sh(self, script: str, *, privileged: bool = False,
-           timeout: float = 120) -> tuple[int, str, str]:
-        ex = self.sandbox.exec(ExecRequest(argv=["sh", "-c", script], env=self.env, cwd="/",
-                                           user="root", privileged=privileged))
-        out, err = bytearray(), bytearray()
-        code = -1
-        deadline = time.monotonic() + timeout
-        for ev in ex.events():
-            if isinstance(ev, Output):
-                (out if ev.stream == "stdout" else err).extend(ev.data)
-            elif isinstance(ev, ExitStatus):
-                code = ev.code
-            assert time.monotonic() < deadline
-        return code, out.decode(errors="replace"), err.decode(errors="replace")
-
-
-def _boot(image: str | None, egress: Egress | None) -> Iterator[Guest]:
-    resolved = resolve_image(image)
-    sb = Sandbox(SandboxOptions(image=resolved.name, rootfs=resolved.rootfs, egress=egress))
-    with sb:
-        sb.start()
-        yield Guest(sb, list(resolved.config.env))
-
-
 @pytest.fixture(scope="module")
 def box(state_dir: Path) -> Iterator[Guest]:
     """The default busybox image with the default sealed network (eth0 configured)."""
-    yield from _boot(None, Egress(NetworkOptions()))
+    with booted(None, Egress(NetworkOptions())) as g:
+        yield g
 
 
 @pytest.fixture(scope="module")
 def py(python_image: str) -> Iterator[Guest]:
-    yield from _boot(python_image, None)
+    with booted(python_image, None) as g:
+        yield g
 
 
 # What the host configured, and the knobs an attack would turn (must read the same after).

@@ -26,13 +26,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from matchlock.guest.client import Output
-from matchlock.guest.protocol import ExecRequest, ExitStatus
-from matchlock.image.resolve import resolve_image
-from matchlock.sandbox.core import Sandbox, SandboxOptions
 from matchlock.sandbox.network import Egress, NetworkOptions
 
 from .conftest import MATCHLOCK
+from .guest_util import Guest, booted
 
 pytestmark = [
     pytest.mark.vm,
@@ -139,34 +136,8 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
         subprocess.run(["ip", "netns", "del", NS], capture_output=True)
 
 
-@dataclass
-class Guest:
-    sandbox: Sandbox
-    env: list[str]
-
-    def run(self, script: str, timeout: float = 60) -> tuple[int, str, str]:
-        ex = self.sandbox.exec(ExecRequest(argv=["python3", "-c", script], env=self.env,
-                                           cwd="/tmp", user="root"))
-        out, err = bytearray(), bytearray()
-        code = -1
-        deadline = time.monotonic() + timeout
-        for ev in ex.events():
-            if isinstance(ev, Output):
-                (out if ev.stream == "stdout" else err).extend(ev.data)
-            elif isinstance(ev, ExitStatus):
-                code = ev.code
-            assert time.monotonic() < deadline
-        return code, out.decode(errors="replace"), err.decode(errors="replace")
-
-    def sh(self, script: str) -> tuple[int, str, str]:
-        return self.run(f"import subprocess,sys; r=subprocess.run({script!r}, shell=True, "
-                        "capture_output=True, text=True); print(r.stdout, end=''); "
-                        "print(r.stderr, end='', file=sys.stderr); sys.exit(r.returncode)")
-
-
 @pytest.fixture(scope="module")
 def guest(upstream: Upstream, python_image: str, state_dir: Path) -> Iterator[Guest]:
-    resolved = resolve_image(python_image)
     egress = Egress(NetworkOptions(
         allow_hosts=["api.test", "other.test", "rebind.test", "api.test:7"],
         add_hosts=["api.test:10.99.0.2", "other.test:10.99.0.2"],
@@ -174,11 +145,8 @@ def guest(upstream: Upstream, python_image: str, state_dir: Path) -> Iterator[Gu
         upstream_ca=str(upstream.ca),
         upstream_dns=[f"{UPSTREAM}:53"],
     ))
-    sb = Sandbox(SandboxOptions(image=resolved.name, rootfs=resolved.rootfs, egress=egress))
-    with sb:
-        sb.start()
-        env = [*resolved.config.env, *(f"{k}={v}" for k, v in egress.guest_env().items())]
-        yield Guest(sb, env)
+    with booted(python_image, egress) as g:
+        yield g
 
 
 FETCH = """

@@ -203,21 +203,23 @@ def _request_line(line: bytes) -> tuple[bytes, bytes, bytes]:
 
 def parse_request(buf: bytes | bytearray) -> tuple[Request, int] | None:
     """Parse a request head at the start of `buf`: (request, head length) or None for more."""
-    line_end = buf.find(b"\n", 0, MAX_REQUEST_LINE + 1)
-    if line_end < 0 and len(buf) > MAX_REQUEST_LINE:
-        raise HttpError(414, f"request line longer than {MAX_REQUEST_LINE} bytes")
-    if line_end >= 0:
-        # Judged as soon as it is complete: almost-HTTP (and text protocols that look like
-        # it) get their 400 at once instead of waiting for a head that never comes.
-        if line_end == 0 or buf[line_end - 1] != 0x0D:
-            raise HttpError(400, "request line not ended by CRLF")
-        _request_line(bytes(buf[: line_end - 1]))
     end = _head_end(buf, 0)
     if end < 0:
+        line_end = buf.find(b"\n", 0, MAX_REQUEST_LINE + 1)
+        if line_end < 0 and len(buf) > MAX_REQUEST_LINE:
+            raise HttpError(414, f"request line longer than {MAX_REQUEST_LINE} bytes")
+        if line_end >= 0:
+            # Judged as soon as it is complete: almost-HTTP (and text protocols that look
+            # like it) get their 400 at once instead of waiting for a head that never comes.
+            if line_end == 0 or buf[line_end - 1] != 0x0D:
+                raise HttpError(400, "request line not ended by CRLF")
+            _request_line(bytes(buf[: line_end - 1]))
         return None
     if end > MAX_HEAD:
         raise HttpError(431, f"request head larger than {MAX_HEAD} bytes")
     lines = _lines(bytes(buf[:end]))
+    if len(lines[0]) > MAX_REQUEST_LINE:
+        raise HttpError(414, f"request line longer than {MAX_REQUEST_LINE} bytes")
     method, target, version = _request_line(lines[0])
     headers: Headers = []
     host: bytes | None = None

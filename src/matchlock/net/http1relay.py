@@ -18,6 +18,7 @@ from matchlock.net import http1
 from matchlock.net.audit import AuditEvent
 from matchlock.net.http1 import ChunkedReader, Framing, HttpError, Request, Response
 from matchlock.net.masking import ValueMask
+from matchlock.net.proxy import Blocked  # proxy imports this module lazily: no cycle
 from matchlock.net.secrets import SecretLeak
 from matchlock.net.streams import (
     IncompleteBody,
@@ -46,8 +47,6 @@ class Http1Relay:
         self.conn = conn
 
     async def run(self) -> None:
-        from matchlock.net.proxy import Blocked
-
         loop = asyncio.get_running_loop()
         while True:
             self.guest.deadline = loop.time() + self.proxy.idle_timeout
@@ -64,15 +63,11 @@ class Http1Relay:
 
     async def _deny(self, status: int, reason: str, method: str, path: str,
                     rule: str | None = None) -> bool:
-        from matchlock.net.proxy import Blocked
-
         await self.proxy.answer(self.guest, self.conn, Blocked(status, reason, rule), method, path)
         return False
 
     async def _exchange(self, req: Request) -> bool:
         """Forward one request and its response; True if the guest connection may go on."""
-        from matchlock.net.proxy import Blocked
-
         proxy, guest, conn = self.proxy, self.guest, self.conn
         started = time.perf_counter()
         path = req.path()
