@@ -5,7 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [ "$(id -u)" -ne 0 ]; then
-  echo "bootstrap: run as root (sudo $0)" >&2
+  if command -v sudo >/dev/null 2>&1; then
+    exec sudo "$0" "$@"
+  fi
+  echo "bootstrap: run as root (no sudo here: open a root shell and run $0)" >&2
   exit 1
 fi
 

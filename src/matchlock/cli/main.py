@@ -17,6 +17,7 @@ _COMMANDS = {
     "diagnose": ("matchlock.cli.diagnose", "diagnose", "Check that this host can run sandboxes."),
     "setup": ("matchlock.cli.setup", "setup", "Install and build what sandboxes need (root)."),
     "gc": ("matchlock.cli.gc", "gc", "Remove what dead sandboxes left behind."),
+    "version": ("matchlock.cli.version", "version", "Print matchlock's version."),
 }
 
 

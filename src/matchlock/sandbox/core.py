@@ -36,7 +36,10 @@ from matchlock.vm.qmp import Qmp
 if TYPE_CHECKING:
     from matchlock.sandbox.network import Egress
 
-_HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+# A host name of dot-separated labels (`override.internal`, as Docker allows), at most 64
+# characters: the kernel's limit for a node name.
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"^(?=.{{1,64}}\Z){_LABEL}(?:\.{_LABEL})*\Z")
 MIN_MEMORY_MB = 64
 
 
