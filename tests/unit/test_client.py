@@ -124,3 +124,80 @@ def test_peer_hangup_is_reported(pair: tuple[AgentConnection, socket.socket]) ->
     guest.close()
     with pytest.raises(AgentGone):
         conn.wait_hello(5)
+
+
+def test_an_abandoned_read_never_stalls_the_connection(
+    pair: tuple[AgentConnection, socket.socket],
+) -> None:
+    # A read over its limit gives up while the guest keeps sending far more than a channel
+    # buffers; the late frames are dropped and the next operation is answered at once.
+    from matchlock.guest.client import FileOpError
+
+    conn, guest = pair
+    guest.sendall(hello())
+    conn.wait_hello(5)
+
+    def guest_side() -> None:
+        f = read_frame(guest)
+        assert f.type == T.FILE_READ
+        for _ in range(320):  # 20 MiB
+            guest.sendall(gframe(T.FILE_DATA, f.channel, b"x" * 65536))
+        guest.sendall(gframe(T.RESULT, f.channel, struct.pack(">i", 0)))
+        f2 = read_frame(guest)
+        assert f2.type == T.FILE_LIST
+        guest.sendall(gframe(T.RESULT, f2.channel, struct.pack(">i", 2) + b"nope"))
+
+    t = threading.Thread(target=guest_side, daemon=True)
+    t.start()
+    with pytest.raises(FileOpError):
+        conn.read_file("/big", 1 << 20, timeout=5)
+    with pytest.raises(FileOpError, match="nope"):
+        conn.list_files("/x", timeout=5)
+    t.join(10)
+    assert not t.is_alive() and conn.error is None
+
+
+def test_a_consumer_that_stops_reading_loses_only_its_channel(
+    pair: tuple[AgentConnection, socket.socket], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import matchlock.guest.client as client
+
+    conn, guest = pair
+    guest.sendall(hello())
+    conn.wait_hello(5)
+    slow = conn.exec(p.ExecRequest(argv=["yes"]), stall=0.2)
+    fast = conn.exec(p.ExecRequest(argv=["true"]))
+    frames = client.CHANNEL_BUFFER // 65536 + 4
+    guest.sendall(b"".join(gframe(T.STDOUT, slow.channel, b"y" * 65536) for _ in range(frames)))
+    guest.sendall(gframe(T.EXIT, fast.channel, struct.pack(">iI", 0, 0)))
+    assert list(fast.events(timeout=5)) == [p.ExitStatus(0, 0)]
+    with pytest.raises(client.ChannelStalled):
+        list(slow.events(timeout=5))
+    assert conn.error is None
+
+
+def test_abort_wakes_every_waiter(pair: tuple[AgentConnection, socket.socket]) -> None:
+    conn, guest = pair
+    guest.sendall(hello())
+    conn.wait_hello(5)
+    ex = conn.exec(p.ExecRequest(argv=["sleep"]))
+    threading.Timer(0.1, conn.abort, args=("timed out",)).start()
+    with pytest.raises(AgentGone, match="timed out"):
+        list(ex.events())
+
+
+def test_channel_table_rules() -> None:
+    t = p.ChannelTable()
+    r = t.open(p.Kind.FILE_READ)
+    with pytest.raises(p.ProtocolError):
+        t.receive(p.Frame(T.STDOUT, r, b"x"))
+    assert t.receive(p.Frame(T.FILE_DATA, r, b"x")) == (False, p.FileData(b"x"))
+    t.abandon(r)
+    assert t.receive(p.Frame(T.FILE_DATA, r, b"x")) == (False, None)
+    assert t.receive(p.Frame(T.RESULT, r, struct.pack(">i", 0))) == (True, None)
+    with pytest.raises(p.ProtocolError, match="not open"):
+        t.receive(p.Frame(T.FILE_DATA, r, b"x"))
+    e = t.open(p.Kind.EXEC)
+    t.receive(p.Frame(T.STARTED, e, struct.pack(">I", 1)))
+    with pytest.raises(p.ProtocolError, match="second STARTED"):
+        t.receive(p.Frame(T.STARTED, e, struct.pack(">I", 1)))

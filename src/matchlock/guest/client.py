@@ -1,58 +1,74 @@
 """The host's connection to the guest agent: one reader thread, many channels.
 
-The reader thread is the only one that reads the socket. It validates each frame against the
-state of its channel (a guest cannot answer for a channel the host never opened, acknowledge
-stdin it was never sent, or keep talking after EXIT) and hands events to bounded queues, so a
-consumer that stops reading slows the guest down instead of growing host memory.
+The reader thread is the only one that reads the socket. Which frames a channel may carry and
+when is decided by the pure codec (`protocol.ChannelTable`); this module only moves bytes and
+wakes consumers. The rules that keep one channel from stalling the others:
+
+- each channel buffers at most `CHANNEL_BUFFER` bytes of events for its consumer; the reader
+  waits for room only while that consumer is still listening, and never longer than the
+  channel's `stall` bound (None: as long as the consumer lives, for a single attached exec);
+- a consumer that fails, gives up or times out *abandons* its channel: what it had buffered is
+  dropped, and frames that still arrive for it are discarded by the codec until its last one;
+- every wait is bounded or woken: file operations have deadlines, sends time out after
+  `SEND_TIMEOUT`, and `abort()` (used by timeouts and signals) fails every waiter at once.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
-import itertools
 import queue
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Literal
 
 from matchlock.guest import protocol as p
-from matchlock.guest.protocol import T
+from matchlock.guest.protocol import Kind, Output, T
 
-_QUEUE_DEPTH = 64  # frames of at most 64 KiB each: bounded at 4 MiB per channel
+__all__ = ["AgentConnection", "AgentGone", "Exec", "ExecEvent", "FileOpError", "Output"]
+
+CHANNEL_BUFFER = 4 << 20  # bytes of undelivered events per channel
+SEND_TIMEOUT = 30.0  # a guest that takes no byte for this long is gone
+FILE_STALL = 10.0  # a file consumer that takes nothing for this long loses its channel
 
 
 class AgentGone(Exception):
     """The connection to the agent ended or broke the protocol."""
 
 
-@dataclass(frozen=True)
-class Output:
-    stream: Literal["stdout", "stderr"]
-    data: bytes
+class ChannelStalled(AgentGone):
+    """This channel (only) was given up: its consumer or its guest side stopped moving."""
 
 
 ExecEvent = Output | p.ExitStatus
 
 
 class _Channel:
-    def __init__(self, kind: Literal["exec", "file"]) -> None:
-        self.kind = kind
-        self.events: queue.Queue[object] = queue.Queue(_QUEUE_DEPTH)
-        self.unacked = 0
-        self.credit = threading.Condition()
-        self.closed = False
+    def __init__(self, cid: int, lock: threading.Lock, stall: float | None) -> None:
+        self.id = cid
+        self.cond = threading.Condition(lock)  # the connection's lock
+        self.events: collections.deque[p.ChannelEvent] = collections.deque()
+        self.size = 0
+        self.stall = stall
+        self.done = False  # the terminal event is buffered (or was taken)
+        self.abandoned = False
+        self.error: AgentGone | None = None
+
+
+def _size(ev: p.ChannelEvent) -> int:
+    data = getattr(ev, "data", None)
+    return 64 + (len(data) if isinstance(data, bytes) else 0)
 
 
 class AgentConnection:
     def __init__(self, sock: socket.socket, on_log: Callable[[str], None] | None = None) -> None:
         self._sock = sock
+        self._sock.settimeout(SEND_TIMEOUT)
         self._send_lock = threading.Lock()
-        self._channels: dict[int, _Channel] = {}
         self._lock = threading.Lock()
-        self._ids = itertools.count(1)
+        self._table = p.ChannelTable()
+        self._channels: dict[int, _Channel] = {}
         self._control: queue.Queue[object] = queue.Queue(16)
         self._on_log = on_log
         self.error: str | None = None
@@ -65,8 +81,11 @@ class AgentConnection:
     def _read_loop(self) -> None:
         decoder = p.FrameDecoder()
         try:
-            while True:
-                data = self._sock.recv(262144)
+            while self.error is None:
+                try:
+                    data = self._sock.recv(262144)
+                except TimeoutError:
+                    continue  # the timeout bounds sends; an idle guest is fine
                 if not data:
                     raise AgentGone("the guest agent closed the connection")
                 for frame in decoder.feed(data):
@@ -79,84 +98,125 @@ class AgentConnection:
             self._fail(f"connection to the guest agent failed: {e}")
 
     def _fail(self, reason: str) -> None:
-        if self.error is None:
-            self.error = reason
         with self._lock:
-            channels = list(self._channels.values())
-        for ch in channels:
-            ch.closed = True
-            with ch.credit:
-                ch.credit.notify_all()
-            _force_put(ch.events, AgentGone(reason))
-        _force_put(self._control, AgentGone(reason))
+            if self.error is None:
+                self.error = reason
+            gone = AgentGone(self.error)
+            for ch in self._channels.values():
+                if ch.error is None:
+                    ch.error = gone
+                ch.cond.notify_all()
+            self._channels.clear()
+            self._table.close_all()
+        _force_put(self._control, gone)
+
+    def abort(self, reason: str) -> None:
+        """Fail every operation now (a timeout, a signal): waiters wake with AgentGone."""
+        self._fail(reason)
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
 
     def _dispatch(self, frame: p.Frame) -> None:
         if frame.channel == 0:
             self._dispatch_control(frame)
             return
         with self._lock:
+            closed, event = self._table.receive(frame)
             ch = self._channels.get(frame.channel)
-        if ch is None or ch.closed:
-            raise p.ProtocolError(f"{frame.type.name} for channel {frame.channel}, not open")
-        t = frame.type
-        if ch.kind == "exec":
-            if t in (T.STDOUT, T.STDERR):
-                if not frame.payload:
-                    raise p.ProtocolError("empty output frame")
-                ch.events.put(Output("stdout" if t == T.STDOUT else "stderr", frame.payload))
-            elif t == T.STDIN_ACK:
-                n = p.parse_u32(frame.payload, "STDIN_ACK")
-                with ch.credit:
-                    if n > ch.unacked:
-                        raise p.ProtocolError("STDIN_ACK for more bytes than were sent")
-                    ch.unacked -= n
-                    ch.credit.notify_all()
-            elif t == T.STARTED:
-                p.parse_u32(frame.payload, "STARTED")
-            elif t == T.EXIT:
-                status = p.parse_exit(frame.payload)
-                self._close_channel(frame.channel, ch)
-                ch.events.put(status)
-            else:
-                raise p.ProtocolError(f"{t.name} on an exec channel")
-        else:
-            if t == T.FILE_DATA:
-                ch.events.put(frame.payload)
-            elif t == T.DIRENT:
-                ch.events.put(p.parse_dirent(frame.payload))
-            elif t == T.RESULT:
-                result = p.parse_result(frame.payload)
-                self._close_channel(frame.channel, ch)
-                ch.events.put(result)
-            else:
-                raise p.ProtocolError(f"{t.name} on a file channel")
+            if closed:
+                self._channels.pop(frame.channel, None)
+            if ch is None:
+                return
+            if event is None:
+                ch.cond.notify_all()  # stdin credit
+                return
+            if not closed and ch.size >= CHANNEL_BUFFER:
+                self._wait_room(ch)
+            if not ch.abandoned:
+                ch.events.append(event)
+                ch.size += _size(event)
+                ch.done = ch.done or closed
+            ch.cond.notify_all()
+
+    def _wait_room(self, ch: _Channel) -> None:
+        """Wait (lock held) until the consumer made room, left, or the stall bound passed;
+        in the last case the channel is given up, not the connection."""
+        deadline = None if ch.stall is None else time.monotonic() + ch.stall
+        while ch.size >= CHANNEL_BUFFER and not ch.abandoned and ch.error is None:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                ch.error = ChannelStalled(f"channel {ch.id}: its reader stopped taking data")
+                self._abandon_locked(ch)
+                return
+            ch.cond.wait(left if left is not None else 1.0)
+
+    def _abandon_locked(self, ch: _Channel) -> None:
+        ch.abandoned = True
+        ch.events.clear()
+        ch.size = 0
+        self._table.abandon(ch.id)
+        self._channels.pop(ch.id, None)
+        ch.cond.notify_all()
 
     def _dispatch_control(self, frame: p.Frame) -> None:
+        item: object
         if frame.type == T.HELLO:
             if self.hello is not None:
                 raise p.ProtocolError("second HELLO")
             hello = p.parse_hello(frame.payload)
             if hello.version != p.PROTOCOL_VERSION:
                 raise p.ProtocolError(f"agent speaks protocol {hello.version}")
-            self.hello = hello
-            self._control.put(hello)
+            self.hello = item = hello
         elif frame.type == T.RESULT:
-            self._control.put(p.parse_result(frame.payload))
+            item = p.parse_result(frame.payload)
         elif frame.type == T.PONG:
-            self._control.put(frame.payload)
+            item = frame.payload
         elif frame.type == T.LOG:
             line = p.parse_log(frame.payload)
             if self._on_log:
                 self._on_log(line)
+            return
         else:
             raise p.ProtocolError(f"{frame.type.name} on the control channel")
+        try:
+            self._control.put_nowait(item)
+        except queue.Full:
+            raise p.ProtocolError("control answers nobody asked for") from None
 
-    def _close_channel(self, cid: int, ch: _Channel) -> None:
-        ch.closed = True
-        with ch.credit:
-            ch.credit.notify_all()
+    # --- channels --------------------------------------------------------------------------
+
+    def _open(self, kind: Kind, stall: float | None) -> _Channel:
         with self._lock:
-            self._channels.pop(cid, None)
+            if self.error is not None:
+                raise AgentGone(self.error)
+            cid = self._table.open(kind)
+            ch = _Channel(cid, self._lock, stall)
+            self._channels[cid] = ch
+            return ch
+
+    def _next(self, ch: _Channel, timeout: float | None) -> p.ChannelEvent:
+        """The channel's next event; AgentGone when the connection or the channel failed,
+        ChannelStalled when nothing came within `timeout`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while not ch.events:
+                if ch.error is not None:
+                    raise ch.error
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise ChannelStalled(f"the guest agent stopped answering "
+                                         f"(channel {ch.id}, {timeout:.0f}s)")
+                ch.cond.wait(left)
+            ev = ch.events.popleft()
+            ch.size -= _size(ev)
+            ch.cond.notify_all()
+            return ev
+
+    def abandon(self, ch: _Channel) -> None:
+        """Stop listening to a channel: buffered events are dropped, later ones discarded."""
+        with self._lock:
+            if not ch.done and not ch.abandoned:
+                self._abandon_locked(ch)
 
     # --- sending ---------------------------------------------------------------------------
 
@@ -167,8 +227,12 @@ class AgentConnection:
         with self._send_lock:
             try:
                 self._sock.sendall(data)
+            except TimeoutError:
+                reason = f"the guest agent took no data for {SEND_TIMEOUT:.0f}s"
+                self.abort(reason)
+                raise AgentGone(reason) from None
             except OSError as e:
-                raise AgentGone(f"cannot send to the guest agent: {e}") from e
+                raise AgentGone(self.error or f"cannot send to the guest agent: {e}") from e
 
     def _control_reply(self, timeout: float) -> object:
         try:
@@ -176,6 +240,7 @@ class AgentConnection:
         except queue.Empty:
             raise AgentGone(f"the guest agent did not answer within {timeout:.0f}s") from None
         if isinstance(item, AgentGone):
+            _force_put(self._control, item)  # every later waiter learns it too
             raise item
         return item
 
@@ -204,69 +269,70 @@ class AgentConnection:
         with contextlib.suppress(AgentGone):
             self.send(T.SHUTDOWN, 0)
 
-    def _open(self, kind: Literal["exec", "file"]) -> tuple[int, _Channel]:
-        ch = _Channel(kind)
-        with self._lock:
-            cid = next(self._ids)
-            self._channels[cid] = ch
-        return cid, ch
-
     # --- operations ------------------------------------------------------------------------
 
-    def exec(self, req: p.ExecRequest) -> Exec:
-        cid, ch = self._open("exec")
-        self.send(T.EXEC, cid, req.encode())
-        return Exec(self, cid, ch)
+    def exec(self, req: p.ExecRequest, stall: float | None = None) -> Exec:
+        """Start a process. `stall`: how long its output may wait for this consumer before
+        the exec's channel is given up (None: as long as the consumer is alive)."""
+        ch = self._open(Kind.EXEC, stall)
+        try:
+            self.send(T.EXEC, ch.id, req.encode())
+        except BaseException:
+            self.abandon(ch)
+            raise
+        return Exec(self, ch)
 
-    def _file_events(self, ch: _Channel, timeout: float) -> Iterator[object]:
+    @contextlib.contextmanager
+    def _file_op(self, kind: Kind) -> Iterator[_Channel]:
+        ch = self._open(kind, FILE_STALL)
+        try:
+            yield ch
+        finally:
+            self.abandon(ch)  # a no-op once its RESULT was taken
+
+    def _file_events(self, ch: _Channel, timeout: float) -> Iterator[p.ChannelEvent]:
         while True:
-            try:
-                item = ch.events.get(timeout=timeout)
-            except queue.Empty:
-                raise AgentGone("the guest agent stopped answering a file request") from None
-            if isinstance(item, AgentGone):
-                raise item
-            yield item
-            if isinstance(item, p.Result):
+            ev = self._next(ch, timeout)
+            yield ev
+            if isinstance(ev, p.Result):
                 return
 
     def read_file(self, path: str, limit: int, timeout: float = 60.0) -> bytes:
-        cid, ch = self._open("file")
-        self.send(T.FILE_READ, cid, p.encode_path(path))
-        out = bytearray()
-        for item in self._file_events(ch, timeout):
-            if isinstance(item, bytes):
-                out += item
-                if len(out) > limit:
-                    raise FileOpError(27, f"{path}: larger than {limit} bytes")
-            elif isinstance(item, p.Result) and item.errno:
-                raise FileOpError(item.errno, item.message)
-        return bytes(out)
+        with self._file_op(Kind.FILE_READ) as ch:
+            self.send(T.FILE_READ, ch.id, p.encode_path(path))
+            out = bytearray()
+            for ev in self._file_events(ch, timeout):
+                if isinstance(ev, p.FileData):
+                    out += ev.data
+                    if len(out) > limit:
+                        raise FileOpError(27, f"{path}: larger than {limit} bytes")  # EFBIG
+                elif isinstance(ev, p.Result) and ev.errno:
+                    raise FileOpError(ev.errno, ev.message)
+            return bytes(out)
 
     def write_file(self, path: str, data: bytes, mode: int = 0o644, timeout: float = 60.0) -> None:
-        cid, ch = self._open("file")
-        self.send(T.FILE_WRITE, cid, p.encode_path(path, mode))
-        for off in range(0, len(data), p.MAX_DATA):
-            self.send(T.FILE_DATA_IN, cid, data[off : off + p.MAX_DATA])
-        self.send(T.FILE_DATA_IN, cid, b"")
-        for item in self._file_events(ch, timeout):
-            if isinstance(item, p.Result) and item.errno:
-                raise FileOpError(item.errno, item.message)
+        with self._file_op(Kind.FILE_WRITE) as ch:
+            self.send(T.FILE_WRITE, ch.id, p.encode_path(path, mode))
+            for off in range(0, len(data), p.MAX_DATA):
+                self.send(T.FILE_DATA_IN, ch.id, data[off : off + p.MAX_DATA])
+            self.send(T.FILE_DATA_IN, ch.id, b"")
+            for ev in self._file_events(ch, timeout):
+                if isinstance(ev, p.Result) and ev.errno:
+                    raise FileOpError(ev.errno, ev.message)
 
     def list_files(self, path: str, timeout: float = 60.0) -> list[p.DirEntry]:
-        cid, ch = self._open("file")
-        self.send(T.FILE_LIST, cid, p.encode_path(path))
-        entries: list[p.DirEntry] = []
-        for item in self._file_events(ch, timeout):
-            if isinstance(item, p.DirEntry):
-                entries.append(item)
-            elif isinstance(item, p.Result) and item.errno:
-                raise FileOpError(item.errno, item.message)
-        return entries
+        with self._file_op(Kind.FILE_LIST) as ch:
+            self.send(T.FILE_LIST, ch.id, p.encode_path(path))
+            entries: list[p.DirEntry] = []
+            for ev in self._file_events(ch, timeout):
+                if isinstance(ev, p.DirEntry):
+                    entries.append(ev)
+                elif isinstance(ev, p.Result) and ev.errno:
+                    raise FileOpError(ev.errno, ev.message)
+            return entries
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._sock.shutdown(socket.SHUT_RDWR)
+        self.abort(self.error or "the connection was closed")
         self._sock.close()
 
 
@@ -279,51 +345,77 @@ class FileOpError(Exception):
 class Exec:
     """One running process in the guest."""
 
-    def __init__(self, conn: AgentConnection, cid: int, ch: _Channel) -> None:
+    def __init__(self, conn: AgentConnection, ch: _Channel) -> None:
         self._conn = conn
-        self.channel = cid
         self._ch = ch
+        self.channel = ch.id
         self.status: p.ExitStatus | None = None
+        self.pid: int | None = None
 
-    def events(self) -> Iterator[ExecEvent]:
-        """Output in the order the guest produced it, then the exit status."""
-        while self.status is None:
-            item = self._ch.events.get()
-            if isinstance(item, AgentGone):
-                raise item
-            if isinstance(item, p.ExitStatus):
-                self.status = item
-            assert isinstance(item, (Output, p.ExitStatus))
-            yield item
+    def events(self, timeout: float | None = None) -> Iterator[ExecEvent]:
+        """Output in the order the guest produced it, then the exit status. Raises
+        AgentGone when the connection fails or is aborted, ChannelStalled when nothing
+        arrived for `timeout` seconds (the exec is abandoned then, not the connection)."""
+        try:
+            while self.status is None:
+                ev = self._conn._next(self._ch, timeout)
+                if isinstance(ev, p.Started):
+                    self.pid = ev.pid
+                    continue
+                if isinstance(ev, p.ExitStatus):
+                    self.status = ev
+                assert isinstance(ev, (Output, p.ExitStatus))
+                yield ev
+        finally:
+            if self.status is None:
+                # The consumer is gone (an error, a timeout, a broken pipe): nobody will read
+                # this process's output, so it must not run on in the guest either.
+                with contextlib.suppress(AgentGone):
+                    self.kill()
+                self.abandon()
+
+    def abandon(self) -> None:
+        """Stop listening (kill the process first if it should not run on)."""
+        self._conn.abandon(self._ch)
+
+    @property
+    def _open(self) -> bool:
+        return not (self._ch.done or self._ch.abandoned or self._ch.error)
 
     def write_stdin(self, data: bytes) -> None:
         """Send stdin, waiting for the guest's acknowledgements to stay inside the window."""
         view = memoryview(data)
+        conn, ch = self._conn, self._ch
         while view:
-            with self._ch.credit:
-                while self._ch.unacked >= p.STDIN_WINDOW and not self._ch.closed:
-                    self._ch.credit.wait()
-                if self._ch.closed:
-                    return
-                n = min(len(view), p.MAX_DATA, p.STDIN_WINDOW - self._ch.unacked)
-                self._ch.unacked += n
-            self._conn.send(T.STDIN, self.channel, bytes(view[:n]))
+            with ch.cond:
+                while True:
+                    if ch.error is not None:
+                        raise ch.error
+                    if ch.done or ch.abandoned or self.channel not in conn._channels:
+                        return
+                    room = conn._table.stdin_room(self.channel)
+                    if room:
+                        break
+                    ch.cond.wait(1.0)
+                n = min(len(view), p.MAX_DATA, room)
+                conn._table.stdin_sent(self.channel, n)
+            conn.send(T.STDIN, self.channel, bytes(view[:n]))
             view = view[n:]
 
     def close_stdin(self) -> None:
-        if not self._ch.closed:
+        if self._open:
             self._conn.send(T.STDIN, self.channel, b"")
 
     def signal(self, signo: int) -> None:
-        if not self._ch.closed:
+        if self._open:
             self._conn.send(T.SIGNAL, self.channel, p.encode_signal(signo))
 
     def kill(self) -> None:
-        if not self._ch.closed:
+        if self._open:
             self._conn.send(T.KILL, self.channel)
 
     def resize(self, rows: int, cols: int) -> None:
-        if not self._ch.closed:
+        if self._open:
             self._conn.send(T.RESIZE, self.channel, p.encode_resize(rows, cols))
 
 

@@ -70,6 +70,7 @@ class SetupTag(IntEnum):
     RESOLV = 7
     CPU_QUOTA = 8
     NET = 9
+    MOUNT = 10
 
 
 class ExecTag(IntEnum):
@@ -218,6 +219,7 @@ class SetupRequest:
     resolv: str | None = None
     cpu_quota_us: int = 0
     net: NetConfig | None = None
+    mounts: tuple[bytes, ...] = ()  # sandbox.mounts.setup_field
 
     def encode(self) -> bytes:
         fields: list[tuple[int, bytes]] = [
@@ -235,6 +237,7 @@ class SetupRequest:
             fields.append((SetupTag.CPU_QUOTA, struct.pack(">I", self.cpu_quota_us)))
         if self.net is not None:
             fields.append((SetupTag.NET, self.net.encode()))
+        fields += [(SetupTag.MOUNT, m) for m in self.mounts]
         return encode_tlv(fields)
 
 
@@ -390,3 +393,144 @@ def parse_log(payload: bytes) -> str:
     if len(payload) > MAX_LOG_LINE:
         raise ProtocolError("LOG line too long")
     return payload.decode("utf-8", "replace")
+
+
+# --- per-channel state (which guest frames are valid when) ------------------------------------
+
+
+class Kind(IntEnum):
+    """What a channel was opened for; decides which guest frames it may carry."""
+
+    EXEC = 1
+    FILE_READ = 2
+    FILE_WRITE = 3
+    FILE_LIST = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    stream: str  # "stdout" or "stderr"
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class FileData:
+    data: bytes
+
+
+ChannelEvent = Output | Started | ExitStatus | FileData | DirEntry | Result
+
+_ALLOWED: dict[Kind, frozenset[T]] = {
+    Kind.EXEC: frozenset({T.STDOUT, T.STDERR, T.STDIN_ACK, T.STARTED, T.EXIT}),
+    Kind.FILE_READ: frozenset({T.FILE_DATA, T.RESULT}),
+    Kind.FILE_WRITE: frozenset({T.RESULT}),
+    Kind.FILE_LIST: frozenset({T.DIRENT, T.RESULT}),
+}
+_TERMINAL = {Kind.EXEC: T.EXIT, Kind.FILE_READ: T.RESULT, Kind.FILE_WRITE: T.RESULT,
+             Kind.FILE_LIST: T.RESULT}
+
+
+@dataclass
+class _ChannelState:
+    kind: Kind
+    abandoned: bool = False  # the host stopped listening; frames are dropped until the end
+    started: bool = False
+    unacked: int = 0  # stdin bytes sent and not yet acknowledged
+
+
+class ChannelTable:
+    """The host's view of every open channel, without I/O or threads.
+
+    `receive` validates a guest frame against its channel's kind and state and turns it into
+    an event; the terminal frame (EXIT, RESULT) closes the channel. A channel the host
+    abandoned (its consumer failed, gave up or timed out) stays known until its terminal frame
+    arrives, and everything it still receives is dropped, so a late answer is never mistaken
+    for a protocol violation and never waits for a consumer that is gone. Callers serialise
+    access (one lock)."""
+
+    def __init__(self) -> None:
+        self._open: dict[int, _ChannelState] = {}
+        self._next = 1
+
+    def open(self, kind: Kind) -> int:
+        cid = self._next
+        self._next = cid + 1 if cid < 0xFFFFFFFF else 1
+        if cid in self._open:
+            raise ProtocolError("no free channel id")
+        self._open[cid] = _ChannelState(kind)
+        return cid
+
+    def is_open(self, cid: int) -> bool:
+        st = self._open.get(cid)
+        return st is not None and not st.abandoned
+
+    def abandon(self, cid: int) -> None:
+        """The host no longer wants this channel's events (they are dropped from now on)."""
+        st = self._open.get(cid)
+        if st is not None:
+            st.abandoned = True
+
+    def stdin_room(self, cid: int) -> int:
+        """Bytes of stdin the host may send now (the window less what is unacknowledged)."""
+        st = self._open.get(cid)
+        if st is None or st.abandoned or st.kind != Kind.EXEC:
+            return 0
+        return max(0, STDIN_WINDOW - st.unacked)
+
+    def stdin_sent(self, cid: int, n: int) -> None:
+        st = self._open.get(cid)
+        if st is not None:
+            if n > STDIN_WINDOW - st.unacked:
+                raise ValueError("stdin beyond the window")
+            st.unacked += n
+
+    def receive(self, frame: Frame) -> tuple[bool, ChannelEvent | None]:
+        """(closed, event) for a guest frame on channel ≥ 1. `event` is None when there is
+        nothing for a consumer (an acknowledgement, or a frame of an abandoned channel);
+        `closed` says the frame ended the channel (it is forgotten)."""
+        st = self._open.get(frame.channel)
+        if st is None:
+            raise ProtocolError(f"{frame.type.name} for channel {frame.channel}, not open")
+        t = frame.type
+        if t not in _ALLOWED[st.kind]:
+            raise ProtocolError(f"{t.name} on a {st.kind.name} channel")
+        event: ChannelEvent | None
+        if t in (T.STDOUT, T.STDERR):
+            if not frame.payload:
+                raise ProtocolError("empty output frame")
+            event = Output("stdout" if t == T.STDOUT else "stderr", frame.payload)
+        elif t == T.STDIN_ACK:
+            n = parse_u32(frame.payload, "STDIN_ACK")
+            if n > st.unacked:
+                raise ProtocolError("STDIN_ACK for more bytes than were sent")
+            st.unacked -= n
+            event = None
+        elif t == T.STARTED:
+            if st.started:
+                raise ProtocolError("second STARTED")
+            st.started = True
+            event = Started(parse_u32(frame.payload, "STARTED"))
+        elif t == T.EXIT:
+            event = parse_exit(frame.payload)
+        elif t == T.FILE_DATA:
+            event = FileData(frame.payload)
+        elif t == T.DIRENT:
+            event = parse_dirent(frame.payload)
+        else:
+            event = parse_result(frame.payload)
+        closed = t == _TERMINAL[st.kind]
+        if closed:
+            del self._open[frame.channel]
+        if st.abandoned:
+            event = None
+        return closed, event
+
+    def close_all(self) -> list[int]:
+        ids = list(self._open)
+        self._open.clear()
+        return ids

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import math
 import os
 import re
@@ -34,6 +35,7 @@ from matchlock.vm.qemu import Disk, VMConfig
 from matchlock.vm.qmp import Qmp
 
 if TYPE_CHECKING:
+    from matchlock.sandbox.mounts import MountSpec, Shares
     from matchlock.sandbox.network import Egress
 
 # A host name of dot-separated labels (`override.internal`, as Docker allows), at most 64
@@ -55,6 +57,7 @@ class SandboxOptions:
     boot_timeout: float = 60.0
     extra_hosts: tuple[str, ...] = ()
     egress: Egress | None = None  # None: no NIC at all
+    mounts: tuple[MountSpec, ...] = ()  # sandbox.mounts.parse_mounts
 
     def validate(self) -> None:
         if not (math.isfinite(self.cpus) and self.cpus > 0):
@@ -101,6 +104,7 @@ class Sandbox:
         self._qmp: Qmp | None = None
         self.restored = False
         self._closed = False
+        self._shares: Shares | None = None
 
     def __enter__(self) -> Sandbox:
         return self
@@ -145,6 +149,12 @@ class Sandbox:
             nic_args, nic_fds = nic.qemu_args(), [nic.tap_fd]
             self.opts.egress.start_services(self.id, self.hostname, self.dir)
             devices += "+net"
+        if self.opts.mounts:
+            from matchlock.sandbox import mounts
+
+            self._shares = mounts.prepare(self.opts.mounts, self.dir, runas)
+            nic_args, nic_fds = nic_args + self._shares.qemu_args, nic_fds + self._shares.fds
+            devices += mounts.DEVICES
         tkey = template.key(arts.key, self.accel, vcpus, self.opts.memory_mb, devices)
         tmpl = template.find(tkey) if snapshots else None
         base = VMConfig(
@@ -176,6 +186,8 @@ class Sandbox:
                 except (MatchlockError, OSError) as e:
                     self._agent_log(f"could not save a snapshot template: {e}")
                 self.timings.add("snapshot_save", time.perf_counter() - t)
+        if self._shares is not None:
+            self._shares.close()  # QEMU holds its exports now
         t2 = time.perf_counter()
         if self.opts.rootfs is not None:
             self._setup()
@@ -292,6 +304,7 @@ class Sandbox:
             cpu_quota_us=self.cpu_quota_us(),
             net=net,
             resolv=resolv,
+            mounts=self._shares.setup_fields if self._shares is not None else (),
         )
         try:
             result = self._conn.setup(req, timeout=self.opts.boot_timeout)
@@ -316,8 +329,16 @@ class Sandbox:
         for path in SYSTEM_BUNDLES:
             try:
                 data = self._conn.read_file(path, MAX_BUNDLE)
-            except FileOpError:
+            except FileOpError as e:
+                if e.errno == errno.EFBIG:
+                    raise GuestError(
+                        f"the image's CA bundle {path} is larger than {MAX_BUNDLE >> 20} MiB, "
+                        "so the sandbox CA cannot be added to it",
+                        hint="trim the image's CA bundle, or run with --no-network",
+                    ) from None
                 continue
+            except AgentGone as e:
+                raise self._agent_failure(e) from None
             found.append(path)
             bundle = bundle or data
         files = egress.ca_files(bundle)
@@ -397,6 +418,8 @@ class Sandbox:
             # The writable layer is thrown away, so there is nothing to flush: kill the VMM
             # now rather than wait for a guest shutdown.
             self._discard_vm()
+            if self._shares is not None:
+                self._shares.close()
             if self._identity is not None:
                 self._identity.release()
             if self.opts.egress is not None:

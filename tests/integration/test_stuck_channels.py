@@ -1,0 +1,119 @@
+"""One failed or slow channel never stalls the connection, and `--timeout` always ends a run.
+
+Reproduces a hang found in review: an image whose CA bundle is larger than the sandbox will
+merge (20 MiB) made the host abandon its FILE_READ mid-stream with the channel still open;
+the reader thread then blocked on that channel's full queue, every later answer stalled, and
+`run --timeout 5` hung until it was killed from outside.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import subprocess
+import tarfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from matchlock.image.builtin import build_builtin
+from matchlock.image.digest import sha256_digest
+from matchlock.image.oci import (
+    OCI_CONFIG,
+    OCI_LAYER_GZIP,
+    OCI_LAYER_TAR,
+    OCI_LAYOUT_VERSION,
+    OCI_MANIFEST,
+    Descriptor,
+    build_index,
+    build_manifest,
+    dump_json,
+    parse_json_object,
+)
+
+from .conftest import MATCHLOCK
+
+pytestmark = pytest.mark.vm
+Run = Callable[..., subprocess.CompletedProcess[bytes]]
+BUNDLE = "etc/ssl/certs/ca-certificates.crt"
+
+
+def _bundle_layer(size: int) -> bytes:
+    """A small gzip layer holding a `size`-byte CA bundle (one PEM block, repeated)."""
+    pem = (b"-----BEGIN CERTIFICATE-----\n" + b"QUJD" * 16 + b"\n"
+           b"-----END CERTIFICATE-----\n")
+    data = (pem * (size // len(pem) + 1))[:size]
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for d in ("etc", "etc/ssl", "etc/ssl/certs"):
+            info = tarfile.TarInfo(d)
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            tar.addfile(info)
+        info = tarfile.TarInfo(BUNDLE)
+        info.size, info.mode = len(data), 0o644
+        tar.addfile(info, io.BytesIO(data))
+    return gzip.compress(out.getvalue(), mtime=0)
+
+
+def write_layout_with_bundle(dest: Path, size: int) -> None:
+    """The built-in busybox image plus one layer with a `size`-byte CA bundle."""
+    base = build_builtin()
+    extra = _bundle_layer(size)
+    config = parse_json_object(base.config, "config")
+    config["rootfs"]["diff_ids"].append(sha256_digest(gzip.decompress(extra)))
+    config_raw = dump_json(config)
+    manifest = build_manifest(
+        Descriptor(OCI_CONFIG, sha256_digest(config_raw), len(config_raw)),
+        [Descriptor(OCI_LAYER_TAR, base.layer_digest, len(base.layer)),
+         Descriptor(OCI_LAYER_GZIP, sha256_digest(extra), len(extra))],
+    )
+    blobs = dest / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+    for blob in (base.layer, extra, config_raw, manifest):
+        (blobs / sha256_digest(blob).split(":", 1)[1]).write_bytes(blob)
+    (dest / "oci-layout").write_bytes(dump_json({"imageLayoutVersion": OCI_LAYOUT_VERSION}))
+    (dest / "index.json").write_bytes(build_index([Descriptor(
+        OCI_MANIFEST, sha256_digest(manifest), len(manifest), platform=base.platform)]))
+
+
+@pytest.fixture(scope="module")
+def big_bundle_image(state_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    layout = tmp_path_factory.mktemp("bigca") / "layout"
+    write_layout_with_bundle(layout, 20 << 20)
+    assert sum(f.stat().st_size for f in layout.rglob("*") if f.is_file()) < 4 << 20
+    r = subprocess.run([MATCHLOCK, "image", "import", "bigca:1", str(layout)],
+                       capture_output=True, timeout=600)
+    assert r.returncode == 0, r.stderr.decode()
+    # The first run builds the root filesystem (and says so on stderr); the network's CA
+    # install is what reads the bundle, so this one works.
+    r = subprocess.run([MATCHLOCK, "run", "--no-network", "--image", "bigca:1", "--",
+                        "wc", "-c", "/" + BUNDLE], capture_output=True, timeout=300)
+    assert r.returncode == 0, r.stderr.decode()
+    assert r.stdout.split()[0] == str(20 << 20).encode()
+    return "bigca:1"
+
+
+def _one_error_line(stderr: bytes) -> bytes:
+    assert b"Traceback" not in stderr, stderr
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(b"matchlock: "), stderr
+    return lines[0]
+
+
+def test_oversized_ca_bundle_ends_the_run_promptly(ml: Run, big_bundle_image: str) -> None:
+    start = time.monotonic()
+    r = ml("run", "--image", big_bundle_image, "--timeout", "5", "--", "true", timeout=60)
+    elapsed = time.monotonic() - start
+    assert r.returncode != 0
+    line = _one_error_line(r.stderr)
+    assert b"CA bundle" in line or b"timed out after 5s" in line, line
+    assert elapsed < 30, elapsed
+
+
+def test_oversized_ca_bundle_without_timeout_is_one_line(ml: Run, big_bundle_image: str) -> None:
+    r = ml("run", "--image", big_bundle_image, "--", "true", timeout=120)
+    assert r.returncode == 1
+    line = _one_error_line(r.stderr)
+    assert b"CA bundle" in line and b"/etc/ssl/certs/ca-certificates.crt" in line, line
