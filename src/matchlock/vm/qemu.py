@@ -8,13 +8,10 @@ removes what remains on disk.
 
 from __future__ import annotations
 
-import ctypes
-import fcntl
 import os
 import shutil
-import signal
 import subprocess
-import termios
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +21,6 @@ from matchlock.vm import confine
 from matchlock.vm.accel import host_tsc_khz
 
 QEMU_BINARY = "qemu-system-x86_64"
-_PR_SET_PDEATHSIG = 1
-_CLONE_NEWNET = 0x40000000
 
 
 @dataclass(frozen=True)
@@ -145,31 +140,20 @@ def find_qemu() -> str:
     return path
 
 
-class _Preexec:
-    """What the child does between fork and exec. Everything is prepared before the fork."""
+_WRAPPER = Path(__file__).with_name("vmm_exec.py")
 
-    def __init__(self, cfg: VMConfig, hangup_tty: int | None) -> None:
-        self._libc = ctypes.CDLL(None, use_errno=True)
-        self._hangup_tty = hangup_tty
-        self._private_netns = cfg.private_netns
-        self._filter = None
-        if cfg.runas is not None and confine.filter_supported():
-            self._filter = confine.PreparedFilter(confine.setid_filter(*cfg.runas))
 
-    def __call__(self) -> None:
-        self._libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        # The owner spawns with SIGINT/SIGTERM/SIGHUP blocked (a critical section); a mask is
-        # inherited across exec, and QEMU must receive the hang-up's SIGHUP.
-        signal.pthread_sigmask(signal.SIG_SETMASK, ())
-        # Popen made this process a session leader (start_new_session): a Ctrl-C typed at
-        # the user's terminal must reach the guest command through the agent, not kill the
-        # VMM under it. Its controlling terminal is the owner's pty (hang-up on owner death).
-        if self._hangup_tty is not None:
-            fcntl.ioctl(self._hangup_tty, termios.TIOCSCTTY, 0)
-        if self._private_netns and self._libc.unshare(_CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET)")
-        if self._filter is not None:
-            self._filter.install()  # last: it forbids setsid
+def wrapper_argv(cfg: VMConfig, argv: list[str], ctty: int | None) -> list[str]:
+    """The VMM's command line behind `vmm_exec.py`, which does in a single-threaded process
+    of its own what must happen between fork and QEMU's exec (see that module)."""
+    out = [sys.executable, "-I", "-S", str(_WRAPPER)]
+    if ctty is not None:
+        out += ["--ctty", str(ctty)]
+    if cfg.private_netns:
+        out.append("--netns")
+    if cfg.runas is not None and confine.filter_supported():
+        out += ["--filter", confine.setid_filter(*cfg.runas).hex()]
+    return [*out, "--", *argv]
 
 
 @dataclass
@@ -186,23 +170,27 @@ class Vmm:
 
 
 def spawn(cfg: VMConfig, log_path: Path) -> Vmm:
-    argv = command_line(cfg, find_qemu())
     master = slave = None
     if cfg.runas is not None:
-        master, slave = os.openpty()  # both close-on-exec: only the ctty link survives exec
+        master, slave = os.openpty()  # close-on-exec; the slave is passed on to the wrapper
+    argv = wrapper_argv(cfg, command_line(cfg, find_qemu()), slave)
+    fds = [fd for fd in (cfg.control_fd, cfg.qmp_fd, *cfg.extra_fds) if fd is not None]
+    if slave is not None:
+        fds.append(slave)
     try:
         with open(log_path, "ab") as log:
+            # No preexec_fn: the owner has threads. start_new_session (setsid, done by C code
+            # in the child) makes the VMM a session leader: a Ctrl-C typed at the user's
+            # terminal reaches the guest command through the agent, not the VMM under it.
             proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
-                pass_fds=tuple(
-                    fd for fd in (cfg.control_fd, cfg.qmp_fd, *cfg.extra_fds) if fd is not None
-                ),
-                preexec_fn=_Preexec(cfg, slave),
+                pass_fds=tuple(fds),
                 start_new_session=True,
                 close_fds=True,
+                env={**os.environ, "MATCHLOCK_VMM_OWNER": str(os.getpid())},
             )
     except BaseException:
         if master is not None:
