@@ -446,12 +446,16 @@ def test_cli_default_is_sealed(state_dir: Path) -> None:
 
 
 def test_busybox_wget_through_the_cli(upstream: Upstream, state_dir: Path) -> None:
+    # HTTPS too: BusyBox's own TLS 1.2 client sends no signature_algorithms (SHA-1 only).
     r = subprocess.run(
-        [MATCHLOCK, "run", "--allow-host", "api.test", "--add-host", "api.test:10.99.0.2", "--",
+        [MATCHLOCK, "run", "--allow-host", "api.test", "--add-host", "api.test:10.99.0.2",
+         "--upstream-ca", str(upstream.ca), "--",
          "sh", "-c", "wget -q -O /tmp/r http://api.test/headers && cat /tmp/r; "
+         "wget -q -O /tmp/t https://api.test/tls && cat /tmp/t; "
          "wget -q -O /tmp/s http://other.test/ ; echo other=$?"],
         capture_output=True, timeout=120)
     assert r.returncode == 0, r.stderr
     out = r.stdout.decode()
     assert '"requestline": "GET /headers HTTP/1.1"' in out
+    assert '"requestline": "GET /tls HTTP/1.1"' in out
     assert "other=1" in out

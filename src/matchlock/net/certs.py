@@ -184,6 +184,13 @@ class CertificateAuthority:
     def _build_context(self, chain_pem: bytes) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        # Small TLS 1.2 clients (BusyBox wget, the default image's) send no
+        # signature_algorithms, which means "SHA-1 only"; OpenSSL refuses SHA-1 signatures
+        # above security level 0 and then finds no shared cipher. This side of the proxy only
+        # ever talks to the sandbox's own guest over its TAP, and the guest picks its own
+        # client: still forward-secret AEAD/CBC suites only, TLS 1.2+. (Upstream TLS keeps the
+        # system's defaults.)
+        ctx.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20:ECDHE+AES:@SECLEVEL=0")
         ctx.set_alpn_protocols(self._alpn)
         with _memfile(chain_pem) as cert_path, _memfile(self._leaf_key_pem) as key_path:
             ctx.load_cert_chain(cert_path, key_path)
