@@ -35,10 +35,13 @@ class ValueMask:
                 buf = buf.replace(v, b"*" * len(v))
         hold = 0
         for v in self._values:
-            for k in range(min(len(v) - 1, len(buf)), hold, -1):
-                if buf.endswith(v[:k]):
-                    hold = k
+            # The longest tail of buf that begins v: the earliest start that matches.
+            i = buf.find(v[:1], max(0, len(buf) - len(v) + 1))
+            while i != -1 and len(buf) - i > hold:
+                if v.startswith(buf[i:]):
+                    hold = len(buf) - i
                     break
+                i = buf.find(v[:1], i + 1)
         self._held = buf[len(buf) - hold :] if hold else b""
         return buf[: len(buf) - hold] if hold else buf
 
