@@ -168,6 +168,12 @@ def _parse_memory(value: str) -> int:
 @click.option("--max-connections", type=click.IntRange(min=1), default=None, metavar="N",
               help="Concurrent guest TCP connections the proxy accepts (default 512).")
 @click.option("--accel", default=None, help="kvm, tcg or auto (env MATCHLOCK_ACCEL).")
+@click.option("--workspace", default=None, metavar="DIR",
+              help="Guest directory that -v mounts go in (default /workspace).")
+@click.option("-v", "--volume", "volumes", multiple=True,
+              metavar="HOST:GUEST[:ro|overlay|host_fs]",
+              help="Mount a host directory or file; overlay (default): guest writes stay in "
+              "the guest; ro: read-only; host_fs: writes reach the host. Repeatable.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(
     image: str | None, envs: tuple[str, ...], env_files: tuple[str, ...], workdir: str | None,
@@ -178,7 +184,8 @@ def run(
     add_hosts: tuple[str, ...] = (), allow_private: tuple[str, ...] = (),
     upstream_ca: str | None = None, upstream_dns: tuple[str, ...] = (),
     log_network: bool = False, secret_files: tuple[str, ...] = (),
-    max_connections: int | None = None,
+    max_connections: int | None = None, workspace: str | None = None,
+    volumes: tuple[str, ...] = (),
 ) -> None:
     """Run COMMAND in a new ephemeral microVM booted from an OCI image."""
     from matchlock.guest.protocol import ExecRequest
@@ -204,7 +211,10 @@ def run(
         raise MatchlockError("-it needs a terminal on stdin", hint="drop -t to pipe stdin instead")
 
     from matchlock.sandbox import boot
+    from matchlock.sandbox.mounts import parse_mounts
     from matchlock.sandbox.network import Egress, NetworkOptions
+
+    mounts = parse_mounts(volumes, workspace)
 
     net_flags = (allow_hosts or secret_specs or secret_files or add_hosts or allow_private
                  or upstream_ca)
@@ -230,7 +240,7 @@ def run(
     opts = SandboxOptions(
         image=resolved.name, rootfs=resolved.rootfs, cpus=cpu_count,
         memory_mb=_parse_memory(memory), disk_size_mb=_parse_memory(disk_size),
-        hostname=hostname, accel=accel, egress=egress,
+        hostname=hostname, accel=accel, egress=egress, mounts=mounts,
     )
     sandbox = Sandbox(opts)
     timer = _Timeout(timeout, sandbox)

@@ -70,6 +70,7 @@ class SetupTag(IntEnum):
     RESOLV = 7
     CPU_QUOTA = 8
     NET = 9
+    MOUNT = 10
 
 
 class ExecTag(IntEnum):
@@ -218,6 +219,7 @@ class SetupRequest:
     resolv: str | None = None
     cpu_quota_us: int = 0
     net: NetConfig | None = None
+    mounts: tuple[bytes, ...] = ()  # sandbox.mounts.setup_field
 
     def encode(self) -> bytes:
         fields: list[tuple[int, bytes]] = [
@@ -235,6 +237,7 @@ class SetupRequest:
             fields.append((SetupTag.CPU_QUOTA, struct.pack(">I", self.cpu_quota_us)))
         if self.net is not None:
             fields.append((SetupTag.NET, self.net.encode()))
+        fields += [(SetupTag.MOUNT, m) for m in self.mounts]
         return encode_tlv(fields)
 
 

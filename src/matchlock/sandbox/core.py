@@ -35,6 +35,7 @@ from matchlock.vm.qemu import Disk, VMConfig
 from matchlock.vm.qmp import Qmp
 
 if TYPE_CHECKING:
+    from matchlock.sandbox.mounts import MountSpec, Shares
     from matchlock.sandbox.network import Egress
 
 # A host name of dot-separated labels (`override.internal`, as Docker allows), at most 64
@@ -56,6 +57,7 @@ class SandboxOptions:
     boot_timeout: float = 60.0
     extra_hosts: tuple[str, ...] = ()
     egress: Egress | None = None  # None: no NIC at all
+    mounts: tuple[MountSpec, ...] = ()  # sandbox.mounts.parse_mounts
 
     def validate(self) -> None:
         if not (math.isfinite(self.cpus) and self.cpus > 0):
@@ -102,6 +104,7 @@ class Sandbox:
         self._qmp: Qmp | None = None
         self.restored = False
         self._closed = False
+        self._shares: Shares | None = None
 
     def __enter__(self) -> Sandbox:
         return self
@@ -146,6 +149,13 @@ class Sandbox:
             nic_args, nic_fds = nic.qemu_args(), [nic.tap_fd]
             self.opts.egress.start_services(self.id, self.hostname, self.dir)
             devices += "+net"
+        if self.opts.mounts:
+            from matchlock.sandbox import mounts
+
+            self._shares = mounts.prepare(self.opts.mounts, runas)
+            nic_args, nic_fds = nic_args + self._shares.qemu_args, nic_fds + self._shares.fds
+            devices += mounts.DEVICES
+            chroot = mounts.share_root()
         tkey = template.key(arts.key, self.accel, vcpus, self.opts.memory_mb, devices)
         tmpl = template.find(tkey) if snapshots else None
         base = VMConfig(
@@ -155,6 +165,7 @@ class Sandbox:
             runas=runas, chroot=chroot,
             # Without a NIC the VMM still gets a namespace of its own: no route anywhere.
             private_netns=runas is not None and self.opts.egress is None,
+            chroot_proc=self._shares is not None,
         )
         self.timings.add("host_prep", time.perf_counter() - t0)
         if tmpl is not None:
@@ -177,6 +188,8 @@ class Sandbox:
                 except (MatchlockError, OSError) as e:
                     self._agent_log(f"could not save a snapshot template: {e}")
                 self.timings.add("snapshot_save", time.perf_counter() - t)
+        if self._shares is not None:
+            self._shares.close()  # QEMU holds its exports now
         t2 = time.perf_counter()
         if self.opts.rootfs is not None:
             self._setup()
@@ -293,6 +306,7 @@ class Sandbox:
             cpu_quota_us=self.cpu_quota_us(),
             net=net,
             resolv=resolv,
+            mounts=self._shares.setup_fields if self._shares is not None else (),
         )
         try:
             result = self._conn.setup(req, timeout=self.opts.boot_timeout)
@@ -406,6 +420,8 @@ class Sandbox:
             # The writable layer is thrown away, so there is nothing to flush: kill the VMM
             # now rather than wait for a guest shutdown.
             self._discard_vm()
+            if self._shares is not None:
+                self._shares.close()
             if self._identity is not None:
                 self._identity.release()
             if self.opts.egress is not None:

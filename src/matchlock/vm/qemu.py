@@ -55,6 +55,10 @@ class VMConfig:
     runas: tuple[int, int] | None = None
     chroot: Path | None = None
     private_netns: bool = False
+    # A VMM serving mounts (sandbox.mounts): QEMU 7.2's 9p server changes modes through
+    # /proc/self/fd/N, so its chroot (then `mounts.share_root()`) gets a /proc, of QEMU's own
+    # mount namespace, showing only the VMM's own processes (see vmm_exec.py).
+    chroot_proc: bool = False
 
 
 def kernel_cmdline(accel: str, extra: Sequence[str] = ()) -> str:
@@ -151,6 +155,8 @@ def wrapper_argv(cfg: VMConfig, argv: list[str], ctty: int | None) -> list[str]:
         out += ["--ctty", str(ctty)]
     if cfg.private_netns:
         out.append("--netns")
+    if cfg.chroot_proc and cfg.chroot is not None:
+        out += ["--proc", str(cfg.chroot / "proc")]
     if cfg.runas is not None and confine.filter_supported():
         out += ["--filter", confine.setid_filter(*cfg.runas).hex()]
     return [*out, "--", *argv]

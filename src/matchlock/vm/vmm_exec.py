@@ -1,6 +1,6 @@
 """Exec wrapper for the VMM: what used to run in a `preexec_fn`, in a process of its own.
 
-`python -I -S vmm_exec.py [--ctty FD] [--netns] [--filter HEX] -- QEMU ARGS...`
+`python -I -S vmm_exec.py [--ctty FD] [--netns] [--proc DIR] [--filter HEX] -- QEMU ARGS...`
 
 The owner is multi-threaded (the agent reader, the egress proxy), and running Python code
 between fork and exec there (`preexec_fn`: ctypes calls, signal-mask changes) can deadlock
@@ -12,6 +12,10 @@ interpreter (~10 ms) that imports nothing of matchlock, and which then, in order
 2. clears the blocked-signal mask (QEMU must receive the hang-up's SIGHUP);
 3. takes the pty slave FD as controlling terminal (hang-up on owner death, `vm.confine`);
 4. unshares its network namespace (`--netns`: a VMM without a NIC reaches nothing);
+   with `--proc DIR` (a VMM serving mounts: QEMU 7.2's 9p changes modes through
+   /proc/self/fd), unshares its mount namespace and mounts there, at DIR inside its future
+   chroot, a /proc that shows only processes of its own uid and nothing else
+   (`hidepid=invisible,subset=pid`);
 5. installs the set*id seccomp filter (`--filter`, last: it forbids setsid);
 
 and becomes QEMU with `execv`, keeping its pid (and so the owner's record of it).
@@ -29,6 +33,8 @@ _PR_SET_NO_NEW_PRIVS = 38
 _PR_SET_SECCOMP = 22
 _SECCOMP_MODE_FILTER = 2
 _CLONE_NEWNET = 0x40000000
+_CLONE_NEWNS = 0x00020000
+_MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REC, _MS_PRIVATE = 0x2, 0x4, 0x8, 0x4000, 0x40000
 
 
 class _SockFprog(ctypes.Structure):
@@ -42,13 +48,15 @@ def _check(rc: int, what: str) -> None:
 
 
 def main(args: list[str]) -> None:
-    ctty, netns, program = None, False, b""
+    ctty, netns, program, proc = None, False, b"", b""
     while args and args[0] != "--":
         opt = args.pop(0)
         if opt == "--ctty":
             ctty = int(args.pop(0))
         elif opt == "--netns":
             netns = True
+        elif opt == "--proc":
+            proc = os.fsencode(args.pop(0))
         elif opt == "--filter":
             program = bytes.fromhex(args.pop(0))
         else:
@@ -67,6 +75,11 @@ def main(args: list[str]) -> None:
         os.close(ctty)
     if netns:
         _check(libc.unshare(_CLONE_NEWNET), "unshare(CLONE_NEWNET)")
+    if proc:
+        _check(libc.unshare(_CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+        _check(libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None), "mount --make-rprivate /")
+        _check(libc.mount(b"proc", proc, b"proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC,
+                          b"hidepid=invisible,subset=pid"), "mount the VMM's /proc")
     if program:
         buf = ctypes.create_string_buffer(program, len(program))
         prog = _SockFprog(len(program) // 8, ctypes.addressof(buf))

@@ -73,6 +73,7 @@ enum setup_tag {
     SETUP_RESOLV = 7,
     SETUP_CPU_QUOTA = 8,
     SETUP_NET = 9,
+    SETUP_MOUNT = 10,
 };
 
 enum exec_tag {

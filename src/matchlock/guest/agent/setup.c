@@ -116,7 +116,19 @@ void power_off(void)
 
 /* ---- SETUP ------------------------------------------------------------------------------- */
 
+/* A host folder or file: entry <entry> of virtio-9p share ml<share> (ml0 read-only, ml1
+ * read-write), see sandbox/mounts.py. */
+#define MAX_SHARES 16
+enum { SHARE_RO = 0, SHARE_OVERLAY = 1, SHARE_HOST_FS = 2 };
+enum { SHARE_DIR = 0, SHARE_FILE = 1 };
+struct share {
+    uint8_t share, mode, kind, entry;
+    char *path; /* absolute guest path, checked by parse_setup */
+};
+
 struct setup {
+    struct share shares[MAX_SHARES];
+    size_t nshares;
     char *hostname, *root_dev, *upper_dev, *resolv;
     char **hosts;
     size_t nhosts;
@@ -200,8 +212,11 @@ static void flush_block_cache(const char *dev)
     }
 }
 
-static int switch_root(const char *root_dev, const char *upper_dev)
+static int mount_shares(const struct setup *s);
+
+static int switch_root(const struct setup *s)
 {
+    const char *root_dev = s->root_dev, *upper_dev = s->upper_dev;
     char dev[80];
     const char *dirs[] = {"/mnt", "/mnt/lower", "/mnt/upperfs", "/mnt/root"};
     for (size_t i = 0; i < sizeof dirs / sizeof *dirs; i++)
@@ -224,6 +239,7 @@ static int switch_root(const char *root_dev, const char *upper_dev)
     if (mount("overlay", "/mnt/root", "overlay", 0,
               "lowerdir=/mnt/lower,upperdir=/mnt/upperfs/upper,workdir=/mnt/upperfs/work"))
         return fail("mount the overlay root");
+    if (mount_shares(s)) return -1;
 
     const char *moved[] = {"/dev", "/proc", "/sys"};
     for (size_t i = 0; i < sizeof moved / sizeof *moved; i++) {
@@ -407,6 +423,152 @@ static int configure_net(const struct setup *s)
     return rc;
 }
 
+/* Absolute, no empty, "." or ".." component, not / itself, not under /proc, /sys or /dev. */
+static bool valid_share_path(const char *p)
+{
+    if (p[0] != '/' || !p[1] || strlen(p) > 4000) return false;
+    const char *reserved[] = {"/proc", "/sys", "/dev"};
+    for (size_t i = 0; i < 3; i++) {
+        size_t n = strlen(reserved[i]);
+        if (!strncmp(p, reserved[i], n) && (p[n] == 0 || p[n] == '/')) return false;
+    }
+    for (const char *c = p; *c;) {
+        c++; /* past '/' */
+        const char *e = strchr(c, '/');
+        size_t n = e ? (size_t)(e - c) : strlen(c);
+        if (n == 0 || (n == 1 && c[0] == '.') || (n == 2 && c[0] == '.' && c[1] == '.'))
+            return false;
+        c += n;
+    }
+    return true;
+}
+
+/* Open (creating what is missing) the mount point for a share under the new root, one
+ * component at a time: a symlink in the image (/workspace -> /etc) is refused, never
+ * followed. Returns an fd (O_PATH directory, or the file) or -1. */
+static int share_target(const char *path, bool file)
+{
+    char *copy = strdup(path);
+    if (!copy) return fail("mount point %s", path);
+    int dir = open("/mnt/root", O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (dir < 0) fail("open /mnt/root");
+    char *save = NULL, *next;
+    for (char *c = strtok_r(copy, "/", &save); c && dir >= 0; c = next) {
+        next = strtok_r(NULL, "/", &save);
+        int fd = -1;
+        if (next || !file) {
+            if (mkdirat(dir, c, 0755) && errno != EEXIST)
+                fail("create the mount point %s (at %s)", path, c);
+            else if ((fd = openat(dir, c, O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)) < 0)
+                fail("mount point %s: %s is not a directory", path, c);
+        } else {
+            struct stat st;
+            fd = openat(dir, c, O_RDONLY | O_CREAT | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, 0644);
+            if (fd < 0) {
+                fail("mount point %s is not a regular file", path);
+            } else if (fstat(fd, &st) || !S_ISREG(st.st_mode)) {
+                close(fd);
+                fd = -1;
+                errno = EINVAL;
+                fail("mount point %s is not a regular file", path);
+            }
+        }
+        close(dir);
+        dir = fd;
+    }
+    free(copy);
+    return dir;
+}
+
+static int copy_file(const char *from, const char *to)
+{
+    int in = open(from, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    if (in < 0) return fail("open %s", from);
+    struct stat st;
+    int out = -1, rc = -1;
+    if (fstat(in, &st)) fail("stat %s", from);
+    else if ((out = open(to, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC,
+                         st.st_mode & 07777)) < 0)
+        fail("create %s", to);
+    else {
+        static char buf[65536];
+        ssize_t n;
+        rc = 0;
+        while (rc == 0 && (n = read(in, buf, sizeof buf)) != 0) {
+            if (n < 0 && errno == EINTR) continue;
+            if (n < 0 || write(out, buf, (size_t)n) != n) rc = fail("copy %s", from);
+        }
+        if (rc == 0 && fchmod(out, st.st_mode & 07777)) rc = fail("chmod %s", to);
+    }
+    close(in);
+    if (out >= 0 && close(out) && rc == 0) rc = fail("write %s", to);
+    return rc;
+}
+
+/* The two 9p exports are mounted (once, when used) at /mnt/shares/ml0 (read-only) and
+ * /mnt/shares/ml1; each host path is one entry in them. An overlay entry gets an overlayfs
+ * (or, for a file, a copy) whose writes go to the sandbox's writable layer. Then a bind mount
+ * at the guest path, all before the switch to the new root (they move with it). */
+static int mount_shares(const struct setup *s)
+{
+    bool mounted[2] = {false, false};
+    if (s->nshares && (mkdir_ok("/mnt/upperfs/shares", 0700) || mkdir_ok("/mnt/shares", 0700)))
+        return fail("mkdir for shares");
+    for (size_t i = 0; i < s->nshares; i++) {
+        const struct share *sh = &s->shares[i];
+        char share[64], src[128], dir[96], upper[128], work[128], opts[512];
+        unsigned long ro = sh->share == 0 ? MS_RDONLY : 0;        /* the 9p mount */
+        unsigned long bind_ro = sh->mode == SHARE_RO ? MS_RDONLY : 0; /* the guest path */
+        snprintf(share, sizeof share, "/mnt/shares/ml%u", sh->share);
+        if (!mounted[sh->share]) {
+            if (mkdir_ok(share, 0700)) return fail("mkdir %s", share);
+            if (mount(share + 12, share, "9p", MS_NOSUID | MS_NODEV | ro,
+                      "trans=virtio,version=9p2000.L,msize=512000"))
+                return fail("mount the host share %s (9p)", share + 12);
+            mounted[sh->share] = true;
+        }
+        snprintf(src, sizeof src, "%s/%u", share, sh->entry);
+        if (sh->mode == SHARE_OVERLAY) {
+            snprintf(dir, sizeof dir, "/mnt/upperfs/shares/%u", sh->entry);
+            if (mkdir_ok(dir, 0700)) return fail("mkdir %s", dir);
+            if (sh->kind == SHARE_FILE) {
+                snprintf(upper, sizeof upper, "%s/file", dir);
+                if (copy_file(src, upper)) return -1;
+                snprintf(src, sizeof src, "%s", upper);
+            } else {
+                snprintf(upper, sizeof upper, "%s/upper", dir);
+                snprintf(work, sizeof work, "%s/work", dir);
+                if (mkdir_ok(upper, 0755) || mkdir_ok(work, 0700))
+                    return fail("mkdir %s/{upper,work}", dir);
+                /* The upper's root takes the lower's owner and mode (as a copy would). */
+                struct stat st;
+                if (stat(src, &st) == 0 &&
+                    (chmod(upper, st.st_mode & 07777) || chown(upper, st.st_uid, st.st_gid)))
+                    return fail("set the owner and mode of %s", upper);
+                snprintf(opts, sizeof opts, "lowerdir=%s,upperdir=%s,workdir=%s", src, upper,
+                         work);
+                snprintf(src, sizeof src, "/mnt/shares/o%u", sh->entry);
+                if (mkdir_ok(src, 0700) ||
+                    mount("overlay", src, "overlay", MS_NOSUID | MS_NODEV, opts))
+                    return fail("mount the overlay for %s", sh->path);
+            }
+        }
+        int fd = share_target(sh->path, sh->kind == SHARE_FILE);
+        if (fd < 0) return -1;
+        char target[64];
+        snprintf(target, sizeof target, "/proc/self/fd/%d", fd);
+        int rc = mount(src, target, NULL, MS_BIND, NULL);
+        close(fd);
+        if (rc) return fail("bind the share at %s", sh->path);
+        /* The bind inherits the source's flags; say them again (ro stays ro). */
+        char guest[4200];
+        snprintf(guest, sizeof guest, "/mnt/root%s", sh->path);
+        if (mount(NULL, guest, NULL, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV | bind_ro, NULL))
+            return fail("remount the share at %s", sh->path);
+    }
+    return 0;
+}
+
 /* Parse the SETUP TLV; on error s_err/s_msg say why. */
 static int parse_setup(const uint8_t *p, size_t n, struct setup *s)
 {
@@ -446,6 +608,25 @@ static int parse_setup(const uint8_t *p, size_t n, struct setup *s)
                 return fail("SETUP: NET prefix or MTU out of range");
             s->have_net = true;
             break;
+        case SETUP_MOUNT: {
+            if (s->nshares == MAX_SHARES) return fail("SETUP: too many MOUNTs");
+            if (f.len < 6 || f.len > 4100) return fail("SETUP: bad MOUNT length");
+            struct share *sh = &s->shares[s->nshares];
+            sh->share = f.val[0];
+            sh->mode = f.val[1];
+            sh->kind = f.val[2];
+            sh->entry = f.val[3];
+            struct tlv_field pf = {.tag = f.tag, .len = f.len - 4, .val = f.val + 4};
+            if (!(sh->path = tlv_strdup(&pf))) return fail("SETUP: bad MOUNT path");
+            s->nshares++;
+            /* host_fs entries live on the read-write share, the others on the read-only one */
+            if (sh->share != (sh->mode == SHARE_HOST_FS) || sh->mode > SHARE_HOST_FS ||
+                sh->kind > SHARE_FILE || sh->entry >= MAX_SHARES || !valid_share_path(sh->path))
+                return fail("SETUP: bad MOUNT (share, mode, kind, entry or path)");
+            for (size_t i = 0; i + 1 < s->nshares; i++)
+                if (s->shares[i].entry == sh->entry) return fail("SETUP: MOUNT entry used twice");
+            break;
+        }
         case SETUP_HOSTS_LINE: {
             char **h = realloc(s->hosts, (s->nhosts + 1) * sizeof *h);
             if (!h) return fail("SETUP");
@@ -490,7 +671,7 @@ void handle_setup(const uint8_t *p, size_t n)
     s_err = 0;
     int rc = parse_setup(p, n, &s);
     if (rc == 0) rc = set_clock_and_entropy(&s);
-    if (rc == 0) rc = switch_root(s.root_dev, s.upper_dev);
+    if (rc == 0) rc = switch_root(&s);
     if (rc == 0) rc = mount_guest_dev();
     if (rc == 0) rc = set_identity(&s);
     if (rc == 0 && s.cpu_quota_us) rc = limit_cpu(s.cpu_quota_us);
@@ -503,4 +684,5 @@ void handle_setup(const uint8_t *p, size_t n)
     free(s.resolv);
     for (size_t i = 0; i < s.nhosts; i++) free(s.hosts[i]);
     free(s.hosts);
+    for (size_t i = 0; i < s.nshares; i++) free(s.shares[i].path);
 }
