@@ -1,29 +1,32 @@
 """Host folders and files in the guest: `-v HOST:GUEST[:ro|overlay|host_fs]`.
 
-Transport: QEMU's virtio-9p (`-fsdev local`), served by the VMM itself. Every sandbox with
-mounts gets the same MAX_MOUNTS share devices (tags `ml0`…), so one snapshot template serves
-every set of mounts; a slot that is not used exports an empty directory, read-only. Runs
+Transport: QEMU's virtio-9p (`-fsdev local`), served by the (confined) VMM itself. Every
+sandbox with mounts gets the same two share devices whatever the number of mounts, `ml0`
+(read-only: `ro` and `overlay` mounts) and `ml1` (read-write: `host_fs`), so one snapshot
+template serves every set of mounts, and microvm's eight virtio-mmio transports suffice. Runs
 without mounts keep their machine shape (and template) as before.
 
-Each host path is opened once by the owner and handed to QEMU as a *detached* mount
-(`open_tree(OPEN_TREE_CLONE)`: in no mount namespace, gone when its last descriptor closes, so
-nothing is left in the host's mount table, even after SIGKILL) with these attributes:
+Each share's root is a tiny detached tmpfs (`fsopen`/`fsmount`: in no mount namespace, gone
+when its last descriptor closes, so nothing is ever left in the host's mount table, even after
+SIGKILL); entry N in it is the N-th host path, attached as a detached mount of its own
+(`open_tree(OPEN_TREE_CLONE)`; a single file is attached on an empty file) with:
 
-- idmapped (`MOUNT_ATTR_IDMAP`): the invoking user's uid/gid (SUDO_UID/SUDO_GID under sudo)
+- an id map (`MOUNT_ATTR_IDMAP`): the invoking user's uid/gid (SUDO_UID/SUDO_GID under sudo)
   appear as the VMM's per-sandbox uid/gid. The unprivileged VMM can then read and write what
   the user can, and whatever it creates is owned on the host by the user, never by root or by
-  the VMM's uid. Files of other users keep the "other" permission bits only;
-- read-only (`MOUNT_ATTR_RDONLY`) for `ro` and `overlay`, on top of QEMU's `readonly=on` and a
-  read-only 9p mount in the guest; `nosuid`, `nodev` always.
+  the VMM's uid. Files of other users keep their "other" permission bits only;
+- `MOUNT_ATTR_RDONLY` for `ro` and `overlay` (on top of QEMU's `readonly=on` for `ml0` and a
+  read-only 9p mount in the guest); `nosuid`, `nodev` always.
 
-QEMU opens it as `/proc/self/fd/N` during its start-up, before it chroots into an empty
-directory and drops to its uid; 9p then resolves every guest path relative to that directory
-descriptor, one component at a time with O_NOFOLLOW. A single file is exported as the only
-entry (`file`) of a tiny detached tmpfs with the file's own detached mount on it.
+QEMU opens the share as `/proc/self/fd/N` during start-up, before it chroots and drops to its
+uid; 9p then resolves every guest path relative to that directory, one component at a time
+with O_NOFOLLOW, and never crosses above it. QEMU 7.2's 9p changes modes through
+/proc/self/fd, so a VMM with mounts is chrooted into `share_root()` with a /proc of its own
+(see vm/vmm_exec.py).
 
-The guest side (agent, SETUP tag MOUNT): `ro` and `host_fs` bind the 9p mount at the guest
+The guest side (agent, SETUP tag MOUNT): `ro` and `host_fs` bind the 9p entry at the guest
 path; `overlay` puts an overlayfs on it whose upper layer is on the sandbox's writable disk
-(a file: a copy on that disk), so the guest writes, and the host never sees them.
+(for a file: a copy on that disk), so the guest may write, and the host never sees it.
 """
 
 from __future__ import annotations
