@@ -4,107 +4,23 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import sys
-import threading
-from collections.abc import Container, Iterable, Iterator
-from contextlib import contextmanager
-from pathlib import Path
-from types import FrameType
 
 import click
 
 from matchlock.errors import MatchlockError
-from matchlock.image.config import ImageConfig
+from matchlock.sandbox.command import (
+    DEFAULT_PATH,
+    compose_argv,
+    compose_env,
+    hide_from_children,
+    parse_env_entry,
+    read_env_file,
+)
 
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-KILL_GRACE_S = 5.0
-TIMEOUT_EXIT = 124
-
-
-def parse_env_entry(entry: str, origin: str) -> tuple[str, str]:
-    name, sep, value = entry.partition("=")
-    if not name or "\0" in entry or any(c.isspace() for c in name):
-        raise MatchlockError(f"invalid environment variable {entry!r} ({origin})",
-                             hint="use KEY=VALUE or KEY")
-    if not sep:
-        host_value = os.environ.get(name)
-        if host_value is None:
-            raise MatchlockError(
-                f"environment variable {name} is not set on the host ({origin})",
-                hint=f"set it, or pass -e {name}=VALUE",
-            )
-        return name, host_value
-    return name, value
-
-
-def hide_from_children(names: Iterable[str]) -> None:
-    """Drop host environment variables that hold secret values (`--secret NAME@host`) from
-    this process's environment, which every child inherits: QEMU, the process a guest
-    escape would land in, must not find the values in its own environment. The secrets were
-    read already; -e/--env-file of these names are moot (the placeholder wins)."""
-    for name in names:
-        os.environ.pop(name, None)
-
-
-def read_env_file(path: str, skip: Container[str] = ()) -> list[tuple[str, str]]:
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise MatchlockError(f"cannot read env file {path}: {e.strerror}") from None
-    out = []
-    for n, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#") or line.partition("=")[0] in skip:
-            continue
-        out.append(parse_env_entry(line, f"{path}:{n}"))
-    return out
-
-
-def compose_env(
-    image_env: tuple[str, ...], files: tuple[str, ...], flags: tuple[str, ...], hostname: str,
-    tty: bool, network: dict[str, str] | None = None,
-) -> list[str]:
-    """Image ENV, env files in order, -e, then the network's (CA paths, secret placeholders);
-    later wins, order of first appearance kept. A secret's placeholder always wins: a -e of the
-    same name must not put a real value where the user asked for a placeholder (so such
-    entries are not even looked up: `hide_from_children` removed them from the host's)."""
-    network = network or {}
-    env: dict[str, str] = {}
-    for entry in image_env:
-        name, sep, value = entry.partition("=")
-        if name and sep:
-            env[name] = value
-    for path in files:
-        env.update(read_env_file(path, network))
-    for entry in flags:
-        if entry.partition("=")[0] in network:
-            continue
-        name, value = parse_env_entry(entry, "-e")
-        env[name] = value
-    env.update(network)
-    env.setdefault("PATH", DEFAULT_PATH)
-    env.setdefault("HOSTNAME", hostname)
-    if tty:
-        env.setdefault("TERM", os.environ.get("TERM", "xterm"))
-    return [f"{k}={v}" for k, v in env.items()]
-
-
-def compose_argv(
-    config: ImageConfig, args: tuple[str, ...], entrypoint: str | None
-) -> list[str]:
-    """Docker's rules: --entrypoint replaces ENTRYPOINT and drops the image's CMD."""
-    if entrypoint is not None:
-        ep: tuple[str, ...] = (entrypoint,) if entrypoint else ()
-        cmd = args
-    else:
-        ep = config.entrypoint
-        cmd = args or config.cmd
-    argv = [*ep, *cmd]
-    if not argv:
-        raise MatchlockError("no command given and the image defines none",
-                             hint="add a command after the flags: matchlock run -- CMD")
-    return argv
+# Re-exported: they were defined here before they moved to the sandbox layer.
+__all__ = ["DEFAULT_PATH", "compose_argv", "compose_env", "hide_from_children",
+           "parse_env_entry", "read_env_file", "run"]
 
 
 def _parse_memory(value: str) -> int:
@@ -188,8 +104,8 @@ def run(
     volumes: tuple[str, ...] = (),
 ) -> None:
     """Run COMMAND in a new ephemeral microVM booted from an OCI image."""
-    from matchlock.guest.protocol import ExecRequest
     from matchlock.image.resolve import resolve_image
+    from matchlock.sandbox.attach import RunRequest, run_attached
     from matchlock.sandbox.core import Sandbox, SandboxOptions
 
     if not rm:
@@ -242,170 +158,8 @@ def run(
         memory_mb=_parse_memory(memory), disk_size_mb=_parse_memory(disk_size),
         hostname=hostname, accel=accel, egress=egress, mounts=mounts,
     )
-    sandbox = Sandbox(opts)
-    timer = _Timeout(timeout, sandbox)
-    with _signals() as pending, sandbox:
-        timer.start()
-        try:
-            sandbox.start()
-            env = compose_env(cfg.env, env_files, envs, hostname or sandbox.id, tty,
-                              egress.guest_env() if egress else {})
-            rows, cols = _term_size()
-            req = ExecRequest(
-                argv=argv, env=env, cwd=workdir or cfg.working_dir or "/",
-                user=user if user is not None else (cfg.user or None),
-                tty=tty, privileged=privileged, stdin=interactive, rows=rows, cols=cols,
-            )
-            code = _attach(sandbox, req, interactive, tty, pending)
-        except MatchlockError:
-            if timer.fired:
-                raise timer.error() from None
-            raise
-        finally:
-            timer.cancel()
+    code = run_attached(Sandbox(opts), RunRequest(
+        argv=argv, image=cfg, env_files=env_files, env=envs, workdir=workdir, user=user,
+        tty=tty, interactive=interactive, privileged=privileged, timeout=timeout,
+    ))
     sys.exit(code)
-
-
-class _Timeout:
-    def __init__(self, seconds: float | None, sandbox: object) -> None:
-        from matchlock.sandbox.core import Sandbox
-
-        assert isinstance(sandbox, Sandbox)
-        self.seconds = seconds
-        self.sandbox = sandbox
-        self.fired = False
-        self._timer: threading.Timer | None = None
-
-    def _fire(self) -> None:
-        self.fired = True
-        self.sandbox.kill_vm()
-
-    def start(self) -> None:
-        if self.seconds is not None:
-            self._timer = threading.Timer(self.seconds, self._fire)
-            self._timer.daemon = True
-            self._timer.start()
-
-    def cancel(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-
-    def error(self) -> MatchlockError:
-        return MatchlockError(
-            f"timed out after {self.seconds:g}s; the sandbox was killed", exit_code=TIMEOUT_EXIT
-        )
-
-
-def _term_size() -> tuple[int, int]:
-    try:
-        size = os.get_terminal_size(sys.stdin.fileno())
-        return size.lines, size.columns
-    except OSError:
-        return 24, 80
-
-
-class _Pending:
-    """Signals received while the command runs, forwarded from the main thread."""
-
-    def __init__(self) -> None:
-        self.exec: object | None = None
-        self.count = 0
-
-
-@contextmanager
-def _signals() -> Iterator[_Pending]:
-    pending = _Pending()
-
-    def handler(signo: int, frame: FrameType | None) -> None:
-        from matchlock.guest.client import Exec
-
-        ex = pending.exec
-        if not isinstance(ex, Exec):
-            # Still booting: abort; the sandbox is torn down on the way out.
-            raise KeyboardInterrupt
-        pending.count += 1
-        if pending.count == 1:
-            ex.signal(signo)
-            t = threading.Timer(KILL_GRACE_S, ex.kill)
-            t.daemon = True
-            t.start()
-        else:
-            ex.kill()
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield pending
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
-def _attach(sandbox: object, req: object, interactive: bool, tty: bool, pending: _Pending) -> int:
-    from matchlock.guest.client import AgentGone, Exec, Output
-    from matchlock.guest.protocol import ExecRequest
-    from matchlock.sandbox.core import Sandbox
-
-    assert isinstance(sandbox, Sandbox) and isinstance(req, ExecRequest)
-    ex: Exec = sandbox.exec(req)
-    pending.exec = ex
-    if interactive:
-        threading.Thread(target=_pump_stdin, args=(ex,), daemon=True).start()
-    out = sys.stdout.buffer
-    err = sys.stderr.buffer
-    with _raw_terminal(tty and interactive, ex):
-        try:
-            for event in ex.events():
-                if isinstance(event, Output):
-                    stream = out if event.stream == "stdout" else err
-                    stream.write(event.data)
-                    stream.flush()
-        except AgentGone as e:
-            raise sandbox._agent_failure(e) from None
-        except BrokenPipeError:
-            ex.kill()
-            return 141
-    assert ex.status is not None
-    return ex.status.code
-
-
-def _pump_stdin(ex: object) -> None:
-    from matchlock.guest.client import AgentGone, Exec
-
-    assert isinstance(ex, Exec)
-    fd = sys.stdin.fileno()
-    try:
-        while True:
-            data = os.read(fd, 65536)
-            if not data:
-                break
-            ex.write_stdin(data)
-        ex.close_stdin()
-    except (AgentGone, OSError):
-        pass
-
-
-@contextmanager
-def _raw_terminal(enabled: bool, ex: object) -> Iterator[None]:
-    if not enabled:
-        yield
-        return
-    import termios
-    import tty as ttymod
-
-    from matchlock.guest.client import Exec
-
-    assert isinstance(ex, Exec)
-    fd = sys.stdin.fileno()
-    saved = termios.tcgetattr(fd)
-
-    def on_winch(signo: int, frame: FrameType | None) -> None:
-        rows, cols = _term_size()
-        ex.resize(rows, cols)
-
-    old = signal.signal(signal.SIGWINCH, on_winch)
-    ttymod.setraw(fd)
-    try:
-        yield
-    finally:
-        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
-        signal.signal(signal.SIGWINCH, old)

@@ -104,6 +104,7 @@ class Sandbox:
         self._qmp: Qmp | None = None
         self.restored = False
         self._closed = False
+        self._abort_reason: str | None = None
         self._shares: Shares | None = None
 
     def __enter__(self) -> Sandbox:
@@ -119,6 +120,7 @@ class Sandbox:
     def start(self) -> None:
         from matchlock.sandbox import boot, disk, template
 
+        self._check_abort()
         t0 = time.perf_counter()
         arts = boot.artifacts()
         choice = boot.choose_accel(self.opts.accel, arts)
@@ -172,6 +174,7 @@ class Sandbox:
             try:
                 self._restore(base, tmpl)
             except MatchlockError as e:
+                self._check_abort()  # stopped while restoring: the template is not at fault
                 # A template that no longer loads (QEMU upgraded in place, a damaged file) is
                 # dropped and rebuilt by the cold boot below.
                 self._agent_log(f"snapshot restore failed, booting instead: {e}")
@@ -218,6 +221,7 @@ class Sandbox:
             self._owner.vmm_start = registry.proc_start_time(self._proc.pid)
             self._owner.save(self.dir / "owner.json")
         self._conn = AgentConnection(host_sock, on_log=self._agent_log)
+        self._check_abort()  # abort() may have run before the VMM or its connection existed
         try:
             self._qmp = Qmp(qmp_host, timeout=self.opts.boot_timeout)
         except MatchlockError:
@@ -311,7 +315,7 @@ class Sandbox:
         try:
             result = self._conn.setup(req, timeout=self.opts.boot_timeout)
         except AgentGone as e:
-            raise self._agent_failure(e) from None
+            raise self.agent_failure(e) from None
         if result.errno:
             raise GuestError(
                 f"guest set-up failed: {result.message} (errno {result.errno})",
@@ -340,7 +344,7 @@ class Sandbox:
                     ) from None
                 continue
             except AgentGone as e:
-                raise self._agent_failure(e) from None
+                raise self.agent_failure(e) from None
             found.append(path)
             bundle = bundle or data
         files = egress.ca_files(bundle)
@@ -353,7 +357,7 @@ class Sandbox:
         except FileOpError as e:
             raise GuestError(f"cannot install the sandbox CA in the guest: {e}") from None
         except AgentGone as e:
-            raise self._agent_failure(e) from None
+            raise self.agent_failure(e) from None
 
     def cpu_quota_us(self) -> int:
         """A CFS quota when --cpus is not a whole number of vCPUs, else 0 (no limit)."""
@@ -379,9 +383,9 @@ class Sandbox:
         try:
             return self.conn.exec(req)
         except AgentGone as e:
-            raise self._agent_failure(e) from None
+            raise self.agent_failure(e) from None
 
-    def _agent_failure(self, e: AgentGone) -> MatchlockError:
+    def agent_failure(self, e: AgentGone) -> MatchlockError:
         if self._proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._proc.wait(timeout=0.5)
@@ -405,6 +409,20 @@ class Sandbox:
         return GuestError(f"the VM exited unexpectedly (status {code})")
 
     # --- stop ------------------------------------------------------------------------------
+
+    def abort(self, reason: str) -> None:
+        """End the sandbox now, from any thread (a timeout, a signal): the VMM is killed,
+        every wait on the agent fails at once, and start() goes no further."""
+        self._abort_reason = reason
+        self.kill_vm()
+        conn = self._conn
+        if conn is not None:
+            conn.abort(reason)
+
+    def _check_abort(self) -> None:
+        if self._abort_reason is not None:
+            self.abort(self._abort_reason)
+            raise GuestError(f"the sandbox was stopped: {self._abort_reason}")
 
     def kill_vm(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
