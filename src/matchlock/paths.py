@@ -1,4 +1,9 @@
-"""Where matchlock keeps its cache (rebuildable) and state (per-sandbox)."""
+"""Where matchlock keeps its cache (rebuildable) and state (per-sandbox).
+
+Defaults: state in `~/.matchlock`, cache in `$XDG_CACHE_HOME/matchlock` (`~/.cache/matchlock`).
+`MATCHLOCK_HOME=DIR` moves both: state in DIR, cache in DIR/cache (the tests give every
+session a temporary one). `MATCHLOCK_STATE_DIR` and `MATCHLOCK_CACHE_DIR` override either.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,9 @@ def cache_dir() -> Path:
     env = os.environ.get("MATCHLOCK_CACHE_DIR")
     if env:
         return Path(env)
+    home = os.environ.get("MATCHLOCK_HOME")
+    if home:
+        return Path(home) / "cache"
     xdg = os.environ.get("XDG_CACHE_HOME")
     base = Path(xdg) if xdg else Path.home() / ".cache"
     return base / "matchlock"
@@ -21,6 +29,9 @@ def state_dir() -> Path:
     env = os.environ.get("MATCHLOCK_STATE_DIR")
     if env:
         return Path(env)
+    home = os.environ.get("MATCHLOCK_HOME")
+    if home:
+        return Path(home)
     return Path.home() / ".matchlock"
 
 
