@@ -82,12 +82,12 @@ def check_guest_path(path: str, what: str) -> str:
                              hint="write it from the guest's root, e.g. /workspace/src")
     if ".." in path.split("/"):
         raise MatchlockError(f"{what} {path!r} contains '..'", hint="give a plain absolute path")
-    if not _GUEST_PATH.match(path):
-        raise MatchlockError(f"{what} {path!r} has characters other than letters, digits "
-                             "and / _ . @ + -")
     norm = posixpath.normpath(path)
     if norm == "/":
         raise MatchlockError(f"{what} {path!r} is the guest's root", hint="mount below it")
+    if not _GUEST_PATH.match(path):
+        raise MatchlockError(f"{what} {path!r} has characters other than letters, digits "
+                             "and / _ . @ + -")
     for r in _RESERVED:
         if norm == r or norm.startswith(r + "/"):
             raise MatchlockError(f"{what} {path!r} is inside {r}, which the guest kernel owns")
