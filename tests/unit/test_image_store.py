@@ -258,3 +258,24 @@ def debugfs_stat_error(image: Path, path: str) -> str:
         ["debugfs", "-R", f"stat {path}", str(image)], capture_output=True, text=True
     )
     return result.stdout + result.stderr
+
+
+def test_rootfs_is_sealed_read_only_at_the_device_size(store: ImageStore) -> None:
+    # Sandboxes share the file and must never change it: the store pads it (sparsely) to
+    # the fixed device capacity and makes it read-only, once; an older artifact is sealed
+    # on its next use.
+    import os
+    import stat
+
+    from matchlock.image.store import ROOTFS_DEVICE_BYTES
+
+    image = ensure_builtin(store)
+    path = store.rootfs(image)
+    st = os.stat(path)
+    assert st.st_size == ROOTFS_DEVICE_BYTES and stat.S_IMODE(st.st_mode) == 0o444
+    assert st.st_blocks * 512 < 64 << 20  # sparse
+    os.chmod(path, 0o644)
+    os.truncate(path, 10 << 20)  # as an older version left it
+    assert store.rootfs(image) == path
+    st = os.stat(path)
+    assert st.st_size == ROOTFS_DEVICE_BYTES and stat.S_IMODE(st.st_mode) == 0o444

@@ -40,6 +40,9 @@ from matchlock.paths import cache_dir
 
 Log = Callable[[str], None]
 
+# Every root filesystem is presented to the guest at this capacity (the file is sparse).
+ROOTFS_DEVICE_BYTES = 64 << 30
+
 _SCHEMA_VERSION = 1
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
@@ -377,11 +380,13 @@ class ImageStore:
         build it once. Treat the file as read-only: every sandbox of the image shares it.
         """
         out = self.rootfs_path(image)
-        if out.is_file():
+        if _sealed(out):
             return out
         with self.lease(), _flock(out.with_suffix(".lock"), exclusive=True):
             if not out.is_file():
                 self._build_rootfs(image, out, log)
+            elif not _sealed(out):
+                _seal(out)  # built by an older version: padded and made read-only once
         return out
 
     def _build_rootfs(self, image: StoredImage, out: Path, log: Log) -> None:
@@ -407,6 +412,8 @@ class ImageStore:
             make_ext4(tree, partial)
             with partial.open("rb") as f:
                 os.fsync(f.fileno())
+            size_mib = partial.stat().st_size / MIB
+            _seal(partial)
             partial.replace(out)
             _fsync_dir(out.parent)
         except OSError as exc:
@@ -416,8 +423,24 @@ class ImageStore:
             ) from None
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        size_mib = out.stat().st_size / MIB
         log(f"root filesystem ready ({size_mib:.0f} MiB) in {time.monotonic() - started:.1f}s")
+
+
+def _seal(path: Path) -> None:
+    """Give a root filesystem its fixed device capacity (sparse: no blocks are written) and
+    make it read-only. Done once, by the store: sandboxes share the file and never change it
+    (a snapshot template stays valid for every image because the kernel probed this size)."""
+    if path.stat().st_size < ROOTFS_DEVICE_BYTES:
+        os.truncate(path, ROOTFS_DEVICE_BYTES)
+    os.chmod(path, 0o444)
+
+
+def _sealed(path: Path) -> bool:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return False
+    return st.st_size >= ROOTFS_DEVICE_BYTES and not st.st_mode & 0o222
 
 
 def _remove(path: Path) -> None:

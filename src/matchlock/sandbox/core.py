@@ -138,7 +138,10 @@ class Sandbox:
         if self.opts.rootfs is not None:
             upper = disk.make_upper(self.dir / "upper.ext4", self.opts.disk_size_mb)
             # Fixed device capacities keep one snapshot valid for every image and disk size.
-            snapshots = snapshots and _pad(self.opts.rootfs, template.ROOT_DEVICE_BYTES)
+            # The store built the rootfs read-only at that size; an image larger than it
+            # cannot use the shared template.
+            snapshots = snapshots and (
+                self.opts.rootfs.stat().st_size == template.ROOT_DEVICE_BYTES)
             _pad(upper, template.UPPER_DEVICE_BYTES)
             disks = [Disk(self.opts.rootfs, readonly=True), Disk(upper)]
         vcpus = math.ceil(self.opts.cpus)

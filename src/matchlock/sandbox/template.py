@@ -35,13 +35,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from matchlock.image.store import ROOTFS_DEVICE_BYTES
 from matchlock.paths import cache_dir
 from matchlock.sandbox.disk import sparse_copy
 from matchlock.vm import qemu
 from matchlock.vm.qmp import Qmp, QmpError
 
 LAYOUT_VERSION = "1"
-ROOT_DEVICE_BYTES = 64 << 30
+ROOT_DEVICE_BYTES = ROOTFS_DEVICE_BYTES  # the image store pads every rootfs to it
 UPPER_DEVICE_BYTES = 1 << 40
 _MIGRATION_TIMEOUT_S = 30.0
 _STREAM_FD = "matchlock-migration"
