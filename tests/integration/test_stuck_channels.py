@@ -8,8 +8,11 @@ the reader thread then blocked on that channel's full queue, every later answer 
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
+import os
+import signal
 import subprocess
 import tarfile
 import time
@@ -33,7 +36,7 @@ from matchlock.image.oci import (
     parse_json_object,
 )
 
-from .conftest import MATCHLOCK
+from .conftest import MATCHLOCK, leftovers
 
 pytestmark = pytest.mark.vm
 Run = Callable[..., subprocess.CompletedProcess[bytes]]
@@ -117,3 +120,44 @@ def test_oversized_ca_bundle_without_timeout_is_one_line(ml: Run, big_bundle_ima
     assert r.returncode == 1
     line = _one_error_line(r.stderr)
     assert b"CA bundle" in line and b"/etc/ssl/certs/ca-certificates.crt" in line, line
+
+
+def _vmm_pid(state_dir: Path, deadline: float) -> int:
+    import json
+
+    while time.monotonic() < deadline:
+        for owner in (state_dir / "sandboxes").glob("*/owner.json"):
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                pid = json.loads(owner.read_text())["vmm_pid"]
+                if pid:
+                    return int(pid)
+        time.sleep(0.05)
+    raise AssertionError("no VMM appeared")
+
+
+def test_sigterm_ends_a_run_whose_command_ignores_it(state_dir: Path) -> None:
+    # Forwarded, ignored by the guest command, then KILL after the grace period.
+    proc = subprocess.Popen([MATCHLOCK, "run", "--", "sh", "-c",
+                             "trap '' TERM INT; echo ready; sleep 600"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"ready\n"
+    start = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert time.monotonic() - start < 30
+    assert proc.returncode == 137, err
+    assert b"Traceback" not in err
+    assert leftovers(state_dir) == []
+
+
+def test_losing_the_vm_is_one_line(state_dir: Path) -> None:
+    proc = subprocess.Popen([MATCHLOCK, "run", "--", "sh", "-c", "echo ready; sleep 600"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"ready\n"
+    os.kill(_vmm_pid(state_dir, time.monotonic() + 10), signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert _one_error_line(err) == b"matchlock: the VM process was killed by signal 9"
+    assert leftovers(state_dir) == []
