@@ -82,7 +82,7 @@ class RunControl:
             self._wake.notify_all()
         self._thread.join(KILL_GRACE_S)
         for s, h in self._old.items():
-            signal.signal(s, h)  # type: ignore[arg-type]
+            signal.signal(s, signal.SIG_DFL if h is None else h)  # type: ignore[arg-type]
 
     def _handler(self, signo: int, frame: FrameType | None) -> None:
         # Only record: runs in the main thread between two bytecodes, maybe inside a lock.
@@ -98,6 +98,12 @@ class RunControl:
     # --- the decisions ----------------------------------------------------------------------
 
     def _loop(self) -> None:
+        try:
+            self._decide()
+        except Exception as e:  # never a traceback from this thread; end the run instead
+            self._abort(f"internal error: {e}")
+
+    def _decide(self) -> None:
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         kill_at: float | None = None  # when a forwarded signal escalates to KILL
         abort_at: float | None = None  # when an unanswered KILL escalates to the VMM

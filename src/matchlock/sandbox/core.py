@@ -428,8 +428,9 @@ class Sandbox:
             raise GuestError(f"the sandbox was stopped: {self._abort_reason}")
 
     def kill_vm(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGKILL)
+        proc = self._proc  # read once: another thread (a timeout) may call this during close()
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
 
     def close(self) -> None:
         """Tear everything down; safe to call more than once and from any exit path."""
