@@ -17,10 +17,10 @@ PYTHON_IMAGE = "python:3.12-alpine"
 
 
 @pytest.fixture(scope="session")
-def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("state")
-    os.environ["MATCHLOCK_STATE_DIR"] = str(path)
-    return path
+def state_dir(matchlock_home: Path) -> Path:
+    """Where sandboxes live in this session: the session's temporary MATCHLOCK_HOME
+    (tests/conftest.py), never the user's."""
+    return matchlock_home
 
 
 def _vmm_processes(state_dir: Path) -> list[int]:
