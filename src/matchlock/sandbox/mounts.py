@@ -148,18 +148,12 @@ def share_root(base: Path | None = None) -> Path:
     """The VMM's root when it serves mounts: root's, read-only, holding one empty `proc`
     directory (QEMU mounts its restricted /proc there, in a mount namespace of its own)."""
     from matchlock.paths import runtime_dir
+    from matchlock.vm.confine import private_dir, root_owned_dir
 
     root = (base or runtime_dir()) / "vmm-root-shares"
-    root.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    private_dir(root.parent)
     for d in (root, root / "proc"):
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(d, 0o555)
-        st = os.lstat(d)
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0:
-            raise MatchlockError(f"{d} is not a directory owned by root",
-                                 hint="remove it; matchlock recreates it")
-        if stat.S_IMODE(st.st_mode) != 0o555:
-            os.chmod(d, 0o555)
+        root_owned_dir(d)
     if os.listdir(root) != ["proc"] or os.listdir(root / "proc"):
         raise MatchlockError(f"the VMM's root {root} holds more than an empty proc/",
                              hint="someone put files in it: inspect, then remove it")

@@ -60,7 +60,8 @@ def sandbox_arg(drops_privileges: bool) -> str:
 # --- the empty root ------------------------------------------------------------------------
 
 
-def _private_dir(path: Path) -> None:
+def private_dir(path: Path) -> None:
+    """A directory of this user's that nobody else may enter (made if missing)."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     st = os.lstat(path)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
@@ -70,6 +71,19 @@ def _private_dir(path: Path) -> None:
         os.chmod(path, 0o700)
 
 
+def root_owned_dir(path: Path) -> None:
+    """A directory of root's that nobody can write (made if missing): what a VMM's chroot
+    and the directories in it must be, so the unprivileged VMM can change nothing there."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o555)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0:
+        raise MatchlockError(f"{path} (for the VMM's root) is not a directory owned by root",
+                             hint="remove it; matchlock recreates it")
+    if stat.S_IMODE(st.st_mode) != 0o555:
+        os.chmod(path, 0o555)
+
+
 def root_path(base: Path | None = None) -> Path:
     return (base or runtime_dir()) / "vmm-root"
 
@@ -77,15 +91,8 @@ def root_path(base: Path | None = None) -> Path:
 def empty_root(base: Path | None = None) -> Path:
     """The VMM's root after start-up: an empty directory, root's, that nobody can write."""
     root = root_path(base)
-    _private_dir(root.parent)
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(root, 0o555)
-    st = os.lstat(root)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0:
-        raise MatchlockError(f"the VMM's root {root} is not a directory owned by root",
-                             hint="remove it; matchlock recreates it")
-    if stat.S_IMODE(st.st_mode) != 0o555:
-        os.chmod(root, 0o555)
+    private_dir(root.parent)
+    root_owned_dir(root)
     if os.listdir(root):
         raise MatchlockError(f"the VMM's root {root} is not empty",
                              hint="someone put files in it: inspect, then remove it")
@@ -121,7 +128,7 @@ def acquire_identity(base: Path | None = None) -> VmmIdentity:
     The search starts at a random slot, so a uid is seldom handed out again soon after its
     sandbox ended (a VMM whose owner was SIGKILLed exits on SIGHUP a moment later)."""
     ids = (base or runtime_dir()) / "vmm-ids"
-    _private_dir(ids)
+    private_dir(ids)
     start = secrets.randbelow(UID_SLOTS)
     for i in range(UID_SLOTS):
         slot = (start + i) % UID_SLOTS
