@@ -342,3 +342,15 @@ def test_short_message_on_a_web_port_waits_for_a_request(rig: Rig) -> None:
     time.sleep(0.3)  # not raw: still waiting for the request line
     s.sendall(b"T  / HTTP/1.1\r\nHost: evil.test\r\n\r\n")
     assert s.recv(4096).startswith(b"HTTP/1.1 400")
+
+
+def test_a_silent_connection_to_a_denied_port_is_reset_at_once_with_the_reason(rig: Rig) -> None:
+    rig.configure(["echo.test"], pins=["echo.test:127.0.0.1"], sniff_wait=0.05)
+    rig.aim("echo.test", 25)
+    s = socket.create_connection(("127.0.0.1", rig.proxy_port), timeout=5)
+    started = time.monotonic()
+    with pytest.raises((ConnectionResetError, TimeoutError)):
+        assert s.recv(100) == b""
+    assert time.monotonic() - started < 2  # not the 10 s a request line may take
+    ev = last_event(rig)
+    assert ev.action == "block" and "port 25 is not allowed" in ev.reason

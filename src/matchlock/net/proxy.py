@@ -222,12 +222,17 @@ class Proxy:
         # Only a port the user named may carry raw TCP, so only there may a silent guest be
         # waiting for the server to speak first; elsewhere the first bytes must come.
         may_go_raw = decision.allowed and decision.raw
-        peeked = await self._peek(sock, may_go_raw)
+        # A denied connection that stays silent is reset after the short wait, as a raw one
+        # would be: only a request line or ClientHello could still earn an explanation.
+        peeked = await self._peek(sock, may_go_raw, quick_silence=not decision.allowed)
         if peeked is None:  # closed before sending anything
             sock.close()
             return
         first, kind, hello = peeked
-        if may_go_raw and (not first or (kind == "more" and first[0] != 0x16)):
+        if not first and not decision.allowed:
+            self.block_event(target, Blocked(0, decision.reason, decision.rule), protocol="tcp")
+            reset_socket(sock)
+        elif may_go_raw and (not first or (kind == "more" and first[0] != 0x16)):
             await relay_raw(self, sock, target, decision, owned, gate=True)
         elif kind == "tls":
             assert hello is not None
@@ -250,12 +255,12 @@ class Proxy:
             reset_socket(sock)
 
     async def _peek(
-        self, sock: socket.socket, may_wait_for_server: bool
+        self, sock: socket.socket, may_wait_for_server: bool, *, quick_silence: bool = False
     ) -> tuple[bytes, Kind, ClientHello | Invalid | None] | None:
         """The first bytes, left in the kernel, and what they are; None if the guest closed.
 
         b"" when the guest sends nothing: after `sniff_wait` if it `may_wait_for_server`
-        (server-speaks-first protocols), else after HELLO_TIMEOUT."""
+        (server-speaks-first protocols) or `quick_silence`, else after HELLO_TIMEOUT."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + HELLO_TIMEOUT
         waited = False
@@ -268,7 +273,8 @@ class Proxy:
                 if waited:  # spurious wake-up
                     await asyncio.sleep(delay)
                     continue
-                wait = self.sniff_wait if may_wait_for_server else HELLO_TIMEOUT
+                quick = may_wait_for_server or quick_silence
+                wait = self.sniff_wait if quick else HELLO_TIMEOUT
                 if not await _readable(sock, wait):
                     return b"", "more", None
                 waited = True
