@@ -18,8 +18,10 @@ import resource
 import select
 import shutil
 import signal
+import socket
 import struct
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -38,10 +40,12 @@ from matchlock.guest.protocol import (
     FrameDecoder,
     SetupRequest,
     T,
+    encode_connect,
     encode_frame,
     encode_path,
     encode_resize,
     encode_signal,
+    encode_sock_ack,
     encode_tlv,
     parse_dirent,
     parse_exit,
@@ -906,3 +910,146 @@ def test_no_fd_leaks_into_commands(agent: Agent) -> None:
     assert sorted(r.stdout.split()) == [b"0", b"1", b"2", b"3"]  # 3: ls's own directory fd
     agent.send(T.KILL, other)
     agent.collect(other)
+
+
+# --- CONNECT (published ports): the agent connects to 127.0.0.1 of its namespace -------------
+
+
+@pytest.fixture
+def listener() -> Iterator[socket.socket]:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(8)
+    s.settimeout(20)
+    yield s
+    s.close()
+
+
+def _port_of(s: socket.socket) -> int:
+    return int(s.getsockname()[1])
+
+
+def _open(agent: Agent, port: int) -> int:
+    chan = agent.new_channel()
+    agent.send(T.CONNECT, chan, encode_connect(port))
+    f = agent.on(chan)
+    assert f.type == T.STARTED and parse_u32(f.payload, "STARTED") == 0, f
+    return chan
+
+
+def _read_guest(agent: Agent, chan: int) -> tuple[bytes, bool]:
+    """Data until SOCK_EOF (acknowledging as it comes); (data, saw_eof)."""
+    got = bytearray()
+    while True:
+        f = agent.on(chan)
+        if f.type == T.STDOUT:
+            got += f.payload
+            agent.send(T.SOCK_ACK, chan, encode_sock_ack(len(f.payload)))
+        elif f.type == T.SOCK_EOF:
+            return bytes(got), True
+        elif f.type == T.RESULT:
+            agent.inbox.appendleft(f)
+            return bytes(got), False
+        else:
+            assert f.type == T.STDIN_ACK, f
+
+
+def test_port_relay_both_ways_with_half_closes(agent: Agent, listener: socket.socket) -> None:
+    chan = _open(agent, _port_of(listener))
+    peer, _ = listener.accept()
+    with peer:
+        agent.send(T.STDIN, chan, b"to the guest")
+        agent.send(T.STDIN, chan, b"")  # half-close
+        got = b""
+        while True:
+            d = peer.recv(100)
+            if not d:
+                break
+            got += d
+        assert got == b"to the guest"
+        peer.sendall(b"answer after EOF")
+        peer.shutdown(socket.SHUT_WR)
+        data, eof = _read_guest(agent, chan)
+        assert data == b"answer after EOF" and eof
+        f = agent.on(chan)
+        while f.type == T.STDIN_ACK:
+            f = agent.on(chan)
+        assert f.type == T.RESULT and parse_result(f.payload).errno == 0
+
+
+def test_refused_connection_is_a_result(agent: Agent, listener: socket.socket) -> None:
+    port = _port_of(listener)
+    listener.close()
+    chan = agent.new_channel()
+    agent.send(T.CONNECT, chan, encode_connect(port))
+    errno_, message = agent.result(chan)
+    assert errno_ == errno.ECONNREFUSED
+    assert str(port) in message
+
+
+def test_malformed_connect_is_refused(agent: Agent) -> None:
+    chan = agent.new_channel()
+    agent.send(T.CONNECT, chan, b"\0\0")
+    assert agent.result(chan)[0] == errno.EINVAL
+
+
+def test_port_guest_data_waits_for_acknowledgements(
+    agent: Agent, listener: socket.socket
+) -> None:
+    chan = _open(agent, _port_of(listener))
+    peer, _ = listener.accept()
+    blob = os.urandom(3 * STDIN_WINDOW)
+    with peer:
+        peer.setblocking(False)
+        sent = 0
+        unacked = 0
+        got = bytearray()
+        # Without SOCK_ACK the agent stops at the window.
+        deadline = time.monotonic() + 20
+        while unacked < STDIN_WINDOW and time.monotonic() < deadline:
+            if sent < STDIN_WINDOW + MAX_DATA:
+                with contextlib.suppress(BlockingIOError):
+                    sent += peer.send(blob[sent : STDIN_WINDOW + MAX_DATA])
+            agent.pump(0.05)
+            while agent.inbox and agent.inbox[0].channel == chan:
+                f = agent.inbox.popleft()
+                assert f.type == T.STDOUT
+                got += f.payload
+                unacked += len(f.payload)
+        assert unacked == STDIN_WINDOW
+        agent.pump(0.5)
+        assert not [f for f in agent.inbox if f.channel == chan]  # held at the window
+        peer.setblocking(True)
+        # Acknowledge everything from now on: the rest arrives, byte-exact.
+        agent.send(T.SOCK_ACK, chan, encode_sock_ack(unacked))
+        def rest() -> None:
+            peer.sendall(blob[sent:])
+            peer.shutdown(socket.SHUT_WR)
+
+        t = threading.Thread(target=rest)
+        t.start()
+        data, eof = _read_guest(agent, chan)
+        t.join()
+        assert eof and hashlib.sha256(bytes(got) + data).digest() == hashlib.sha256(blob).digest()
+        agent.send(T.KILL, chan)
+        f = agent.on(chan)
+        assert f.type == T.RESULT and parse_result(f.payload).errno == errno.ECONNABORTED
+
+
+def test_host_data_beyond_the_window_ends_the_channel(
+    agent: Agent, listener: socket.socket
+) -> None:
+    chan = _open(agent, _port_of(listener))
+    peer, _ = listener.accept()
+    with peer:  # the peer never reads: the agent must not buffer past the window
+        for _ in range(STDIN_WINDOW // MAX_DATA + 64):
+            agent.send(T.STDIN, chan, b"z" * MAX_DATA)
+        agent.flush()
+        while True:
+            f = agent.on(chan)
+            if f.type == T.RESULT:
+                assert parse_result(f.payload).errno == errno.EPROTO
+                break
+            assert f.type == T.STDIN_ACK
+        log = agent.next_frame(lambda f: f.type == T.LOG)
+        assert b"window" in log.payload

@@ -90,6 +90,11 @@ def _parse_memory(value: str) -> int:
               metavar="HOST:GUEST[:ro|overlay|host_fs]",
               help="Mount a host directory or file; overlay (default): guest writes stay in "
               "the guest; ro: read-only; host_fs: writes reach the host. Repeatable.")
+@click.option("-p", "--publish", "publish", multiple=True, metavar="[LOCAL:]REMOTE",
+              help="Relay host port LOCAL (default: REMOTE) to guest port REMOTE on the "
+              "guest's loopback, over the agent channel (works with --no-network). Repeatable.")
+@click.option("--address", "publish_address", default="127.0.0.1", show_default=True,
+              help="Host address that published ports listen on.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(
     image: str | None, envs: tuple[str, ...], env_files: tuple[str, ...], workdir: str | None,
@@ -102,6 +107,8 @@ def run(
     log_network: bool = False, secret_files: tuple[str, ...] = (),
     max_connections: int | None = None, workspace: str | None = None,
     volumes: tuple[str, ...] = (),
+    publish: tuple[str, ...] = (),
+    publish_address: str = "127.0.0.1",
 ) -> None:
     """Run COMMAND in a new ephemeral microVM booted from an OCI image."""
     from matchlock.image.resolve import resolve_image
@@ -129,7 +136,9 @@ def run(
     from matchlock.sandbox import boot
     from matchlock.sandbox.mounts import parse_mounts
     from matchlock.sandbox.network import Egress, NetworkOptions
+    from matchlock.sandbox.ports import parse_publish
 
+    ports = parse_publish(publish, publish_address)
     mounts = parse_mounts(volumes, workspace)
 
     net_flags = (allow_hosts or secret_specs or secret_files or add_hosts or allow_private
@@ -161,5 +170,6 @@ def run(
     code = run_attached(Sandbox(opts), RunRequest(
         argv=argv, image=cfg, env_files=env_files, env=envs, workdir=workdir, user=user,
         tty=tty, interactive=interactive, privileged=privileged, timeout=timeout,
+        publish=tuple(ports), publish_address=publish_address,
     ))
     sys.exit(code)

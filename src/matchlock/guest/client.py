@@ -26,7 +26,8 @@ from collections.abc import Callable, Iterator
 from matchlock.guest import protocol as p
 from matchlock.guest.protocol import Kind, Output, T
 
-__all__ = ["AgentConnection", "AgentGone", "Exec", "ExecEvent", "FileOpError", "Output"]
+__all__ = ["AgentConnection", "AgentGone", "Exec", "ExecEvent", "FileOpError", "Output",
+           "Stream"]
 
 CHANNEL_BUFFER = 4 << 20  # bytes of undelivered events per channel
 SEND_TIMEOUT = 30.0  # a guest that takes no byte for this long is gone
@@ -282,6 +283,17 @@ class AgentConnection:
             raise
         return Exec(self, ch)
 
+    def connect(self, port: int) -> Stream:
+        """Open a TCP connection to 127.0.0.1:`port` in the guest (a published port)."""
+        payload = p.encode_connect(port)
+        ch = self._open(Kind.CONNECT, None)  # guest data is windowed: the buffer never fills
+        try:
+            self.send(T.CONNECT, ch.id, payload)
+        except BaseException:
+            self.abandon(ch)
+            raise
+        return Stream(self, ch)
+
     @contextlib.contextmanager
     def _file_op(self, kind: Kind) -> Iterator[_Channel]:
         ch = self._open(kind, FILE_STALL)
@@ -384,23 +396,7 @@ class Exec:
 
     def write_stdin(self, data: bytes) -> None:
         """Send stdin, waiting for the guest's acknowledgements to stay inside the window."""
-        view = memoryview(data)
-        conn, ch = self._conn, self._ch
-        while view:
-            with ch.cond:
-                while True:
-                    if ch.error is not None:
-                        raise ch.error
-                    if ch.done or ch.abandoned or self.channel not in conn._channels:
-                        return
-                    room = conn._table.stdin_room(self.channel)
-                    if room:
-                        break
-                    ch.cond.wait(1.0)
-                n = min(len(view), p.MAX_DATA, room)
-                conn._table.stdin_sent(self.channel, n)
-            conn.send(T.STDIN, self.channel, bytes(view[:n]))
-            view = view[n:]
+        _write_window(self._conn, self._ch, data)
 
     def close_stdin(self) -> None:
         if self._open:
@@ -417,6 +413,82 @@ class Exec:
     def resize(self, rows: int, cols: int) -> None:
         if self._open:
             self._conn.send(T.RESIZE, self.channel, p.encode_resize(rows, cols))
+
+
+def _write_window(conn: AgentConnection, ch: _Channel, data: bytes) -> None:
+    """Send STDIN frames, waiting for acknowledgements to stay inside the window; returns
+    quietly if the channel ends meanwhile (what was not sent is dropped)."""
+    view = memoryview(data)
+    while view:
+        with ch.cond:
+            while True:
+                if ch.error is not None:
+                    raise ch.error
+                if ch.done or ch.abandoned or ch.id not in conn._channels:
+                    return
+                room = conn._table.stdin_room(ch.id)
+                if room:
+                    break
+                ch.cond.wait(1.0)
+            n = min(len(view), p.MAX_DATA, room)
+            conn._table.stdin_sent(ch.id, n)
+        conn.send(T.STDIN, ch.id, bytes(view[:n]))
+        view = view[n:]
+
+
+class Stream:
+    """One TCP connection to a port on the guest's loopback (a CONNECT channel).
+
+    `read` gives the guest's bytes (each chunk must be `ack`ed once passed on: the guest sends
+    at most `SOCK_WINDOW` unacknowledged bytes), b"" once the guest peer closed its side, and
+    None when the channel ended: `result` then says how (errno 0: both sides closed)."""
+
+    def __init__(self, conn: AgentConnection, ch: _Channel) -> None:
+        self._conn = conn
+        self._ch = ch
+        self.channel = ch.id
+        self.connected = False
+        self.result: p.Result | None = None
+
+    def read(self, timeout: float | None = None) -> bytes | None:
+        while self.result is None:
+            ev = self._conn._next(self._ch, timeout)
+            if isinstance(ev, p.Started):
+                self.connected = True
+            elif isinstance(ev, Output):
+                return ev.data
+            elif isinstance(ev, p.SockEof):
+                return b""
+            elif isinstance(ev, p.Result):
+                self.result = ev
+        return None
+
+    def ack(self, n: int) -> None:
+        conn = self._conn
+        with conn._lock:
+            ok = not self._ch.abandoned and conn._table.delivered(self.channel, n)
+        if ok:
+            with contextlib.suppress(AgentGone):
+                conn.send(T.SOCK_ACK, self.channel, p.encode_sock_ack(n))
+
+    @property
+    def _open(self) -> bool:
+        return not (self._ch.done or self._ch.abandoned or self._ch.error)
+
+    def write(self, data: bytes) -> None:
+        _write_window(self._conn, self._ch, data)
+
+    def close_write(self) -> None:
+        if self._open:
+            self._conn.send(T.STDIN, self.channel, b"")
+
+    def kill(self) -> None:
+        """Abort the connection (the guest peer sees a reset); the channel's RESULT follows."""
+        if self._open:
+            self._conn.send(T.KILL, self.channel)
+
+    def abandon(self) -> None:
+        self._conn.abandon(self._ch)
 
 
 def _force_put(q: queue.Queue[object], item: object) -> None:

@@ -18,6 +18,7 @@ MAX_GUEST_PAYLOAD = 65536
 MAX_HOST_PAYLOAD = 1 << 20
 MAX_DATA = 65536
 STDIN_WINDOW = 262144
+SOCK_WINDOW = 262144  # unacknowledged bytes per CONNECT channel, each direction
 MAX_LOG_LINE = 4096
 _TLV = struct.Struct(">HI")
 
@@ -42,6 +43,8 @@ class T(IntEnum):
     SHUTDOWN = 0x0A
     PING = 0x0B
     KILL = 0x0C
+    CONNECT = 0x0D
+    SOCK_ACK = 0x0E
     # guest -> host
     HELLO = 0x81
     STDOUT = 0x82
@@ -54,6 +57,7 @@ class T(IntEnum):
     PONG = 0x89
     LOG = 0x8A
     STARTED = 0x8B
+    SOCK_EOF = 0x8C
 
 
 GUEST_TYPES = frozenset(t for t in T if t >= 0x80)
@@ -289,6 +293,18 @@ def encode_resize(rows: int, cols: int) -> bytes:
     return struct.pack(">HH", _u16(rows), _u16(cols))
 
 
+def encode_connect(port: int) -> bytes:
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port out of range: {port}")
+    return struct.pack(">H", port)
+
+
+def encode_sock_ack(n: int) -> bytes:
+    if not 0 < n <= SOCK_WINDOW:
+        raise ValueError(f"acknowledgement out of range: {n}")
+    return struct.pack(">I", n)
+
+
 def encode_path(path: str, mode: int | None = None) -> bytes:
     fields: list[tuple[int, bytes]] = [(FileTag.PATH, _text(path, "path"))]
     if mode is not None:
@@ -405,6 +421,7 @@ class Kind(IntEnum):
     FILE_READ = 2
     FILE_WRITE = 3
     FILE_LIST = 4
+    CONNECT = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -423,16 +440,22 @@ class FileData:
     data: bytes
 
 
-ChannelEvent = Output | Started | ExitStatus | FileData | DirEntry | Result
+@dataclass(frozen=True, slots=True)
+class SockEof:
+    """The guest peer of a CONNECT channel closed its sending side."""
+
+
+ChannelEvent = Output | Started | ExitStatus | FileData | DirEntry | Result | SockEof
 
 _ALLOWED: dict[Kind, frozenset[T]] = {
     Kind.EXEC: frozenset({T.STDOUT, T.STDERR, T.STDIN_ACK, T.STARTED, T.EXIT}),
     Kind.FILE_READ: frozenset({T.FILE_DATA, T.RESULT}),
     Kind.FILE_WRITE: frozenset({T.RESULT}),
     Kind.FILE_LIST: frozenset({T.DIRENT, T.RESULT}),
+    Kind.CONNECT: frozenset({T.STARTED, T.STDOUT, T.SOCK_EOF, T.STDIN_ACK, T.RESULT}),
 }
 _TERMINAL = {Kind.EXEC: T.EXIT, Kind.FILE_READ: T.RESULT, Kind.FILE_WRITE: T.RESULT,
-             Kind.FILE_LIST: T.RESULT}
+             Kind.FILE_LIST: T.RESULT, Kind.CONNECT: T.RESULT}
 
 
 @dataclass
@@ -441,6 +464,8 @@ class _ChannelState:
     abandoned: bool = False  # the host stopped listening; frames are dropped until the end
     started: bool = False
     unacked: int = 0  # stdin bytes sent and not yet acknowledged
+    eof: bool = False  # CONNECT: the guest sent SOCK_EOF
+    undelivered: int = 0  # CONNECT: guest bytes the host has not acknowledged (SOCK_ACK)
 
 
 class ChannelTable:
@@ -478,7 +503,7 @@ class ChannelTable:
     def stdin_room(self, cid: int) -> int:
         """Bytes of stdin the host may send now (the window less what is unacknowledged)."""
         st = self._open.get(cid)
-        if st is None or st.abandoned or st.kind != Kind.EXEC:
+        if st is None or st.abandoned or st.kind not in (Kind.EXEC, Kind.CONNECT):
             return 0
         return max(0, STDIN_WINDOW - st.unacked)
 
@@ -488,6 +513,17 @@ class ChannelTable:
             if n > STDIN_WINDOW - st.unacked:
                 raise ValueError("stdin beyond the window")
             st.unacked += n
+
+    def delivered(self, cid: int, n: int) -> bool:
+        """The host passed on n bytes a CONNECT channel received; True when the guest should
+        get a SOCK_ACK for them (the channel is still open)."""
+        st = self._open.get(cid)
+        if st is None or st.kind != Kind.CONNECT:
+            return False
+        if not 0 < n <= st.undelivered:
+            raise ValueError("acknowledging bytes that were not received")
+        st.undelivered -= n
+        return True
 
     def receive(self, frame: Frame) -> tuple[bool, ChannelEvent | None]:
         """(closed, event) for a guest frame on channel ≥ 1. `event` is None when there is
@@ -500,10 +536,20 @@ class ChannelTable:
         if t not in _ALLOWED[st.kind]:
             raise ProtocolError(f"{t.name} on a {st.kind.name} channel")
         event: ChannelEvent | None
+        if st.kind == Kind.CONNECT and t in (T.STDOUT, T.SOCK_EOF) and (st.eof or not st.started):
+            raise ProtocolError(f"{t.name} {'after SOCK_EOF' if st.eof else 'before STARTED'}")
         if t in (T.STDOUT, T.STDERR):
             if not frame.payload:
                 raise ProtocolError("empty output frame")
+            if st.kind == Kind.CONNECT:
+                st.undelivered += len(frame.payload)
+                if st.undelivered > SOCK_WINDOW:
+                    raise ProtocolError("connection data beyond the window")
             event = Output("stdout" if t == T.STDOUT else "stderr", frame.payload)
+        elif t == T.SOCK_EOF:
+            _exact(frame.payload, 0, "SOCK_EOF")
+            st.eof = True
+            event = SockEof()
         elif t == T.STDIN_ACK:
             n = parse_u32(frame.payload, "STDIN_ACK")
             if n > st.unacked:
@@ -515,6 +561,8 @@ class ChannelTable:
                 raise ProtocolError("second STARTED")
             st.started = True
             event = Started(parse_u32(frame.payload, "STARTED"))
+            if st.kind == Kind.CONNECT and event.pid != 0:
+                raise ProtocolError("STARTED of a CONNECT channel must carry 0")
         elif t == T.EXIT:
             event = parse_exit(frame.payload)
         elif t == T.FILE_DATA:

@@ -29,6 +29,7 @@ from matchlock.guest.protocol import ExecRequest
 from matchlock.image.config import ImageConfig
 from matchlock.sandbox.command import compose_env
 from matchlock.sandbox.core import Sandbox
+from matchlock.sandbox.ports import PortForwarder, PortSpec
 
 KILL_GRACE_S = 5.0
 TIMEOUT_EXIT = 124
@@ -49,6 +50,8 @@ class RunRequest:
     interactive: bool = False
     privileged: bool = False
     timeout: float | None = None
+    publish: tuple[PortSpec, ...] = ()  # sandbox.ports.parse_publish
+    publish_address: str = "127.0.0.1"
 
 
 class RunControl:
@@ -184,9 +187,21 @@ def exec_request(sandbox: Sandbox, req: RunRequest) -> ExecRequest:
 def run_attached(sandbox: Sandbox, req: RunRequest) -> int:
     """Start `sandbox`, run the command with this process's stdio, tear everything down;
     the command's exit code. Errors (including a timeout or a signal) are MatchlockErrors."""
+    # Listeners are bound first: a port in use fails before anything of the sandbox exists.
+    ports = PortForwarder(req.publish, req.publish_address) if req.publish else None
+    try:
+        return _run_attached(sandbox, req, ports)
+    finally:
+        if ports is not None:
+            ports.close()
+
+
+def _run_attached(sandbox: Sandbox, req: RunRequest, ports: PortForwarder | None) -> int:
     with RunControl(sandbox, req.timeout) as control, sandbox:
         try:
             sandbox.start()
+            if ports is not None:
+                ports.start(sandbox.conn)
             ex = sandbox.exec(exec_request(sandbox, req))
             control.attach(ex)
             code = attach(sandbox, ex, req.interactive, req.tty)

@@ -219,7 +219,10 @@ static __attribute__((noreturn)) void shutdown_agent(const char *why)
 
 /* ---- incoming frames --------------------------------------------------------------------- */
 
-bool channel_busy(uint32_t chan) { return exec_exists(chan) || file_exists(chan); }
+bool channel_busy(uint32_t chan)
+{
+    return exec_exists(chan) || file_exists(chan) || port_exists(chan);
+}
 
 static void dispatch(uint8_t type, uint32_t chan, const uint8_t *p, size_t n)
 {
@@ -236,7 +239,9 @@ static void dispatch(uint8_t type, uint32_t chan, const uint8_t *p, size_t n)
     case F_FILE_WRITE:
     case F_FILE_READ:
     case F_FILE_LIST:
-    case F_FILE_DATA_IN: control = false; break;
+    case F_FILE_DATA_IN:
+    case F_CONNECT:
+    case F_SOCK_ACK: control = false; break;
     default: agent_log("ignoring frame of unknown type 0x%02x on channel %u", type, chan); return;
     }
     if (control != (chan == 0)) {
@@ -252,10 +257,18 @@ static void dispatch(uint8_t type, uint32_t chan, const uint8_t *p, size_t n)
         break;
     case F_SHUTDOWN: shutdown_agent("SHUTDOWN from the host");
     case F_EXEC: exec_start(chan, p, n); break;
-    case F_STDIN: exec_stdin(chan, p, n); break;
+    case F_STDIN:
+        if (port_exists(chan)) port_data(chan, p, n);
+        else exec_stdin(chan, p, n);
+        break;
     case F_SIGNAL: exec_signal(chan, p, n); break;
     case F_RESIZE: exec_resize(chan, p, n); break;
-    case F_KILL: exec_kill(chan); break;
+    case F_KILL:
+        if (port_exists(chan)) port_kill(chan);
+        else exec_kill(chan);
+        break;
+    case F_CONNECT: port_connect(chan, p, n); break;
+    case F_SOCK_ACK: port_ack(chan, p, n); break;
     case F_FILE_WRITE: file_write_begin(chan, p, n); break;
     case F_FILE_READ: file_read_begin(chan, p, n); break;
     case F_FILE_LIST: file_list_begin(chan, p, n); break;
@@ -350,7 +363,7 @@ static __attribute__((noreturn)) void serve(void)
     struct pollfd *pfd = NULL;
     size_t cap = 0;
     for (;;) {
-        size_t need = P_FIXED + exec_poll_count();
+        size_t need = P_FIXED + exec_poll_count() + port_poll_count();
         if (need > cap) {
             struct pollfd *np = realloc(pfd, need * sizeof *pfd);
             if (!np) {
@@ -362,7 +375,7 @@ static __attribute__((noreturn)) void serve(void)
             cap = need;
         }
         /* Producers first: what they queue must be seen by the POLLOUT decision below. */
-        bool busy = file_pump();
+        bool busy = file_pump() | port_pending();
         bool parked = g_port_wait;
         g_port_wait = false;
         bool can_read = !parked && g_in_len < sizeof g_inbuf && out_free() >= CTRL_RESERVE;
@@ -370,7 +383,9 @@ static __attribute__((noreturn)) void serve(void)
         pfd[P_OUT] = (struct pollfd){
             .fd = !parked && g_out_tail > g_out_head ? g_out : -1, .events = POLLOUT};
         pfd[P_SIG] = (struct pollfd){.fd = g_sigfd, .events = POLLIN};
-        size_t n = P_FIXED + exec_poll_fill(pfd + P_FIXED);
+        size_t nexec = exec_poll_fill(pfd + P_FIXED);
+        size_t n = P_FIXED + nexec;
+        n += port_poll_fill(pfd + n);
 
         int timeout = busy ? 0 : parked ? 50 : -1;
         if (poll(pfd, n, timeout) < 0) {
@@ -384,6 +399,7 @@ static __attribute__((noreturn)) void serve(void)
         else if (pfd[P_IN].revents & (POLLERR | POLLHUP)) port_hangup("the port hung up");
         if (pfd[P_SIG].revents) drain_signalfd();
         exec_poll_handle(pfd + P_FIXED);
+        port_poll_handle(pfd + P_FIXED + nexec);
         parse_input();
         if (g_out_tail > g_out_head && !parked) port_write();
     }

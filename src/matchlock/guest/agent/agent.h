@@ -6,6 +6,7 @@
  *   setup.c  PID-1 boot mounts and the SETUP request (root switch, hostname, clock, entropy)
  *   exec.c   EXEC: per-exec PID+mount namespace, hardening, user switch, stdio plumbing
  *   files.c  FILE_WRITE / FILE_READ / FILE_LIST
+ *   ports.c  CONNECT: relays a host connection to a TCP port on the guest's loopback
  */
 #ifndef MATCHLOCK_AGENT_H
 #define MATCHLOCK_AGENT_H
@@ -49,6 +50,8 @@ enum frame_type {
     F_SHUTDOWN = 0x0A,
     F_PING = 0x0B,
     F_KILL = 0x0C,
+    F_CONNECT = 0x0D,
+    F_SOCK_ACK = 0x0E,
 
     F_HELLO = 0x81,
     F_STDOUT = 0x82,
@@ -61,6 +64,7 @@ enum frame_type {
     F_PONG = 0x89,
     F_LOG = 0x8A,
     F_STARTED = 0x8B,
+    F_SOCK_EOF = 0x8C,
 };
 
 enum setup_tag {
@@ -173,5 +177,18 @@ bool file_exists(uint32_t chan);
 /* Produce FILE_DATA/DIRENT frames while there is room; true if work remains that can proceed
  * without waiting for any fd (so the poll loop must not sleep). */
 bool file_pump(void);
+
+/* ---- ports.c ----------------------------------------------------------------------------- */
+
+void port_connect(uint32_t chan, const uint8_t *p, size_t n);
+void port_data(uint32_t chan, const uint8_t *p, size_t n);
+void port_ack(uint32_t chan, const uint8_t *p, size_t n);
+void port_kill(uint32_t chan);
+bool port_exists(uint32_t chan);
+size_t port_poll_count(void);
+size_t port_poll_fill(struct pollfd *pfd);
+void port_poll_handle(const struct pollfd *pfd);
+/* A connection is ready to end without waiting for any fd (the loop must not sleep). */
+bool port_pending(void);
 
 #endif
