@@ -17,6 +17,10 @@ _COMMANDS = {
     "diagnose": ("matchlock.cli.diagnose", "diagnose", "Check that this host can run sandboxes."),
     "setup": ("matchlock.cli.setup", "setup", "Install and build what sandboxes need (root)."),
     "gc": ("matchlock.cli.gc", "gc", "Remove what dead sandboxes left behind."),
+    "exec": ("matchlock.cli.exec", "exec_", "Run a command in a running sandbox."),
+    "ls": ("matchlock.cli.lifecycle", "ls", "List sandboxes."),
+    "kill": ("matchlock.cli.lifecycle", "kill", "Stop a running sandbox."),
+    "rm": ("matchlock.cli.lifecycle", "rm", "Remove a stopped or crashed sandbox."),
     "version": ("matchlock.cli.version", "version", "Print matchlock's version."),
 }
 

@@ -59,6 +59,8 @@ def _parse_memory(value: str) -> int:
 @click.option("--hostname", default=None, help="Guest hostname (default: the sandbox id).")
 @click.option("-i", "--interactive", is_flag=True, help="Forward stdin to the command.")
 @click.option("-t", "--tty", is_flag=True, help="Run the command on a pseudo-terminal.")
+@click.option("-d", "--detach", is_flag=True,
+              help="Keep the sandbox running in the background; print its id.")
 @click.option("--privileged", is_flag=True, help="No seccomp, capability drop or no_new_privs.")
 @click.option("--rm/--no-rm", "rm", default=True, show_default=True,
               help="Remove the sandbox when the command exits.")
@@ -106,7 +108,7 @@ def run(
     upstream_ca: str | None = None, upstream_dns: tuple[str, ...] = (),
     log_network: bool = False, secret_files: tuple[str, ...] = (),
     max_connections: int | None = None, workspace: str | None = None,
-    volumes: tuple[str, ...] = (),
+    volumes: tuple[str, ...] = (), detach: bool = False,
     publish: tuple[str, ...] = (),
     publish_address: str = "127.0.0.1",
 ) -> None:
@@ -115,6 +117,13 @@ def run(
     from matchlock.sandbox.attach import RunRequest, run_attached
     from matchlock.sandbox.core import Sandbox, SandboxOptions
 
+    if detach and (interactive or tty):
+        raise MatchlockError("-d cannot be combined with -i or -t",
+                             hint="start it with -d, then `matchlock exec -i ID -- CMD`")
+    if detach and not os.environ.pop("MATCHLOCK_SUPERVISOR", None):
+        from matchlock.sandbox.supervisor import launch
+
+        sys.exit(launch(sys.argv[1:]))
     if not rm:
         raise MatchlockError("--no-rm (long-lived sandboxes) is not available yet",
                              hint="omit it; every run is ephemeral for now")
@@ -161,15 +170,20 @@ def run(
     boot.artifacts()  # fail fast, before any image work, when the host is not set up
     resolved = resolve_image(image, pull=pull)
     cfg = resolved.config
-    argv = compose_argv(cfg, command, entrypoint)
+    argv = compose_argv(cfg, command, entrypoint) if command or not detach else []
     opts = SandboxOptions(
         image=resolved.name, rootfs=resolved.rootfs, cpus=cpu_count,
         memory_mb=_parse_memory(memory), disk_size_mb=_parse_memory(disk_size),
-        hostname=hostname, accel=accel, egress=egress, mounts=mounts,
+        hostname=hostname, accel=accel, egress=egress, mounts=mounts, keep_dir=detach,
     )
-    code = run_attached(Sandbox(opts), RunRequest(
+    req = RunRequest(
         argv=argv, image=cfg, env_files=env_files, env=envs, workdir=workdir, user=user,
         tty=tty, interactive=interactive, privileged=privileged, timeout=timeout,
         publish=tuple(ports), publish_address=publish_address,
-    ))
+    )
+    if detach:
+        from matchlock.sandbox.supervisor import Supervisor
+
+        sys.exit(Supervisor(Sandbox(opts), req, argv or None, timeout).run())
+    code = run_attached(Sandbox(opts), req)
     sys.exit(code)

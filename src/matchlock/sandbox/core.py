@@ -58,6 +58,7 @@ class SandboxOptions:
     extra_hosts: tuple[str, ...] = ()
     egress: Egress | None = None  # None: no NIC at all
     mounts: tuple[MountSpec, ...] = ()  # sandbox.mounts.parse_mounts
+    keep_dir: bool = False  # close() keeps the directory (logs) for `matchlock rm`
 
     def validate(self) -> None:
         if not (math.isfinite(self.cpus) and self.cpus > 0):
@@ -448,7 +449,9 @@ class Sandbox:
                 self._identity.release()
             if self.opts.egress is not None:
                 self.opts.egress.close()
-            if self.dir is not None and not os.environ.get("MATCHLOCK_KEEP_SANDBOX"):
+            if self.dir is not None and self.opts.keep_dir:
+                (self.dir / "upper.ext4").unlink(missing_ok=True)
+            elif self.dir is not None and not os.environ.get("MATCHLOCK_KEEP_SANDBOX"):
                 registry.remove_dir(self.dir)
         self.timings.add("teardown", time.perf_counter() - t0)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -109,22 +110,83 @@ def gc() -> list[Collected]:
             remove_dir(path)
             out.append(Collected(path.name, False))
             continue
-        if alive(owner.pid, owner.pid_start):
-            continue
-        killed = False
-        if alive(owner.vmm_pid, owner.vmm_start):
-            try:
-                os.kill(owner.vmm_pid, signal.SIGKILL)
-                killed = True
-            except ProcessLookupError:
-                pass
-            _wait_gone(owner.vmm_pid, owner.vmm_start)
-        remove_dir(path)
-        out.append(Collected(owner.id, killed))
+        if alive(owner.pid, owner.pid_start) or (path / STOPPED).exists():
+            continue  # running, or stopped cleanly and kept for `matchlock rm`
+        out.append(collect(path, owner))
     return out
+
+
+def collect(path: Path, owner: Owner) -> Collected:
+    """Kill what a dead owner left running and remove its directory."""
+    killed = False
+    if alive(owner.vmm_pid, owner.vmm_start):
+        try:
+            os.kill(owner.vmm_pid, signal.SIGKILL)
+            killed = True
+        except ProcessLookupError:
+            pass
+        _wait_gone(owner.vmm_pid, owner.vmm_start)
+    remove_dir(path)
+    return Collected(owner.id, killed)
 
 
 def _wait_gone(pid: int, start: int | None, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while alive(pid, start) and time.monotonic() < deadline:
         time.sleep(0.02)
+
+
+STOPPED = "stopped.json"  # written by a supervisor that stopped its sandbox cleanly
+SOCKET = "control.sock"  # a detached sandbox's supervisor listens here
+_ID = re.compile(r"^vm-[0-9a-f]{8}$")
+
+
+@dataclass(frozen=True)
+class Entry:
+    path: Path
+    owner: Owner
+    status: str  # running, stopped or crashed
+
+
+def status_of(path: Path, owner: Owner) -> str:
+    if (path / STOPPED).exists():
+        return "stopped"
+    if alive(owner.pid, owner.pid_start):
+        return "running"
+    return "crashed"
+
+
+def entries() -> list[Entry]:
+    root = sandboxes_root()
+    out: list[Entry] = []
+    if not root.is_dir():
+        return out
+    for path in sorted(root.iterdir()):
+        try:
+            owner = Owner.load(path / "owner.json")
+        except (OSError, ValueError, TypeError):
+            continue
+        out.append(Entry(path, owner, status_of(path, owner)))
+    return sorted(out, key=lambda e: e.owner.created)
+
+
+def lookup(sid: str) -> Entry:
+    """The sandbox called `sid`, or a one-line MatchlockError."""
+    from matchlock.errors import MatchlockError
+
+    if not _ID.match(sid):
+        raise MatchlockError(f"invalid sandbox id {sid!r}", hint="ids look like vm-0123abcd")
+    path = sandboxes_root() / sid
+    try:
+        owner = Owner.load(path / "owner.json")
+    except FileNotFoundError:
+        raise MatchlockError(f"no such sandbox: {sid}", hint="see `matchlock ls`") from None
+    except (OSError, ValueError, TypeError):
+        raise MatchlockError(f"sandbox {sid} has no readable state") from None
+    return Entry(path, owner, status_of(path, owner))
+
+
+def mark_stopped(path: Path, reason: str) -> None:
+    tmp = path / (STOPPED + ".tmp")
+    tmp.write_text(json.dumps({"reason": reason, "stopped": time.time()}))
+    tmp.replace(path / STOPPED)

@@ -1,0 +1,314 @@
+"""Detached sandboxes: the per-sandbox supervisor process and its clients.
+
+`matchlock run -d` starts a copy of itself in a new session (`launch`); that copy boots the
+sandbox, owns it (its pid is the owner in owner.json, so the VMM dies with it), listens on
+`control.sock` in the sandbox's directory (0600, in a 0700 directory, peers checked by
+SO_PEERCRED) and serves exec and shutdown (`serve`). It tells the launcher the sandbox's id on
+its stdout once the socket listens, then moves its stdout and stderr to `supervisor.log`.
+The wire format is in `sandbox/wire.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
+
+from matchlock.errors import MatchlockError
+from matchlock.guest.client import AgentGone, Exec, Output
+from matchlock.sandbox import wire
+from matchlock.sandbox.attach import RunRequest, exec_request
+from matchlock.sandbox.core import Sandbox
+from matchlock.state import registry
+
+SUPERVISE_ENV = "MATCHLOCK_SUPERVISOR"
+LOG = "supervisor.log"
+HEADER_TIMEOUT = 10.0
+MAX_SIGNAL = 64
+
+
+# --- the launcher (`matchlock run -d`) ---------------------------------------------------------
+
+
+def launch(args: list[str]) -> int:
+    """Start the supervisor with the same `run` arguments; print the sandbox's id once it is
+    ready. Its error lines are relayed; the exit code is then its own."""
+    env = dict(os.environ)
+    env[SUPERVISE_ENV] = "1"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "matchlock.cli.main", *args], stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, env=env,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    err: list[bytes] = []
+    t = threading.Thread(target=lambda: err.append(proc.stderr.read()),  # type: ignore[union-attr]
+                         daemon=True)
+    t.start()
+    out = proc.stdout.read()
+    t.join()
+    sid = out.decode(errors="replace").strip()
+    if sid and proc.poll() is None:
+        sys.stdout.write(sid + "\n")
+        sys.stdout.flush()
+        return 0
+    code = proc.wait()
+    sys.stderr.buffer.write(b"".join(err))
+    sys.stderr.flush()
+    if not err or not b"".join(err).strip():
+        sys.stderr.write("matchlock: the sandbox's supervisor exited before it was ready\n")
+    return code or 1
+
+
+# --- the supervisor ----------------------------------------------------------------------------
+
+
+def _sock_path(path: Path) -> str:
+    """A path for bind/connect under the 108-byte limit (via /proc/self/fd when long)."""
+    s = str(path)
+    if len(s.encode()) < 100:
+        return s
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+    return f"/proc/self/fd/{fd}/{path.name}"  # fd kept open for the life of the process
+
+
+class Supervisor:
+    def __init__(self, sandbox: Sandbox, base: RunRequest, background: list[str] | None,
+                 timeout: float | None) -> None:
+        self.sandbox = sandbox
+        self.base = base
+        self.background = background
+        self.timeout = timeout
+        self.reason: str | None = None  # why it stops
+        self._stop = threading.Event()
+        self._ready = False
+        self._lock = threading.Lock()
+
+    def stop(self, reason: str) -> None:
+        with self._lock:
+            if self.reason is None:
+                self.reason = reason
+        self._stop.set()
+
+    def _on_signal(self, signo: int, frame: FrameType | None) -> None:
+        # Only record; the watcher thread acts.
+        if self.reason is None:
+            self.reason = f"stopped by {signal.Signals(signo).name}"
+
+    def _watch(self) -> None:
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        while not self._stop.is_set():
+            if self.reason is not None:
+                self._stop.set()
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                self.stop(f"timed out after {self.timeout:g}s")
+                break
+            self._stop.wait(0.1)
+        if not self._ready:
+            self.sandbox.abort(self.reason or "stopped")
+
+    def run(self) -> int:
+        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(s, self._on_signal)
+        threading.Thread(target=self._watch, name="supervisor-watch", daemon=True).start()
+        with self.sandbox:
+            try:
+                self.sandbox.start()
+            except AgentGone as e:
+                raise self.sandbox.agent_failure(e) from None
+            except MatchlockError:
+                if self.reason is not None:
+                    raise MatchlockError(f"the sandbox was stopped: {self.reason}") from None
+                raise
+            assert self.sandbox.dir is not None
+            listener = self._listen(self.sandbox.dir / registry.SOCKET)
+            if self.background:
+                self._start_background(self.background)
+            self._ready = True
+            self._announce(self.sandbox.dir / LOG)
+            threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+            self._stop.wait()
+            with contextlib.suppress(OSError):
+                listener.close()
+            (self.sandbox.dir / registry.SOCKET).unlink(missing_ok=True)
+            print(f"stopping: {self.reason}", flush=True)
+        registry.mark_stopped(self.sandbox.dir, self.reason or "stopped")
+        return 0
+
+    def _listen(self, path: Path) -> socket.socket:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            s.bind(_sock_path(path))
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        s.listen(64)
+        return s
+
+    def _announce(self, log: Path) -> None:
+        sys.stdout.write(self.sandbox.id + "\n")
+        sys.stdout.flush()
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+
+    def _start_background(self, argv: list[str]) -> None:
+        req = RunRequest(argv=argv, image=self.base.image, env_files=self.base.env_files,
+                         env=self.base.env, workdir=self.base.workdir, user=self.base.user,
+                         privileged=self.base.privileged)
+        ex = self.sandbox.exec(exec_request(self.sandbox, req))
+
+        def drain() -> None:
+            try:
+                for ev in ex.events():
+                    if isinstance(ev, Output):
+                        os.write(1 if ev.stream == "stdout" else 2, ev.data)
+                    elif ex.status is not None:
+                        print(f"background command exited: {ex.status.code}", flush=True)
+            except (AgentGone, OSError):
+                pass
+
+        threading.Thread(target=drain, name="background", daemon=True).start()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    # --- one client ----------------------------------------------------------------------------
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                self._serve_checked(conn)
+            except (wire.WireError, MatchlockError) as e:
+                with contextlib.suppress(OSError):
+                    conn.sendall(wire.encode_json(wire.ERROR, {"message": str(e)}))
+            except (OSError, AgentGone):
+                pass
+
+    def _serve_checked(self, conn: socket.socket) -> None:
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _, uid, _ = struct.unpack("3i", creds)
+        if uid not in (0, os.geteuid()):
+            raise wire.WireError("permission denied")
+        conn.settimeout(HEADER_TIMEOUT)
+        dec = wire.Decoder()
+        frames = _frames(conn, dec)
+        first = next(frames, None)
+        if first is None:
+            return
+        if first.type != wire.REQUEST:
+            raise wire.WireError("the first frame must be a request")
+        spec = wire.parse_request(first.json())
+        conn.settimeout(None)
+        if spec == "ping":
+            conn.sendall(wire.encode_json(wire.EXIT, {"code": 0}))
+            return
+        if spec == "shutdown":
+            conn.sendall(wire.encode_json(wire.EXIT, {"code": 0}))
+            self.stop("kill")
+            return
+        assert isinstance(spec, wire.ExecSpec)
+        if self._stop.is_set():
+            raise MatchlockError("the sandbox is stopping")
+        req = RunRequest(argv=spec.argv, image=self.base.image, env=tuple(spec.env),
+                         workdir=spec.workdir, user=spec.user, interactive=spec.stdin,
+                         privileged=self.base.privileged)
+        ex = self.sandbox.exec(exec_request(self.sandbox, req))
+        threading.Thread(target=self._client_input, args=(frames, ex, conn, spec.stdin),
+                         daemon=True).start()
+        try:
+            for ev in ex.events():
+                if isinstance(ev, Output):
+                    ftype = wire.STDOUT if ev.stream == "stdout" else wire.STDERR
+                    conn.sendall(wire.encode(ftype, ev.data))
+        except AgentGone:
+            raise MatchlockError(
+                f"the sandbox stopped ({self.reason})" if self.reason else
+                "lost the guest agent") from None
+        assert ex.status is not None
+        conn.sendall(wire.encode_json(wire.EXIT, {"code": ex.status.code}))
+
+    def _client_input(self, frames: Iterator[wire.Frame], ex: Exec, conn: socket.socket,
+                      stdin: bool) -> None:
+        """The client's stdin and signals; a client that goes away or misbehaves kills its
+        command (nobody would read its output)."""
+        stdin_open = stdin
+        try:
+            for f in frames:
+                if f.type == wire.STDIN and stdin_open:
+                    if f.payload:
+                        ex.write_stdin(f.payload)
+                    else:
+                        ex.close_stdin()
+                        stdin_open = False
+                elif f.type == wire.SIGNAL:
+                    signo = wire.decode_signal(f.payload)
+                    if not 1 <= signo <= MAX_SIGNAL:
+                        raise wire.WireError(f"invalid signal {signo}")
+                    ex.signal(signo)
+                else:
+                    raise wire.WireError(f"unexpected frame {chr(f.type)!r}")
+        except (wire.WireError, OSError, AgentGone):
+            pass
+        # The client closed its connection (it never half-closes) or broke the protocol.
+        with contextlib.suppress(AgentGone):
+            if ex.status is None:
+                ex.kill()
+        with contextlib.suppress(OSError):
+            conn.shutdown(socket.SHUT_RDWR)
+
+
+def _frames(conn: socket.socket, dec: wire.Decoder) -> Iterator[wire.Frame]:
+    while True:
+        data = conn.recv(1 << 16)
+        if not data:
+            if dec.pending:
+                raise wire.WireError("truncated frame")
+            return
+        yield from dec.feed(data)
+
+
+# --- the client (`exec`, `kill`) ---------------------------------------------------------------
+
+
+def connect(sid: str) -> socket.socket:
+    """A connection to a running detached sandbox's supervisor, or a one-line error."""
+    entry = registry.lookup(sid)
+    if entry.status != "running":
+        raise MatchlockError(f"sandbox {sid} is {entry.status}",
+                             hint=f"remove it with `matchlock rm {sid}`")
+    path = entry.path / registry.SOCKET
+    if not path.exists():
+        raise MatchlockError(f"sandbox {sid} was not started with `run -d` (or is starting)")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(_sock_path(path))
+    except OSError as e:
+        s.close()
+        raise MatchlockError(f"cannot reach sandbox {sid}'s supervisor: {e.strerror}") from None
+    return s
+
+
+def request(s: socket.socket, obj: dict[str, object]) -> wire.Frame | None:
+    """Send a one-shot request; the first frame of the answer (None at EOF)."""
+    s.sendall(wire.encode_json(wire.REQUEST, obj))
+    dec = wire.Decoder()
+    for f in _frames(s, dec):
+        return f
+    return None

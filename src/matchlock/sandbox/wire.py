@@ -1,0 +1,161 @@
+"""The supervisor's socket protocol: frames, encoded and decoded without I/O.
+
+A frame is one type byte, a big-endian u32 payload length, then the payload. `H` (the
+client's request), `X` (the exec's end) and `R` (an error) carry a JSON object; `I` (stdin;
+empty = end of stdin), `O` (stdout) and `E` (stderr) carry raw bytes; `S` carries a signal
+number as a big-endian u32. A peer that sends anything else, or a frame longer than
+`MAX_PAYLOAD`, is cut off.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+HEADER = struct.Struct(">BI")
+MAX_PAYLOAD = 1 << 20
+MAX_JSON = 1 << 20
+
+REQUEST = ord("H")
+STDIN = ord("I")
+STDOUT = ord("O")
+STDERR = ord("E")
+SIGNAL = ord("S")
+EXIT = ord("X")
+ERROR = ord("R")
+TYPES = frozenset({REQUEST, STDIN, STDOUT, STDERR, SIGNAL, EXIT, ERROR})
+JSON_TYPES = frozenset({REQUEST, EXIT, ERROR})
+
+
+class WireError(Exception):
+    """The peer sent something that is not a valid frame."""
+
+
+@dataclass(frozen=True)
+class Frame:
+    type: int
+    payload: bytes
+
+    def json(self) -> dict[str, Any]:
+        return decode_json(self.payload)
+
+
+def encode(ftype: int, payload: bytes = b"") -> bytes:
+    if ftype not in TYPES:
+        raise ValueError(f"unknown frame type {ftype}")
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError("payload too large")
+    return HEADER.pack(ftype, len(payload)) + payload
+
+
+def encode_json(ftype: int, obj: dict[str, Any]) -> bytes:
+    return encode(ftype, json.dumps(obj, separators=(",", ":")).encode())
+
+
+def encode_signal(signo: int) -> bytes:
+    return encode(SIGNAL, struct.pack(">I", signo))
+
+
+def decode_signal(payload: bytes) -> int:
+    if len(payload) != 4:
+        raise WireError("a signal frame carries 4 bytes")
+    (signo,) = struct.unpack(">I", payload)
+    return int(signo)
+
+
+def decode_json(payload: bytes) -> dict[str, Any]:
+    if len(payload) > MAX_JSON:
+        raise WireError("JSON payload too large")
+    try:
+        obj = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise WireError("invalid JSON payload") from None
+    if not isinstance(obj, dict):
+        raise WireError("the JSON payload is not an object")
+    return obj
+
+
+class Decoder:
+    """Feed bytes in any split; get whole frames out."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[Frame]:
+        self._buf += data
+        out: list[Frame] = []
+        while len(self._buf) >= HEADER.size:
+            ftype, n = HEADER.unpack_from(self._buf)
+            if ftype not in TYPES:
+                raise WireError(f"unknown frame type {ftype}")
+            if n > MAX_PAYLOAD:
+                raise WireError(f"frame of {n} bytes is too large")
+            if len(self._buf) < HEADER.size + n:
+                break
+            out.append(Frame(ftype, bytes(self._buf[HEADER.size : HEADER.size + n])))
+            del self._buf[: HEADER.size + n]
+        return out
+
+    @property
+    def pending(self) -> int:
+        return len(self._buf)
+
+
+def _str_list(v: object, name: str, limit: int = 4096) -> list[str]:
+    if not isinstance(v, list) or len(v) > limit or not all(isinstance(s, str) for s in v):
+        raise WireError(f"{name} must be a list of strings")
+    if any("\0" in s for s in v):
+        raise WireError(f"{name} contains a NUL byte")
+    return list(v)
+
+
+def _opt_str(v: object, name: str) -> str | None:
+    if v is None:
+        return None
+    if not isinstance(v, str) or "\0" in v or len(v) > 4096:
+        raise WireError(f"{name} must be a string")
+    return v
+
+
+@dataclass(frozen=True)
+class ExecSpec:
+    """An exec request as the supervisor accepts it (every field checked)."""
+
+    argv: list[str]
+    env: list[str]
+    workdir: str | None
+    user: str | None
+    stdin: bool
+
+
+def parse_request(obj: dict[str, Any]) -> ExecSpec | str:
+    """The validated request: an ExecSpec, or the op name "shutdown"/"ping"."""
+    op = obj.get("op")
+    if op in ("shutdown", "ping"):
+        if set(obj) != {"op"}:
+            raise WireError(f"unexpected fields in {op}")
+        return str(op)
+    if op != "exec":
+        raise WireError(f"unknown op {op!r}")
+    allowed = {"op", "argv", "env", "workdir", "user", "stdin"}
+    extra = set(obj) - allowed
+    if extra:
+        raise WireError(f"unexpected fields: {', '.join(sorted(extra))}")
+    argv = _str_list(obj.get("argv"), "argv")
+    if not argv or not argv[0]:
+        raise WireError("argv must not be empty")
+    env = _str_list(obj.get("env", []), "env")
+    for e in env:
+        name, sep, _ = e.partition("=")
+        if not sep or not name or any(c.isspace() for c in name):
+            raise WireError(f"invalid environment entry {e!r}")
+    workdir = _opt_str(obj.get("workdir"), "workdir")
+    if workdir is not None and not workdir.startswith("/"):
+        raise WireError("workdir must be absolute")
+    user = _opt_str(obj.get("user"), "user")
+    stdin = obj.get("stdin", False)
+    if not isinstance(stdin, bool):
+        raise WireError("stdin must be a boolean")
+    return ExecSpec(argv, env, workdir, user, stdin)

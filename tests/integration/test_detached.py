@@ -1,0 +1,178 @@
+"""Detached sandboxes end to end: `run -d`, `exec`, `ls`, `kill`, `rm`, a crashed supervisor
+and `gc`, with real VMs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from .conftest import MATCHLOCK, leftovers
+
+pytestmark = pytest.mark.vm
+Run = Callable[..., subprocess.CompletedProcess[bytes]]
+
+
+def _start(ml: Run, *flags: str) -> str:
+    r = ml("run", "-d", *flags, check=True)
+    sid = r.stdout.decode().strip()
+    assert sid.startswith("vm-") and len(r.stdout.splitlines()) == 1, r.stdout
+    return sid
+
+
+def _ls(ml: Run) -> dict[str, dict[str, object]]:
+    r = ml("ls", "--json", check=True)
+    return {e["id"]: e for e in json.loads(r.stdout)}
+
+
+def _one_line_error(r: subprocess.CompletedProcess[bytes], *words: str) -> None:
+    assert r.returncode != 0
+    err = r.stderr.decode()
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("matchlock: "), err
+    for w in words:
+        assert w in err, err
+
+
+def test_exec_many_in_a_row_and_at_once(ml: Run, state_dir: Path) -> None:
+    sid = _start(ml)
+    try:
+        entry = _ls(ml)[sid]
+        assert entry["status"] == "running" and entry["image"]
+        assert isinstance(entry["pid"], int) and entry["pid"] > 0
+        sock = state_dir / "sandboxes" / sid / "control.sock"
+        assert sock.stat().st_mode & 0o777 == 0o600
+        # 20 in a row: exit codes and separate streams; each leaves a file for the next.
+        for i in range(20):
+            r = ml("exec", sid, "--", "sh", "-c",
+                   f"echo out{i}; echo err{i} >&2; echo {i} >> /tmp/log; exit {i % 4}")
+            assert r.returncode == i % 4, r.stderr
+            assert r.stdout == f"out{i}\n".encode()
+            assert r.stderr == f"err{i}\n".encode()
+        r = ml("exec", sid, "--", "cat", "/tmp/log", check=True)
+        assert r.stdout.decode().split() == [str(i) for i in range(20)]
+        # 4 at once, each with its own binary stdin.
+        blobs = [os.urandom(256 * 1024 + n) + bytes(range(256)) for n in range(4)]
+
+        def one(n: int) -> subprocess.CompletedProcess[bytes]:
+            return ml("exec", "-i", sid, "--", "sh", "-c", f"sha256sum; echo e{n} >&2; exit {n}",
+                      input=blobs[n])
+
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(one, range(4)))
+        for n, r in enumerate(results):
+            assert r.returncode == n, r.stderr
+            assert r.stdout.decode().split()[0] == hashlib.sha256(blobs[n]).hexdigest()
+            assert r.stderr == f"e{n}\n".encode()
+        # -e, -w, -u
+        r = ml("exec", "-e", "A=b c", "-w", "/tmp", "-u", "65534", sid, "--", "sh", "-c",
+               'echo "$A"; pwd; id -u', check=True)
+        assert r.stdout.decode().split("\n")[:3] == ["b c", "/tmp", "65534"]
+        # kill: stopped, still listed, exec refused; rm: gone.
+        assert ml("kill", sid, check=True).stdout.decode().strip() == sid
+        assert _ls(ml)[sid]["status"] == "stopped"
+        _one_line_error(ml("exec", sid, "--", "true"), sid, "stopped")
+        assert not (state_dir / "sandboxes" / sid / "upper.ext4").exists()
+        assert ml("rm", sid, check=True).stdout.decode().strip() == sid
+        assert sid not in _ls(ml)
+    finally:
+        ml("rm", "-f", sid)
+
+
+def test_ctrl_c_reaches_the_command(ml: Run, state_dir: Path) -> None:
+    sid = _start(ml)
+    try:
+        p = subprocess.Popen(
+            [MATCHLOCK, "exec", sid, "--", "sh", "-c",
+             "trap 'echo got INT; exit 3' INT; echo ready; while :; do sleep 0.1; done"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert p.stdout is not None
+        assert p.stdout.readline() == b"ready\n"
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 3, err
+        assert out == b"got INT\n"
+        # A client that goes away takes its command with it; the sandbox stays.
+        p = subprocess.Popen([MATCHLOCK, "exec", sid, "--", "sh", "-c", "echo up; sleep 1000"],
+                             stdout=subprocess.PIPE)
+        assert p.stdout is not None and p.stdout.readline() == b"up\n"
+        p.kill()
+        p.wait()
+        r = ml("exec", sid, "--", "true")
+        assert r.returncode == 0, r.stderr
+    finally:
+        ml("rm", "-f", sid)
+
+
+def test_background_command_and_timeout_bound_the_lifetime(ml: Run, state_dir: Path) -> None:
+    sid = _start(ml, "--timeout", "20", "--", "sh", "-c", "echo made > /tmp/made")
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            r = ml("exec", sid, "--", "cat", "/tmp/made")
+            if r.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert r.stdout == b"made\n", r.stderr
+        deadline = time.monotonic() + 90
+        while _ls(ml)[sid]["status"] == "running":
+            assert time.monotonic() < deadline, "--timeout did not stop the sandbox"
+            time.sleep(0.5)
+        assert _ls(ml)[sid]["status"] == "stopped"
+        log = (state_dir / "sandboxes" / sid / "supervisor.log").read_text()
+        assert "timed out after 20s" in log
+    finally:
+        ml("rm", "-f", sid)
+
+
+def test_kill_9_of_the_supervisor_shows_crashed_and_gc_cleans(ml: Run, state_dir: Path) -> None:
+    sid = _start(ml)
+    pid = int(str(_ls(ml)[sid]["pid"]))
+    owner = json.loads((state_dir / "sandboxes" / sid / "owner.json").read_text())
+    vmm = owner["vmm_pid"]
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while _ls(ml)[sid]["status"] != "crashed":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    while Path(f"/proc/{vmm}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not Path(f"/proc/{vmm}").exists(), "the VMM outlived its supervisor"
+    _one_line_error(ml("exec", sid, "--", "true"), sid, "crashed")
+    r = ml("gc", check=True)
+    assert f"removed {sid}" in r.stdout.decode()
+    assert leftovers(state_dir) == []
+    assert sid not in _ls(ml)
+
+
+def test_kill_all_and_rm_force(ml: Run) -> None:
+    a, b = _start(ml), _start(ml)
+    _one_line_error(ml("rm", a), a, "running")
+    r = ml("kill", "--all", check=True)
+    assert set(r.stdout.decode().split()) == {a, b}
+    statuses = _ls(ml)
+    assert statuses[a]["status"] == statuses[b]["status"] == "stopped"
+    ml("rm", a, b, check=True)
+    c = _start(ml)
+    ml("rm", "-f", c, check=True)
+    assert _ls(ml) == {}
+
+
+def test_bad_input_is_one_line(ml: Run) -> None:
+    _one_line_error(ml("exec", "vm-00000000", "--", "true"), "no such sandbox", "vm-00000000")
+    _one_line_error(ml("exec", "../etc", "--", "true"), "invalid sandbox id")
+    _one_line_error(ml("kill", "vm-00000000"), "no such sandbox")
+    _one_line_error(ml("rm", "vm-00000000"), "no such sandbox")
+    _one_line_error(ml("kill"), "--all")
+    _one_line_error(ml("run", "-d", "-i", "--", "true"), "-d")
+    _one_line_error(ml("run", "-d", "-t", "--", "true"), "-d")
+    _one_line_error(ml("run", "-d", "--memory", "1"), "--memory")
+    _one_line_error(ml("exec", "-t", "vm-00000000", "--", "sh"), "not supported yet")

@@ -1,0 +1,85 @@
+"""The supervisor's framing (sandbox/wire.py), byte for byte, and its request validation."""
+
+from __future__ import annotations
+
+import pytest
+
+from matchlock.sandbox import wire
+
+
+def test_frames_encode_byte_for_byte() -> None:
+    assert wire.encode(wire.STDOUT, b"hi") == b"O\x00\x00\x00\x02hi"
+    assert wire.encode(wire.STDIN) == b"I\x00\x00\x00\x00"
+    assert wire.encode_signal(2) == b"S\x00\x00\x00\x04\x00\x00\x00\x02"
+    assert wire.encode_json(wire.EXIT, {"code": 7}) == b'X\x00\x00\x00\x0a{"code":7}'
+    assert wire.encode_json(wire.REQUEST, {"op": "shutdown"}) == (
+        b'H\x00\x00\x00\x11{"op":"shutdown"}')
+
+
+def test_decoder_reassembles_any_split() -> None:
+    stream = (wire.encode(wire.STDOUT, b"a" * 300) + wire.encode(wire.STDERR, b"")
+              + wire.encode_json(wire.EXIT, {"code": 0}))
+    for step in (1, 2, 5, 7, len(stream)):
+        dec = wire.Decoder()
+        frames = []
+        for i in range(0, len(stream), step):
+            frames += dec.feed(stream[i : i + step])
+        assert [f.type for f in frames] == [wire.STDOUT, wire.STDERR, wire.EXIT]
+        assert frames[0].payload == b"a" * 300
+        assert frames[2].json() == {"code": 0}
+        assert dec.pending == 0
+
+
+@pytest.mark.parametrize("data", [
+    b"Z\x00\x00\x00\x00",  # unknown type
+    b"O\xff\xff\xff\xff",  # longer than MAX_PAYLOAD
+])
+def test_decoder_rejects_bad_frames(data: bytes) -> None:
+    with pytest.raises(wire.WireError):
+        wire.Decoder().feed(data)
+
+
+@pytest.mark.parametrize("payload", [b"\xff", b"[1]", b"nope", b'"s"'])
+def test_json_payload_must_be_an_object(payload: bytes) -> None:
+    with pytest.raises(wire.WireError):
+        wire.decode_json(payload)
+
+
+def test_signal_payload_is_four_bytes() -> None:
+    assert wire.decode_signal(b"\x00\x00\x00\x0f") == 15
+    with pytest.raises(wire.WireError):
+        wire.decode_signal(b"\x00\x0f")
+
+
+def test_valid_requests() -> None:
+    spec = wire.parse_request({"op": "exec", "argv": ["sh", "-c", "x"], "env": ["A=b"],
+                               "workdir": "/tmp", "user": "1000", "stdin": True})
+    assert spec == wire.ExecSpec(["sh", "-c", "x"], ["A=b"], "/tmp", "1000", True)
+    assert wire.parse_request({"op": "exec", "argv": ["true"]}) == wire.ExecSpec(
+        ["true"], [], None, None, False)
+    assert wire.parse_request({"op": "shutdown"}) == "shutdown"
+    assert wire.parse_request({"op": "ping"}) == "ping"
+
+
+@pytest.mark.parametrize("obj", [
+    {},
+    {"op": "reboot"},
+    {"op": "shutdown", "force": True},
+    {"op": "exec"},
+    {"op": "exec", "argv": []},
+    {"op": "exec", "argv": [""]},
+    {"op": "exec", "argv": "true"},
+    {"op": "exec", "argv": ["true", 1]},
+    {"op": "exec", "argv": ["a\0b"]},
+    {"op": "exec", "argv": ["true"], "env": ["NOEQUALS"]},
+    {"op": "exec", "argv": ["true"], "env": ["=v"]},
+    {"op": "exec", "argv": ["true"], "env": ["A B=v"]},
+    {"op": "exec", "argv": ["true"], "workdir": "relative"},
+    {"op": "exec", "argv": ["true"], "workdir": 5},
+    {"op": "exec", "argv": ["true"], "user": ["root"]},
+    {"op": "exec", "argv": ["true"], "stdin": "yes"},
+    {"op": "exec", "argv": ["true"], "tty": True},
+])
+def test_invalid_requests_are_refused(obj: dict[str, object]) -> None:
+    with pytest.raises(wire.WireError):
+        wire.parse_request(obj)
