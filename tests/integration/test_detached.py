@@ -176,3 +176,41 @@ def test_bad_input_is_one_line(ml: Run) -> None:
     _one_line_error(ml("run", "-d", "-t", "--", "true"), "-d")
     _one_line_error(ml("run", "-d", "--memory", "1"), "--memory")
     _one_line_error(ml("exec", "-t", "vm-00000000", "--", "sh"), "not supported yet")
+
+
+def test_supervisor_refuses_bad_clients_and_keeps_serving(ml: Run, state_dir: Path) -> None:
+    import socket
+
+    from matchlock.sandbox import wire
+
+    sid = _start(ml)
+    try:
+        path = str(state_dir / "sandboxes" / sid / "control.sock")
+        bad = [
+            b"garbage!",  # unknown frame type
+            wire.encode(wire.STDIN, b"x"),  # not a request first
+            wire.encode(wire.REQUEST, b"[1,2]"),  # not an object
+            wire.encode_json(wire.REQUEST, {"op": "reboot"}),
+            wire.encode_json(wire.REQUEST, {"op": "exec", "argv": ["true"], "tty": True}),
+            wire.encode_json(wire.REQUEST, {"op": "exec", "argv": ["true"], "workdir": "tmp"}),
+            wire.encode_json(wire.REQUEST, {"op": "exec", "argv": [], "env": ["A=b"]}),
+        ]
+        for data in bad:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(30)
+                s.connect(path)
+                s.sendall(data)
+                got = wire.Decoder().feed(s.recv(65536))
+                assert got and got[0].type == wire.ERROR, (data, got)
+        # A bad signal ends that client's command; the sandbox is unharmed.
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(60)
+            s.connect(path)
+            s.sendall(wire.encode_json(wire.REQUEST, {"op": "exec", "argv": ["sleep", "100"]})
+                      + wire.encode_signal(1000))
+            while s.recv(65536):  # ends (the command is killed), never hangs
+                pass
+        r = ml("exec", sid, "--", "echo", "still here", check=True)
+        assert r.stdout == b"still here\n"
+    finally:
+        ml("rm", "-f", sid)

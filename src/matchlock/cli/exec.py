@@ -32,7 +32,7 @@ def exec_(interactive: bool, tty: bool, workdir: str | None, user: str | None,
     """Run COMMAND in the running sandbox SANDBOX_ID (started with `run -d`)."""
     from matchlock.sandbox import wire
     from matchlock.sandbox.command import parse_env_entry
-    from matchlock.sandbox.supervisor import connect
+    from matchlock.sandbox.control import connect
 
     if command[:1] == ("--",):
         command = command[1:]  # click keeps the `--` that follows a positional argument

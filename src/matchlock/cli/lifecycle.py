@@ -35,7 +35,7 @@ def ls(as_json: bool) -> None:
 
 def _stop(sid: str) -> None:
     """Stop a running sandbox: ask its supervisor, or signal a `run`'s owner; wait for it."""
-    from matchlock.sandbox.supervisor import connect, request
+    from matchlock.sandbox.control import connect, request
     from matchlock.state import registry
 
     entry = registry.lookup(sid)

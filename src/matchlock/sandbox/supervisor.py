@@ -27,6 +27,7 @@ from matchlock.errors import MatchlockError
 from matchlock.guest.client import AgentGone, Exec, Output
 from matchlock.sandbox import wire
 from matchlock.sandbox.attach import RunRequest, exec_request
+from matchlock.sandbox.control import frames, sock_path
 from matchlock.sandbox.core import Sandbox
 from matchlock.state import registry
 
@@ -69,15 +70,6 @@ def launch(args: list[str]) -> int:
 
 
 # --- the supervisor ----------------------------------------------------------------------------
-
-
-def _sock_path(path: Path) -> str:
-    """A path for bind/connect under the 108-byte limit (via /proc/self/fd when long)."""
-    s = str(path)
-    if len(s.encode()) < 100:
-        return s
-    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
-    return f"/proc/self/fd/{fd}/{path.name}"  # fd kept open for the life of the process
 
 
 class Supervisor:
@@ -148,7 +140,7 @@ class Supervisor:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
         try:
-            s.bind(_sock_path(path))
+            s.bind(sock_path(path))
         finally:
             os.umask(old)
         os.chmod(path, 0o600)
@@ -208,8 +200,8 @@ class Supervisor:
             raise wire.WireError("permission denied")
         conn.settimeout(HEADER_TIMEOUT)
         dec = wire.Decoder()
-        frames = _frames(conn, dec)
-        first = next(frames, None)
+        incoming = frames(conn, dec)
+        first = next(incoming, None)
         if first is None:
             return
         if first.type != wire.REQUEST:
@@ -230,7 +222,7 @@ class Supervisor:
                          workdir=spec.workdir, user=spec.user, interactive=spec.stdin,
                          privileged=self.base.privileged)
         ex = self.sandbox.exec(exec_request(self.sandbox, req))
-        threading.Thread(target=self._client_input, args=(frames, ex, conn, spec.stdin),
+        threading.Thread(target=self._client_input, args=(incoming, ex, conn, spec.stdin),
                          daemon=True).start()
         try:
             for ev in ex.events():
@@ -272,43 +264,3 @@ class Supervisor:
                 ex.kill()
         with contextlib.suppress(OSError):
             conn.shutdown(socket.SHUT_RDWR)
-
-
-def _frames(conn: socket.socket, dec: wire.Decoder) -> Iterator[wire.Frame]:
-    while True:
-        data = conn.recv(1 << 16)
-        if not data:
-            if dec.pending:
-                raise wire.WireError("truncated frame")
-            return
-        yield from dec.feed(data)
-
-
-# --- the client (`exec`, `kill`) ---------------------------------------------------------------
-
-
-def connect(sid: str) -> socket.socket:
-    """A connection to a running detached sandbox's supervisor, or a one-line error."""
-    entry = registry.lookup(sid)
-    if entry.status != "running":
-        raise MatchlockError(f"sandbox {sid} is {entry.status}",
-                             hint=f"remove it with `matchlock rm {sid}`")
-    path = entry.path / registry.SOCKET
-    if not path.exists():
-        raise MatchlockError(f"sandbox {sid} was not started with `run -d` (or is starting)")
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.connect(_sock_path(path))
-    except OSError as e:
-        s.close()
-        raise MatchlockError(f"cannot reach sandbox {sid}'s supervisor: {e.strerror}") from None
-    return s
-
-
-def request(s: socket.socket, obj: dict[str, object]) -> wire.Frame | None:
-    """Send a one-shot request; the first frame of the answer (None at EOF)."""
-    s.sendall(wire.encode_json(wire.REQUEST, obj))
-    dec = wire.Decoder()
-    for f in _frames(s, dec):
-        return f
-    return None
