@@ -135,6 +135,7 @@ def test_busybox_nc_without_network(ml: Run) -> None:
     (["-p", "1:2:3"], b"invalid --publish '1:2:3'"),
     (["-p", "9000", "-p", "9000:80"], b"host port 9000 is published twice"),
     (["-p", "9000", "--address", "localhost-ish"], b"invalid --address"),
+    (["-d", "-p", "9000"], b"-p/--publish is not available with -d yet"),
 ])
 def test_bad_publish_is_one_line(ml: Run, args: list[str], message: bytes) -> None:
     r = ml("run", *args, "--", "true")

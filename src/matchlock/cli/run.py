@@ -120,6 +120,9 @@ def run(
     if detach and (interactive or tty):
         raise MatchlockError("-d cannot be combined with -i or -t",
                              hint="start it with -d, then `matchlock exec -i ID -- CMD`")
+    if detach and publish:
+        raise MatchlockError("-p/--publish is not available with -d yet",
+                             hint="publish ports from a foreground `matchlock run`")
     if detach and not os.environ.pop("MATCHLOCK_SUPERVISOR", None):
         from matchlock.sandbox.supervisor import launch
 
@@ -145,9 +148,10 @@ def run(
     from matchlock.sandbox import boot
     from matchlock.sandbox.mounts import parse_mounts
     from matchlock.sandbox.network import Egress, NetworkOptions
-    from matchlock.sandbox.ports import parse_publish
+    from matchlock.sandbox.ports import check_available, parse_publish
 
     ports = parse_publish(publish, publish_address)
+    check_available(ports, publish_address)
     mounts = parse_mounts(volumes, workspace)
 
     net_flags = (allow_hosts or secret_specs or secret_files or add_hosts or allow_private

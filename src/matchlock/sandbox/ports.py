@@ -22,6 +22,7 @@ from matchlock.errors import MatchlockError
 from matchlock.guest.client import AgentConnection, AgentGone, Stream
 
 ACCEPT_POLL = 0.5  # how often an accept loop checks whether it was closed
+MAX_CONNECTIONS = 256  # concurrent relayed connections per sandbox; more are closed at once
 _HINT = "use -p [LOCAL:]REMOTE with ports 1-65535, e.g. -p 8080 or -p 18080:8080"
 
 
@@ -61,6 +62,12 @@ def parse_publish(specs: Sequence[str], address: str) -> list[PortSpec]:
         seen.add(local)
         out.append(PortSpec(local, remote))
     return out
+
+
+def check_available(specs: Sequence[PortSpec], address: str) -> None:
+    """Fail fast (before any image work) when a host port cannot be bound; `run_attached`
+    binds for real later."""
+    PortForwarder(specs, address).close()
 
 
 class PortForwarder:
@@ -114,6 +121,9 @@ class PortForwarder:
                 if self._closed:
                     client.close()
                     return
+                if len(self._clients) >= MAX_CONNECTIONS:
+                    client.close()
+                    continue
                 self._clients.add(client)
             threading.Thread(target=self._relay, args=(conn, client, spec.remote),
                              name=f"publish-{spec.local}-conn", daemon=True).start()

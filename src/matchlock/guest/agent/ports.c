@@ -272,6 +272,7 @@ void port_poll_handle(const struct pollfd *pfd)
 
 bool port_pending(void)
 {
+    if (out_free() < CTRL_RESERVE) return false; /* the port's POLLOUT wakes the loop */
     for (struct sock *s = g_socks; s; s = s->next)
         if (s->err || (s->rd_eof && s->wr_shut)) return true;
     return false;
