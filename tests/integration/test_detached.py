@@ -174,8 +174,7 @@ def test_bad_input_is_one_line(ml: Run) -> None:
     _one_line_error(ml("kill"), "--all")
     _one_line_error(ml("run", "-d", "-i", "--", "true"), "-d")
     _one_line_error(ml("run", "-d", "-t", "--", "true"), "-d")
-    _one_line_error(ml("run", "-d", "--memory", "1"), "--memory")
-    _one_line_error(ml("exec", "-t", "vm-00000000", "--", "sh"), "not supported yet")
+    _one_line_error(ml("run", "-d", "--cpus", "x"), "--cpus")
 
 
 def test_supervisor_refuses_bad_clients_and_keeps_serving(ml: Run, state_dir: Path) -> None:
@@ -191,7 +190,7 @@ def test_supervisor_refuses_bad_clients_and_keeps_serving(ml: Run, state_dir: Pa
             wire.encode(wire.STDIN, b"x"),  # not a request first
             wire.encode(wire.REQUEST, b"[1,2]"),  # not an object
             wire.encode_json(wire.REQUEST, {"op": "reboot"}),
-            wire.encode_json(wire.REQUEST, {"op": "exec", "argv": ["true"], "tty": True}),
+            wire.encode_json(wire.REQUEST, {"op": "exec", "argv": ["true"], "pty": True}),
             wire.encode_json(wire.REQUEST, {"op": "exec", "argv": ["true"], "workdir": "tmp"}),
             wire.encode_json(wire.REQUEST, {"op": "exec", "argv": [], "env": ["A=b"]}),
         ]
@@ -212,5 +211,43 @@ def test_supervisor_refuses_bad_clients_and_keeps_serving(ml: Run, state_dir: Pa
                 pass
         r = ml("exec", sid, "--", "echo", "still here", check=True)
         assert r.stdout == b"still here\n"
+    finally:
+        ml("rm", "-f", sid)
+
+
+def test_exec_with_a_pty(ml: Run, state_dir: Path) -> None:
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    from .test_interactive import _expect
+
+    sid = _start(ml)
+    try:
+        pid, fd = pty.fork()
+        if pid == 0:
+            os.execv(MATCHLOCK, [MATCHLOCK, "exec", "-it", "-e", "PS1=PROMPT> ", sid, "--", "sh"])
+        try:
+            fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+            buf = bytearray()
+            _expect(fd, b"PROMPT> ", buf)
+            os.write(fd, b"stty size; tty\r")
+            _expect(fd, b"30 100", buf)
+            _expect(fd, b"/dev/pts/", buf)
+            fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+            time.sleep(0.5)
+            os.write(fd, b"stty size\r")
+            _expect(fd, b"40 120", buf)
+            os.write(fd, b"sleep 100\r")
+            time.sleep(1)
+            os.write(fd, b"\x03")  # Ctrl-C at the terminal reaches the guest's sleep
+            _expect(fd, b"PROMPT> ", buf)
+            os.write(fd, b"exit 5\r")
+            _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 5
+        finally:
+            os.close(fd)
+        _one_line_error(ml("exec", "-it", sid, "--", "sh"), "terminal")
     finally:
         ml("rm", "-f", sid)

@@ -11,6 +11,7 @@ def test_frames_encode_byte_for_byte() -> None:
     assert wire.encode(wire.STDOUT, b"hi") == b"O\x00\x00\x00\x02hi"
     assert wire.encode(wire.STDIN) == b"I\x00\x00\x00\x00"
     assert wire.encode_signal(2) == b"S\x00\x00\x00\x04\x00\x00\x00\x02"
+    assert wire.encode_resize(30, 100) == b"W\x00\x00\x00\x04\x00\x1e\x00\x64"
     assert wire.encode_json(wire.EXIT, {"code": 7}) == b'X\x00\x00\x00\x0a{"code":7}'
     assert wire.encode_json(wire.REQUEST, {"op": "shutdown"}) == (
         b'H\x00\x00\x00\x11{"op":"shutdown"}')
@@ -45,6 +46,13 @@ def test_json_payload_must_be_an_object(payload: bytes) -> None:
         wire.decode_json(payload)
 
 
+def test_resize_payload() -> None:
+    assert wire.decode_resize(b"\x00\x1e\x00\x64") == (30, 100)
+    for bad in (b"\x00\x1e", b"\x00\x00\x00\x64", b"\x00\x1e\x00\x00"):
+        with pytest.raises(wire.WireError):
+            wire.decode_resize(bad)
+
+
 def test_signal_payload_is_four_bytes() -> None:
     assert wire.decode_signal(b"\x00\x00\x00\x0f") == 15
     with pytest.raises(wire.WireError):
@@ -57,6 +65,9 @@ def test_valid_requests() -> None:
     assert spec == wire.ExecSpec(["sh", "-c", "x"], ["A=b"], "/tmp", "1000", True)
     assert wire.parse_request({"op": "exec", "argv": ["true"]}) == wire.ExecSpec(
         ["true"], [], None, None, False)
+    assert wire.parse_request({"op": "exec", "argv": ["sh"], "tty": True, "rows": 30,
+                               "cols": 100}) == wire.ExecSpec(["sh"], [], None, None, False,
+                                                              True, 30, 100)
     assert wire.parse_request({"op": "shutdown"}) == "shutdown"
     assert wire.parse_request({"op": "ping"}) == "ping"
 
@@ -78,7 +89,12 @@ def test_valid_requests() -> None:
     {"op": "exec", "argv": ["true"], "workdir": 5},
     {"op": "exec", "argv": ["true"], "user": ["root"]},
     {"op": "exec", "argv": ["true"], "stdin": "yes"},
-    {"op": "exec", "argv": ["true"], "tty": True},
+    {"op": "exec", "argv": ["true"], "tty": 1},
+    {"op": "exec", "argv": ["true"], "rows": 0},
+    {"op": "exec", "argv": ["true"], "cols": 70000},
+    {"op": "exec", "argv": ["true"], "rows": True},
+    {"op": "exec", "argv": ["true"], "cols": "80"},
+    {"op": "exec", "argv": ["true"], "pty": True},
 ])
 def test_invalid_requests_are_refused(obj: dict[str, object]) -> None:
     with pytest.raises(wire.WireError):

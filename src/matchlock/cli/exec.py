@@ -38,12 +38,13 @@ def exec_(interactive: bool, tty: bool, workdir: str | None, user: str | None,
         command = command[1:]  # click keeps the `--` that follows a positional argument
     if not command:
         raise MatchlockError("no command given", hint="matchlock exec ID -- CMD")
-    if tty:
-        raise MatchlockError("exec -t (a pseudo-terminal) is not supported yet",
-                             hint="drop -t; -i forwards stdin")
+    if tty and interactive and not sys.stdin.isatty():
+        raise MatchlockError("-it needs a terminal on stdin", hint="drop -t to pipe stdin instead")
     if workdir is not None and not workdir.startswith("/"):
         raise MatchlockError(f"--workdir {workdir!r} is not absolute", hint="use an absolute path")
     env = ["=".join(parse_env_entry(e, "-e")) for e in envs]
+    if tty:
+        env.insert(0, "TERM=" + os.environ.get("TERM", "xterm"))
     sock = connect(sandbox_id)
     send_lock = threading.Lock()
 
@@ -51,13 +52,18 @@ def exec_(interactive: bool, tty: bool, workdir: str | None, user: str | None,
         with send_lock:
             sock.sendall(data)
 
+    from matchlock.sandbox.attach_term import raw_terminal, term_size
+
+    rows, cols = term_size()
     send(wire.encode_json(wire.REQUEST, {
         "op": "exec", "argv": list(command), "env": env, "workdir": workdir, "user": user,
-        "stdin": interactive,
+        "stdin": interactive, "tty": tty, "rows": rows, "cols": cols,
     }))
     if interactive:
         threading.Thread(target=_pump_stdin, args=(send,), daemon=True).start()
-    sys.exit(_attach(sock, send))
+    with raw_terminal(tty and interactive):
+        code = _attach(sock, send, tty)
+    sys.exit(code)
 
 
 def _pump_stdin(send: Callable[[bytes], None]) -> None:
@@ -75,13 +81,14 @@ def _pump_stdin(send: Callable[[bytes], None]) -> None:
         pass
 
 
-def _attach(sock: socket.socket, send: Callable[[bytes], None]) -> int:
+def _attach(sock: socket.socket, send: Callable[[bytes], None], tty: bool) -> int:
     from matchlock.sandbox import wire
 
     r, w = os.pipe()
     os.set_blocking(w, False)
     old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
-    old = {s: signal.signal(s, lambda signo, frame: None) for s in _FORWARDED}
+    handled = (*_FORWARDED, signal.SIGWINCH) if tty else _FORWARDED
+    old = {s: signal.signal(s, lambda signo, frame: None) for s in handled}
     sel = selectors.DefaultSelector()
     sel.register(sock, selectors.EVENT_READ)
     sel.register(r, selectors.EVENT_READ)
@@ -94,7 +101,10 @@ def _attach(sock: socket.socket, send: Callable[[bytes], None]) -> int:
                 if key.fileobj == r:
                     for signo in os.read(r, 64):
                         with contextlib.suppress(OSError):
-                            send(wire.encode_signal(signo))
+                            if signo == signal.SIGWINCH:
+                                send(wire.encode_resize(*_term_size()))
+                            else:
+                                send(wire.encode_signal(signo))
                     continue
                 data = sock.recv(1 << 16)
                 if not data:
@@ -119,3 +129,9 @@ def _attach(sock: socket.socket, send: Callable[[bytes], None]) -> int:
         for s, h in old.items():
             signal.signal(s, h)
         sock.close()
+
+
+def _term_size() -> tuple[int, int]:
+    from matchlock.sandbox.attach_term import term_size
+
+    return term_size()

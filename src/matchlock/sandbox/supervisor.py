@@ -11,6 +11,7 @@ The wire format is in `sandbox/wire.py`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import socket
@@ -220,8 +221,9 @@ class Supervisor:
             raise MatchlockError("the sandbox is stopping")
         req = RunRequest(argv=spec.argv, image=self.base.image, env=tuple(spec.env),
                          workdir=spec.workdir, user=spec.user, interactive=spec.stdin,
-                         privileged=self.base.privileged)
-        ex = self.sandbox.exec(exec_request(self.sandbox, req))
+                         tty=spec.tty, privileged=self.base.privileged)
+        ex = self.sandbox.exec(dataclasses.replace(exec_request(self.sandbox, req),
+                                                   rows=spec.rows, cols=spec.cols))
         threading.Thread(target=self._client_input, args=(incoming, ex, conn, spec.stdin),
                          daemon=True).start()
         try:
@@ -249,6 +251,8 @@ class Supervisor:
                     else:
                         ex.close_stdin()
                         stdin_open = False
+                elif f.type == wire.RESIZE:
+                    ex.resize(*wire.decode_resize(f.payload))
                 elif f.type == wire.SIGNAL:
                     signo = wire.decode_signal(f.payload)
                     if not 1 <= signo <= MAX_SIGNAL:

@@ -3,8 +3,8 @@
 A frame is one type byte, a big-endian u32 payload length, then the payload. `H` (the
 client's request), `X` (the exec's end) and `R` (an error) carry a JSON object; `I` (stdin;
 empty = end of stdin), `O` (stdout) and `E` (stderr) carry raw bytes; `S` carries a signal
-number as a big-endian u32. A peer that sends anything else, or a frame longer than
-`MAX_PAYLOAD`, is cut off.
+number as a big-endian u32; `W` a terminal size (rows, cols: big-endian u16 each). A peer that
+sends anything else, or a frame longer than `MAX_PAYLOAD`, is cut off.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ STDERR = ord("E")
 SIGNAL = ord("S")
 EXIT = ord("X")
 ERROR = ord("R")
-TYPES = frozenset({REQUEST, STDIN, STDOUT, STDERR, SIGNAL, EXIT, ERROR})
+RESIZE = ord("W")
+TYPES = frozenset({REQUEST, STDIN, STDOUT, STDERR, SIGNAL, EXIT, ERROR, RESIZE})
 JSON_TYPES = frozenset({REQUEST, EXIT, ERROR})
 
 
@@ -56,6 +57,19 @@ def encode_json(ftype: int, obj: dict[str, Any]) -> bytes:
 
 def encode_signal(signo: int) -> bytes:
     return encode(SIGNAL, struct.pack(">I", signo))
+
+
+def encode_resize(rows: int, cols: int) -> bytes:
+    return encode(RESIZE, struct.pack(">HH", rows, cols))
+
+
+def decode_resize(payload: bytes) -> tuple[int, int]:
+    if len(payload) != 4:
+        raise WireError("a resize frame carries 4 bytes")
+    rows, cols = struct.unpack(">HH", payload)
+    if not rows or not cols:
+        raise WireError("a terminal size must not be zero")
+    return int(rows), int(cols)
 
 
 def decode_signal(payload: bytes) -> int:
@@ -128,6 +142,9 @@ class ExecSpec:
     workdir: str | None
     user: str | None
     stdin: bool
+    tty: bool = False
+    rows: int = 24
+    cols: int = 80
 
 
 def parse_request(obj: dict[str, Any]) -> ExecSpec | str:
@@ -139,7 +156,7 @@ def parse_request(obj: dict[str, Any]) -> ExecSpec | str:
         return str(op)
     if op != "exec":
         raise WireError(f"unknown op {op!r}")
-    allowed = {"op", "argv", "env", "workdir", "user", "stdin"}
+    allowed = {"op", "argv", "env", "workdir", "user", "stdin", "tty", "rows", "cols"}
     extra = set(obj) - allowed
     if extra:
         raise WireError(f"unexpected fields: {', '.join(sorted(extra))}")
@@ -156,6 +173,11 @@ def parse_request(obj: dict[str, Any]) -> ExecSpec | str:
         raise WireError("workdir must be absolute")
     user = _opt_str(obj.get("user"), "user")
     stdin = obj.get("stdin", False)
-    if not isinstance(stdin, bool):
-        raise WireError("stdin must be a boolean")
-    return ExecSpec(argv, env, workdir, user, stdin)
+    tty = obj.get("tty", False)
+    if not isinstance(stdin, bool) or not isinstance(tty, bool):
+        raise WireError("stdin and tty must be booleans")
+    rows, cols = obj.get("rows", 24), obj.get("cols", 80)
+    for v in (rows, cols):
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 0xFFFF:
+            raise WireError("rows and cols must be integers from 1 to 65535")
+    return ExecSpec(argv, env, workdir, user, stdin, tty, rows, cols)
