@@ -251,3 +251,33 @@ def test_exec_with_a_pty(ml: Run, state_dir: Path) -> None:
         _one_line_error(ml("exec", "-it", sid, "--", "sh"), "terminal")
     finally:
         ml("rm", "-f", sid)
+
+
+@pytest.mark.parametrize("delay", [0.3, 0.5])
+def test_ctrl_c_of_run_d_while_booting_leaves_nothing(ml: Run, state_dir: Path,
+                                                      delay: float) -> None:
+    p = subprocess.Popen([MATCHLOCK, "run", "-d"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    time.sleep(delay)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    if p.returncode == 0:  # it was ready first: then it is a normal detached sandbox
+        ml("rm", "-f", out.decode().strip(), check=True)
+    else:
+        assert out == b""
+        assert len(err.splitlines()) == 1 and err.startswith(b"matchlock: "), err
+    deadline = time.monotonic() + 30
+    while leftovers(state_dir) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert leftovers(state_dir) == []
+
+
+def test_rm_of_a_crashed_sandbox_cleans_it(ml: Run, state_dir: Path) -> None:
+    sid = _start(ml)
+    os.kill(int(str(_ls(ml)[sid]["pid"])), signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while _ls(ml)[sid]["status"] != "crashed":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert ml("rm", sid, check=True).stdout.decode().strip() == sid
+    assert leftovers(state_dir) == []

@@ -51,6 +51,15 @@ def launch(args: list[str]) -> int:
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, env=env,
     )
     assert proc.stdout is not None and proc.stderr is not None
+
+    def forward(signo: int, frame: FrameType | None) -> None:
+        # Ctrl-C (or a kill) of `run -d` while the sandbox boots stops the boot: the
+        # supervisor aborts it and exits, and its error line is relayed below.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGTERM)
+
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, forward)
     err: list[bytes] = []
     t = threading.Thread(target=lambda: err.append(proc.stderr.read()),  # type: ignore[union-attr]
                          daemon=True)
@@ -66,8 +75,8 @@ def launch(args: list[str]) -> int:
     sys.stderr.buffer.write(b"".join(err))
     sys.stderr.flush()
     if not err or not b"".join(err).strip():
-        sys.stderr.write("matchlock: the sandbox's supervisor exited before it was ready\n")
-    return code or 1
+        sys.stderr.write("matchlock: the sandbox's supervisor ended before it was ready\n")
+    return 128 - code if code < 0 else code or 1
 
 
 # --- the supervisor ----------------------------------------------------------------------------
@@ -115,7 +124,12 @@ class Supervisor:
         threading.Thread(target=self._watch, name="supervisor-watch", daemon=True).start()
         with self.sandbox:
             try:
-                self.sandbox.start()
+                try:
+                    self.sandbox.start()
+                except BaseException:
+                    # Never ready: nothing to keep for `rm`; the launcher relays the error.
+                    self.sandbox.opts.keep_dir = False
+                    raise
             except AgentGone as e:
                 raise self.sandbox.agent_failure(e) from None
             except MatchlockError:
