@@ -77,11 +77,11 @@ def test_exec_many_in_a_row_and_at_once(ml: Run, state_dir: Path) -> None:
                'echo "$A"; pwd; id -u', check=True)
         assert r.stdout.decode().split("\n")[:3] == ["b c", "/tmp", "65534"]
         # kill: stopped, still listed, exec refused; rm: gone.
-        assert ml("kill", sid, check=True).stdout.decode().strip() == sid
+        assert ml("kill", sid, check=True).stdout == f"Killed {sid}\n".encode()
         assert _ls(ml)[sid]["status"] == "stopped"
         _one_line_error(ml("exec", sid, "--", "true"), sid, "stopped")
         assert not (state_dir / "sandboxes" / sid / "upper.ext4").exists()
-        assert ml("rm", sid, check=True).stdout.decode().strip() == sid
+        assert ml("rm", sid, check=True).stdout == f"Removed {sid}\n".encode()
         assert sid not in _ls(ml)
     finally:
         ml("rm", "-f", sid)
@@ -156,11 +156,17 @@ def test_kill_9_of_the_supervisor_shows_crashed_and_gc_cleans(ml: Run, state_dir
 def test_kill_all_and_rm_force(ml: Run) -> None:
     a, b = _start(ml), _start(ml)
     _one_line_error(ml("rm", a), a, "running")
+    r = ml("list", "--json", "--running", check=True)
+    assert {e["id"] for e in json.loads(r.stdout)} == {a, b}
+    r = ml("ls", check=True)
+    assert r.stdout.decode().split()[:5] == ["ID", "STATUS", "IMAGE", "CREATED", "PID"]
     r = ml("kill", "--all", check=True)
-    assert set(r.stdout.decode().split()) == {a, b}
+    assert set(r.stdout.decode().splitlines()) == {f"Killed {a}", f"Killed {b}"}
     statuses = _ls(ml)
     assert statuses[a]["status"] == statuses[b]["status"] == "stopped"
-    ml("rm", a, b, check=True)
+    assert json.loads(ml("ls", "--running", "--json", check=True).stdout) == []
+    r = ml("rm", "--stopped", check=True)
+    assert set(r.stdout.decode().splitlines()) == {f"Removed {a}", f"Removed {b}"}
     c = _start(ml)
     ml("rm", "-f", c, check=True)
     assert _ls(ml) == {}
@@ -172,6 +178,8 @@ def test_bad_input_is_one_line(ml: Run) -> None:
     _one_line_error(ml("kill", "vm-00000000"), "no such sandbox")
     _one_line_error(ml("rm", "vm-00000000"), "no such sandbox")
     _one_line_error(ml("kill"), "--all")
+    _one_line_error(ml("rm"), "--stopped")
+    _one_line_error(ml("rm", "--stopped", "vm-00000000"), "--stopped")
     _one_line_error(ml("run", "-d", "-i", "--", "true"), "-d")
     _one_line_error(ml("run", "-d", "-t", "--", "true"), "-d")
     _one_line_error(ml("run", "-d", "--cpus", "x"), "--cpus")
@@ -279,5 +287,5 @@ def test_rm_of_a_crashed_sandbox_cleans_it(ml: Run, state_dir: Path) -> None:
     while _ls(ml)[sid]["status"] != "crashed":
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    assert ml("rm", sid, check=True).stdout.decode().strip() == sid
+    assert ml("remove", sid, check=True).stdout == f"Removed {sid}\n".encode()
     assert leftovers(state_dir) == []

@@ -16,20 +16,21 @@ STOP_WAIT_S = 60.0
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="One JSON array.")
-def ls(as_json: bool) -> None:
-    """List sandboxes: running, stopped or crashed (its owner died)."""
+@click.option("--running", is_flag=True, help="Only running sandboxes.")
+def ls(as_json: bool, running: bool = False) -> None:
+    """List sandboxes, newest first: running, stopped or crashed (its owner died)."""
     from matchlock.state import registry
 
-    entries = registry.entries()
+    entries = [e for e in reversed(registry.entries()) if not running or e.status == "running"]
     if as_json:
         click.echo(json.dumps([{"id": e.owner.id, "image": e.owner.image, "status": e.status,
                                 "created": e.owner.created, "pid": e.owner.pid}
                                for e in entries]))
         return
-    click.echo(f"{'ID':<12} {'IMAGE':<32} {'STATUS':<8} {'CREATED':<20} PID")
+    click.echo(f"{'ID':<12} {'STATUS':<8} {'IMAGE':<32} {'CREATED':<20} PID")
     for e in entries:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.owner.created))
-        click.echo(f"{e.owner.id:<12} {e.owner.image:<32} {e.status:<8} {created:<20} "
+        click.echo(f"{e.owner.id:<12} {e.status:<8} {e.owner.image:<32} {created:<20} "
                    f"{e.owner.pid}")
 
 
@@ -70,17 +71,22 @@ def kill(all_: bool, sandbox_id: str | None) -> None:
            else [str(sandbox_id)])
     for sid in ids:
         _stop(sid)
-        click.echo(sid)
+        click.echo(f"Killed {sid}")
 
 
 @click.command()
 @click.option("-f", "--force", is_flag=True, help="Kill it first if it is running.")
-@click.argument("sandbox_ids", nargs=-1, required=True)
-def rm(force: bool, sandbox_ids: tuple[str, ...]) -> None:
+@click.option("--stopped", is_flag=True, help="Every stopped or crashed sandbox.")
+@click.argument("sandbox_ids", nargs=-1)
+def rm(force: bool, sandbox_ids: tuple[str, ...], stopped: bool = False) -> None:
     """Remove stopped or crashed sandboxes (a running one needs `kill` first, or -f)."""
     from matchlock.state import registry
     from matchlock.vm import confine
 
+    if stopped == bool(sandbox_ids):
+        raise MatchlockError("give sandbox ids or --stopped (not both)")
+    if stopped:
+        sandbox_ids = tuple(e.owner.id for e in registry.entries() if e.status != "running")
     for sid in sandbox_ids:
         entry = registry.lookup(sid)
         if entry.status == "running":
@@ -92,4 +98,4 @@ def rm(force: bool, sandbox_ids: tuple[str, ...]) -> None:
         registry.collect(entry.path, entry.owner)
         if confine.enabled():
             confine.remove_stale_ids()
-        click.echo(sid)
+        click.echo(f"Removed {sid}")

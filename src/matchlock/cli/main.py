@@ -21,6 +21,8 @@ _COMMANDS = {
     "ls": ("matchlock.cli.lifecycle", "ls", "List sandboxes."),
     "kill": ("matchlock.cli.lifecycle", "kill", "Stop a running sandbox."),
     "rm": ("matchlock.cli.lifecycle", "rm", "Remove a stopped or crashed sandbox."),
+    "list": ("matchlock.cli.lifecycle", "ls", "List sandboxes (same as ls)."),
+    "remove": ("matchlock.cli.lifecycle", "rm", "Remove a sandbox (same as rm)."),
     "version": ("matchlock.cli.version", "version", "Print matchlock's version."),
 }
 
