@@ -14,6 +14,7 @@ from collections.abc import Callable
 import click
 
 from matchlock.errors import MatchlockError
+from matchlock.sandbox.attach_term import pump_stdin, raw_terminal, term_size
 
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
               signal.SIGUSR2)
@@ -52,33 +53,19 @@ def exec_(interactive: bool, tty: bool, workdir: str | None, user: str | None,
         with send_lock:
             sock.sendall(data)
 
-    from matchlock.sandbox.attach_term import raw_terminal, term_size
-
     rows, cols = term_size()
     send(wire.encode_json(wire.REQUEST, {
         "op": "exec", "argv": list(command), "env": env, "workdir": workdir, "user": user,
         "stdin": interactive, "tty": tty, "rows": rows, "cols": cols,
     }))
     if interactive:
-        threading.Thread(target=_pump_stdin, args=(send,), daemon=True).start()
+        threading.Thread(target=pump_stdin, args=(
+            lambda data: send(wire.encode(wire.STDIN, data)),
+            lambda: send(wire.encode(wire.STDIN, b"")),
+        ), daemon=True).start()
     with raw_terminal(tty and interactive):
         code = _attach(sock, send, tty)
     sys.exit(code)
-
-
-def _pump_stdin(send: Callable[[bytes], None]) -> None:
-    from matchlock.sandbox import wire
-
-    fd = sys.stdin.fileno()
-    try:
-        while True:
-            data = os.read(fd, 65536)
-            if not data:
-                break
-            send(wire.encode(wire.STDIN, data))
-        send(wire.encode(wire.STDIN, b""))
-    except OSError:
-        pass
 
 
 def _attach(sock: socket.socket, send: Callable[[bytes], None], tty: bool) -> int:
@@ -102,7 +89,7 @@ def _attach(sock: socket.socket, send: Callable[[bytes], None], tty: bool) -> in
                     for signo in os.read(r, 64):
                         with contextlib.suppress(OSError):
                             if signo == signal.SIGWINCH:
-                                send(wire.encode_resize(*_term_size()))
+                                send(wire.encode_resize(*term_size()))
                             else:
                                 send(wire.encode_signal(signo))
                     continue
@@ -129,9 +116,3 @@ def _attach(sock: socket.socket, send: Callable[[bytes], None], tty: bool) -> in
         for s, h in old.items():
             signal.signal(s, h)
         sock.close()
-
-
-def _term_size() -> tuple[int, int]:
-    from matchlock.sandbox.attach_term import term_size
-
-    return term_size()

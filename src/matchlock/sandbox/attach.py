@@ -13,7 +13,6 @@ answered within another grace period the sandbox is aborted: a guest cannot keep
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import threading
@@ -27,6 +26,7 @@ from matchlock.errors import MatchlockError
 from matchlock.guest.client import AgentGone, Exec, Output
 from matchlock.guest.protocol import ExecRequest
 from matchlock.image.config import ImageConfig
+from matchlock.sandbox.attach_term import pump_stdin, raw_terminal, term_size
 from matchlock.sandbox.command import compose_env
 from matchlock.sandbox.core import Sandbox
 from matchlock.sandbox.ports import PortForwarder, PortSpec
@@ -215,7 +215,8 @@ def _run_attached(sandbox: Sandbox, req: RunRequest, ports: PortForwarder | None
 def attach(sandbox: Sandbox, ex: Exec, interactive: bool, tty: bool) -> int:
     """Copy the exec's output to stdout/stderr (and stdin to it) until it exits."""
     if interactive:
-        threading.Thread(target=_pump_stdin, args=(ex,), daemon=True).start()
+        threading.Thread(target=pump_stdin, args=(ex.write_stdin, ex.close_stdin,
+                                                  (AgentGone, OSError)), daemon=True).start()
     out = sys.stdout.buffer
     err = sys.stderr.buffer
     with _raw_terminal(tty and interactive, ex):
@@ -232,38 +233,14 @@ def attach(sandbox: Sandbox, ex: Exec, interactive: bool, tty: bool) -> int:
     return ex.status.code
 
 
-def term_size() -> tuple[int, int]:
-    try:
-        size = os.get_terminal_size(sys.stdin.fileno())
-        return size.lines, size.columns
-    except OSError:
-        return 24, 80
-
-
-def _pump_stdin(ex: Exec) -> None:
-    fd = sys.stdin.fileno()
-    try:
-        while True:
-            data = os.read(fd, 65536)
-            if not data:
-                break
-            ex.write_stdin(data)
-        ex.close_stdin()
-    except (AgentGone, OSError):
-        pass
-
-
 @contextmanager
 def _raw_terminal(enabled: bool, ex: Exec) -> Iterator[None]:
+    """Raw mode, and the local terminal's size changes forwarded to the exec's PTY."""
     if not enabled:
         yield
         return
-    import termios
-    import tty as ttymod
-
-    fd = sys.stdin.fileno()
-    saved = termios.tcgetattr(fd)
     resized = threading.Event()
+    stop = threading.Event()
 
     def on_winch(signo: int, frame: FrameType | None) -> None:
         resized.set()  # only record (see the module's docstring); a thread sends the resize
@@ -272,19 +249,16 @@ def _raw_terminal(enabled: bool, ex: Exec) -> Iterator[None]:
         while not stop.is_set():
             if resized.wait(0.2):
                 resized.clear()
-                rows, cols = term_size()
                 try:
-                    ex.resize(rows, cols)
+                    ex.resize(*term_size())
                 except AgentGone:
                     return
 
-    stop = threading.Event()
     old = signal.signal(signal.SIGWINCH, on_winch)
     threading.Thread(target=forward_resizes, name="resize", daemon=True).start()
-    ttymod.setraw(fd)
     try:
-        yield
+        with raw_terminal(True):
+            yield
     finally:
         stop.set()
-        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
         signal.signal(signal.SIGWINCH, old)

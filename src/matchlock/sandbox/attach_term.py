@@ -1,10 +1,11 @@
-"""The local terminal for `exec -t`: its size and raw mode (light: no sandbox imports)."""
+"""The local terminal for `run` and `exec`: its size, raw mode and stdin (light: no sandbox
+imports, so a fresh `matchlock exec` stays quick)."""
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 
@@ -31,3 +32,16 @@ def raw_terminal(enabled: bool) -> Iterator[None]:
         yield
     finally:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def pump_stdin(write: Callable[[bytes], None], close: Callable[[], None],
+               gone: tuple[type[BaseException], ...] = (OSError,)) -> None:
+    """Copy stdin to `write` until EOF, then `close()`; stop quietly when either side is
+    `gone`. Runs on a thread of its own."""
+    fd = sys.stdin.fileno()
+    try:
+        while data := os.read(fd, 65536):
+            write(data)
+        close()
+    except gone:
+        pass
