@@ -14,9 +14,9 @@ from matchlock.sandbox.command import (
     compose_argv,
     compose_env,
     hide_from_children,
-    parse_env_entry,
     read_env_file,
 )
+from matchlock.sandbox.envspec import parse_env_entry
 
 # Re-exported: they were defined here before they moved to the sandbox layer.
 __all__ = ["DEFAULT_PATH", "compose_argv", "compose_env", "hide_from_children",

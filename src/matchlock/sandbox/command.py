@@ -10,24 +10,9 @@ from pathlib import Path
 
 from matchlock.errors import MatchlockError
 from matchlock.image.config import ImageConfig
+from matchlock.sandbox.envspec import parse_env_entry
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-def parse_env_entry(entry: str, origin: str) -> tuple[str, str]:
-    name, sep, value = entry.partition("=")
-    if not name or "\0" in entry or any(c.isspace() for c in name):
-        raise MatchlockError(f"invalid environment variable {entry!r} ({origin})",
-                             hint="use KEY=VALUE or KEY")
-    if not sep:
-        host_value = os.environ.get(name)
-        if host_value is None:
-            raise MatchlockError(
-                f"environment variable {name} is not set on the host ({origin})",
-                hint=f"set it, or pass -e {name}=VALUE",
-            )
-        return name, host_value
-    return name, value
 
 
 def hide_from_children(names: Iterable[str]) -> None:

@@ -1,0 +1,27 @@
+"""The `matchlock` executable. `exec` on a running sandbox goes through `cli/fastexec.py`,
+which imports neither click nor the sandbox machinery; everything else is the click
+application in `cli/main.py`."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["exec"]:
+        from matchlock.cli import fastexec
+        from matchlock.errors import MatchlockError
+
+        try:
+            code = fastexec.run(sys.argv[2:])
+        except MatchlockError as e:
+            sys.stderr.write(f"matchlock: {e}\n")
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            sys.stderr.write("matchlock: interrupted\n")
+            sys.exit(130)
+        if code is not None:
+            sys.exit(code)
+    from matchlock.cli.main import main as click_main
+
+    click_main()
