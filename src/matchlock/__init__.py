@@ -1,3 +1,26 @@
-"""matchlock: run untrusted workloads in ephemeral microVMs with host-controlled egress."""
+"""matchlock: run untrusted workloads in ephemeral microVMs with host-controlled egress.
+
+The SDK's names (`Client`, `Sandbox`, `AsyncClient`, the option and result types) are
+importable from here, as from the official SDK; they load on first use, so the CLI's start-up
+does not pay for them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    import matchlock.sdk as sdk
+
+    if name in sdk.__all__:
+        return getattr(sdk, name)
+    raise AttributeError(f"module 'matchlock' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    import matchlock.sdk as sdk
+
+    return sorted([*globals(), *sdk.__all__])

@@ -1,0 +1,154 @@
+"""JSON-RPC 2.0 over the stdio of a `matchlock rpc` child: ids, pending requests, streamed
+notifications routed to the request they belong to, timeouts that cancel."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import subprocess
+import threading
+from collections.abc import Callable
+from typing import IO, Any
+
+from matchlock.errors import MatchlockError
+from matchlock.sdk.types import RPCError
+
+Notification = Callable[[str, dict[str, Any]], None]
+
+
+class _Pending:
+    __slots__ = ("done", "error", "on_notification", "result")
+
+    def __init__(self, on_notification: Notification | None) -> None:
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.on_notification = on_notification
+
+
+class RPCProcess:
+    """One `matchlock rpc` child. Thread-safe: any thread may send requests."""
+
+    def __init__(self, argv: list[str], on_event: Callable[[dict[str, Any]], None] | None = None
+                 ) -> None:
+        self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=subprocess.DEVNULL)
+        self._ids = itertools.count(1)
+        self._write_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._pending: dict[int, _Pending] = {}
+        self._on_event = on_event
+        self._reader = threading.Thread(target=self._read_loop, name="matchlock-rpc-reader",
+                                        daemon=True)
+        self._reader.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._proc.poll() is None
+
+    def _read_loop(self) -> None:
+        out: IO[bytes] | None = self._proc.stdout
+        assert out is not None
+        for line in out:
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(msg, dict):
+                self._dispatch(msg)
+        with self._lock:
+            pending, self._pending = list(self._pending.values()), {}
+        for p in pending:
+            p.error = MatchlockError("Matchlock process closed unexpectedly")
+            p.done.set()
+
+    def _dispatch(self, msg: dict[str, Any]) -> None:
+        msg_id = msg.get("id")
+        if msg_id is None:
+            method, params = msg.get("method"), msg.get("params")
+            if not isinstance(method, str) or not isinstance(params, dict):
+                return
+            if method == "event":
+                if self._on_event is not None:
+                    with contextlib.suppress(Exception):
+                        self._on_event(params)
+                return
+            with self._lock:
+                target = self._pending.get(params.get("id"))  # type: ignore[arg-type]
+            if target is not None and target.on_notification is not None:
+                target.on_notification(method, params)
+            return
+        with self._lock:
+            p = self._pending.get(msg_id)
+        if p is None:
+            return
+        err = msg.get("error")
+        if err:
+            p.error = RPCError(int(err.get("code", 0)), str(err.get("message", "")))
+        else:
+            p.result = msg.get("result")
+        p.done.set()
+
+    def _write(self, obj: dict[str, Any]) -> None:
+        data = (json.dumps(obj, separators=(",", ":")) + "\n").encode()
+        with self._write_lock:
+            stdin = self._proc.stdin
+            if stdin is None or self._proc.poll() is not None:
+                raise MatchlockError("Matchlock process not running")
+            try:
+                stdin.write(data)
+                stdin.flush()
+            except (BrokenPipeError, ValueError):
+                raise MatchlockError("Matchlock process not running") from None
+
+    def begin(self, method: str, params: dict[str, Any] | None = None,
+              on_notification: Notification | None = None) -> tuple[int, _Pending]:
+        req_id = next(self._ids)
+        p = _Pending(on_notification)
+        with self._lock:
+            self._pending[req_id] = p
+        msg: dict[str, Any] = {"jsonrpc": "2.0", "method": method, "id": req_id}
+        if params:
+            msg["params"] = params
+        try:
+            self._write(msg)
+        except BaseException:
+            with self._lock:
+                self._pending.pop(req_id, None)
+            raise
+        return req_id, p
+
+    def finish(self, method: str, req_id: int, p: _Pending, timeout: float | None) -> Any:
+        try:
+            if not p.done.wait(timeout):
+                self.send("cancel", {"id": req_id})
+                raise TimeoutError(f"request {method} (id={req_id}) timed out after {timeout}s")
+            if p.error is not None:
+                raise p.error
+            return p.result
+        finally:
+            with self._lock:
+                self._pending.pop(req_id, None)
+
+    def call(self, method: str, params: dict[str, Any] | None = None,
+             on_notification: Notification | None = None, timeout: float | None = None) -> Any:
+        req_id, p = self.begin(method, params, on_notification)
+        return self.finish(method, req_id, p, timeout)
+
+    def send(self, method: str, params: dict[str, Any]) -> None:
+        """A message whose answer nobody waits for (stdin chunks, resize, cancel)."""
+        with contextlib.suppress(MatchlockError):
+            self._write({"jsonrpc": "2.0", "method": method, "id": next(self._ids),
+                         "params": params})
+
+    def shutdown(self, timeout: float) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            if self._proc.stdin is not None:
+                self._proc.stdin.close()
+        try:
+            self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._reader.join(1)
