@@ -75,3 +75,14 @@ def test_fuzz_never_disagrees_with_click(args: list[str]) -> None:
     got = parse(args)
     if got is not None:
         assert got == click_reading(args), args
+
+
+@pytest.mark.parametrize("entry", ["BAD NAME=hunter2-secret", "=hunter2-secret",
+                                   "A=hunter2-secret\0"])
+def test_env_errors_never_quote_the_value(entry: str) -> None:
+    from matchlock.errors import MatchlockError
+    from matchlock.sandbox.envspec import parse_env_entry
+
+    with pytest.raises(MatchlockError) as e:
+        parse_env_entry(entry, "-e")
+    assert "hunter2" not in str(e.value)
