@@ -24,6 +24,7 @@ _COMMANDS = {
     "list": ("matchlock.cli.lifecycle", "ls", "List sandboxes (same as ls)."),
     "remove": ("matchlock.cli.lifecycle", "rm", "Remove a sandbox (same as rm)."),
     "version": ("matchlock.cli.version", "version", "Print matchlock's version."),
+    "volume": ("matchlock.cli.volume", "volume", "Manage named volumes (persistent disks)."),
 }
 
 
