@@ -92,6 +92,9 @@ def _parse_memory(value: str) -> int:
               metavar="HOST:GUEST[:ro|overlay|host_fs]",
               help="Mount a host directory or file; overlay (default): guest writes stay in "
               "the guest; ro: read-only; host_fs: writes reach the host. Repeatable.")
+@click.option("--disk", "disk_specs", multiple=True, metavar="@VOLUME|FILE:GUEST[:ro]",
+              help="Attach a named volume or an ext4 image file, mounted at GUEST; data "
+              "persists. Repeatable.")
 @click.option("-p", "--publish", "publish", multiple=True, metavar="[LOCAL:]REMOTE",
               help="Relay host port LOCAL (default: REMOTE) to guest port REMOTE on the "
               "guest's loopback, over the agent channel (works with --no-network). Repeatable.")
@@ -110,7 +113,7 @@ def run(
     max_connections: int | None = None, workspace: str | None = None,
     volumes: tuple[str, ...] = (), detach: bool = False,
     publish: tuple[str, ...] = (),
-    publish_address: str = "127.0.0.1",
+    publish_address: str = "127.0.0.1", disk_specs: tuple[str, ...] = (),
 ) -> None:
     """Run COMMAND in a new ephemeral microVM booted from an OCI image."""
     from matchlock.image.resolve import resolve_image
@@ -171,6 +174,9 @@ def run(
             max_connections=max_connections or 0,
         ))
         hide_from_children(egress.environ_secret_names)
+    from matchlock.sandbox.disks import free_slots, parse_disks
+
+    disks = parse_disks(disk_specs, mounts, free_slots(egress is not None, bool(mounts)))
     boot.artifacts()  # fail fast, before any image work, when the host is not set up
     resolved = resolve_image(image, pull=pull)
     cfg = resolved.config
@@ -179,6 +185,7 @@ def run(
         image=resolved.name, rootfs=resolved.rootfs, cpus=cpu_count,
         memory_mb=_parse_memory(memory), disk_size_mb=_parse_memory(disk_size),
         hostname=hostname, accel=accel, egress=egress, mounts=mounts, keep_dir=detach,
+        disks=disks,
     )
     req = RunRequest(
         argv=argv, image=cfg, env_files=env_files, env=envs, workdir=workdir, user=user,

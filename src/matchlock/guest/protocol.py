@@ -75,6 +75,7 @@ class SetupTag(IntEnum):
     CPU_QUOTA = 8
     NET = 9
     MOUNT = 10
+    DISK = 11
 
 
 class ExecTag(IntEnum):
@@ -224,6 +225,7 @@ class SetupRequest:
     cpu_quota_us: int = 0
     net: NetConfig | None = None
     mounts: tuple[bytes, ...] = ()  # sandbox.mounts.setup_field
+    disks: tuple[bytes, ...] = ()  # sandbox.disks.setup_field
 
     def encode(self) -> bytes:
         fields: list[tuple[int, bytes]] = [
@@ -242,6 +244,7 @@ class SetupRequest:
         if self.net is not None:
             fields.append((SetupTag.NET, self.net.encode()))
         fields += [(SetupTag.MOUNT, m) for m in self.mounts]
+        fields += [(SetupTag.DISK, d) for d in self.disks]
         return encode_tlv(fields)
 
 

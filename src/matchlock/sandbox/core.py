@@ -35,6 +35,7 @@ from matchlock.vm.qemu import Disk, VMConfig
 from matchlock.vm.qmp import Qmp
 
 if TYPE_CHECKING:
+    from matchlock.sandbox.disks import Disks, DiskSpec
     from matchlock.sandbox.mounts import MountSpec, Shares
     from matchlock.sandbox.network import Egress
 
@@ -58,6 +59,7 @@ class SandboxOptions:
     extra_hosts: tuple[str, ...] = ()
     egress: Egress | None = None  # None: no NIC at all
     mounts: tuple[MountSpec, ...] = ()  # sandbox.mounts.parse_mounts
+    disks: tuple[DiskSpec, ...] = ()  # sandbox.disks.parse_disks
     keep_dir: bool = False  # close() keeps the directory (logs) for `matchlock rm`
 
     def validate(self) -> None:
@@ -107,6 +109,7 @@ class Sandbox:
         self._closed = False
         self._abort_reason: str | None = None
         self._shares: Shares | None = None
+        self._disks: Disks | None = None
 
     def __enter__(self) -> Sandbox:
         return self
@@ -123,6 +126,11 @@ class Sandbox:
 
         self._check_abort()
         t0 = time.perf_counter()
+        if self.opts.disks:
+            from matchlock.sandbox import disks as extra_disks
+
+            # First: a disk in use by another sandbox fails before anything is created.
+            self._disks = extra_disks.open_disks(self.opts.disks)
         arts = boot.artifacts()
         choice = boot.choose_accel(self.opts.accel, arts)
         self.accel, self.accel_reason = choice.accel, choice.reason
@@ -135,6 +143,7 @@ class Sandbox:
             self._identity = confine.acquire_identity()
             runas, chroot = (self._identity.uid, self._identity.gid), confine.empty_root()
         disks: list[Disk] = []
+        late_args: list[str] = []
         snapshots = template.enabled()
         if self.opts.rootfs is not None:
             upper = disk.make_upper(self.dir / "upper.ext4", self.opts.disk_size_mb)
@@ -162,6 +171,11 @@ class Sandbox:
             nic_args, nic_fds = nic_args + self._shares.qemu_args, nic_fds + self._shares.fds
             devices += mounts.DEVICES
             chroot = mounts.share_root()
+        if self._disks is not None:
+            from matchlock.sandbox import disks as extra_disks
+
+            late_args = self._disks.qemu_args()
+            devices += extra_disks.devices_key(self._disks.specs)
         tkey = template.key(arts.key, self.accel, vcpus, self.opts.memory_mb, devices)
         tmpl = template.find(tkey) if snapshots else None
         base = VMConfig(
@@ -171,7 +185,7 @@ class Sandbox:
             runas=runas, chroot=chroot,
             # Without a NIC the VMM still gets a namespace of its own: no route anywhere.
             private_netns=runas is not None and self.opts.egress is None,
-            chroot_proc=self._shares is not None,
+            chroot_proc=self._shares is not None, late_args=late_args,
         )
         self.timings.add("host_prep", time.perf_counter() - t0)
         if tmpl is not None:
@@ -197,6 +211,11 @@ class Sandbox:
                 self.timings.add("snapshot_save", time.perf_counter() - t)
         if self._shares is not None:
             self._shares.close()  # QEMU holds its exports now
+        if self._disks is not None:
+            t = time.perf_counter()
+            assert self._qmp is not None
+            self._disks.attach(self._qmp)  # after any snapshot: templates hold placeholders
+            self.timings.add("disk_attach", time.perf_counter() - t)
         t2 = time.perf_counter()
         if self.opts.rootfs is not None:
             self._setup()
@@ -315,6 +334,7 @@ class Sandbox:
             net=net,
             resolv=resolv,
             mounts=self._shares.setup_fields if self._shares is not None else (),
+            disks=self._disks.setup_fields if self._disks is not None else (),
         )
         try:
             result = self._conn.setup(req, timeout=self.opts.boot_timeout)
@@ -441,8 +461,12 @@ class Sandbox:
         t0 = time.perf_counter()
         with _signals_deferred():
             # The writable layer is thrown away, so there is nothing to flush: kill the VMM
-            # now rather than wait for a guest shutdown.
+            # now rather than wait for a guest shutdown; unless a disk was written.
+            if self._disks is not None and self._disks.writable:
+                self._flush_disks()
             self._discard_vm()
+            if self._disks is not None:
+                self._disks.close()  # the locks: the VMM that shared them is gone
             if self._shares is not None:
                 self._shares.close()
             if self._identity is not None:
@@ -456,6 +480,20 @@ class Sandbox:
         self.timings.add("teardown", time.perf_counter() - t0)
 
 
+    def _flush_disks(self) -> None:
+        """Have the guest write back and remount read-only its disks (SHUTDOWN: kill, sync,
+        power off); bounded, and skipped when the sandbox was aborted or the guest is gone."""
+        proc, conn = self._proc, self._conn
+        if proc is None or conn is None or proc.poll() is not None or self._abort_reason:
+            return
+        try:
+            conn.shutdown()
+            proc.wait(timeout=FLUSH_TIMEOUT_S)
+        except (AgentGone, MatchlockError, OSError, subprocess.TimeoutExpired) as e:
+            self._agent_log(f"disk flush at shutdown did not complete: {e}")
+
+
+FLUSH_TIMEOUT_S = 10.0
 _DEFERRED = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 

@@ -244,7 +244,8 @@ def copy(src: str, dst: str) -> VolumeInfo:
                 os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
             except OSError as e:
                 if e.errno == errno.ENOSPC:
-                    raise MatchlockError(f"copy volume {src}: no space left in {final.parent}")
+                    raise MatchlockError(
+                        f"copy volume {src}: no space left in {final.parent}") from None
                 raise MatchlockError(f"copy volume {src}: {e.strerror or e}") from None
             _publish(tmp, final, dst)
     finally:

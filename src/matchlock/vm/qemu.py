@@ -59,6 +59,9 @@ class VMConfig:
     # /proc/self/fd/N, so its chroot (then `mounts.share_root()`) gets a /proc, of QEMU's own
     # mount namespace, showing only the VMM's own processes (see vmm_exec.py).
     chroot_proc: bool = False
+    # Device arguments placed after `disks`: extra disks (sandbox.disks), which must not take
+    # the names vda/vdb (the guest names virtio disks in command-line order).
+    late_args: Sequence[str] = field(default_factory=tuple)
 
 
 def kernel_cmdline(accel: str, extra: Sequence[str] = ()) -> str:
@@ -119,6 +122,7 @@ def command_line(cfg: VMConfig, binary: str = QEMU_BINARY) -> list[str]:
         if disk.readonly:
             opts += ",readonly=on"
         argv += ["-drive", opts, "-device", f"virtio-blk-device,drive=d{i}"]
+    argv += cfg.late_args
     return argv
 
 

@@ -78,6 +78,7 @@ enum setup_tag {
     SETUP_CPU_QUOTA = 8,
     SETUP_NET = 9,
     SETUP_MOUNT = 10,
+    SETUP_DISK = 11,
 };
 
 enum exec_tag {

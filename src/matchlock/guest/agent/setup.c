@@ -34,6 +34,13 @@ struct rand_pool {
 };
 
 #define PORT_NAME "matchlock"
+
+/* Extra disks (see SETUP_DISK); where they are mounted after the switch, for power_off to
+ * remount them read-only. */
+#define MAX_DISKS 8
+#define DISK_RO 1
+static char *g_disk_paths[MAX_DISKS];
+static size_t g_ndisks;
 #define PORT_FALLBACK "vport0p1"
 
 /* ---- boot -------------------------------------------------------------------------------- */
@@ -110,6 +117,10 @@ void power_off(void)
     /* The overlay root and the layers under it cannot be unmounted from inside the root
      * itself; sync() leaves the writable ext4 layer consistent (the journal records it). */
     sync();
+    /* Volumes outlive this VM: read-only now, ext4 checkpoints its journal and marks itself
+     * clean, so the next sandbox can mount it even read-only (on a read-only device). */
+    for (size_t i = 0; i < g_ndisks; i++)
+        mount(NULL, g_disk_paths[i], NULL, MS_REMOUNT | MS_RDONLY, NULL);
     reboot(RB_AUTOBOOT); /* kernel reboot=t + QEMU -no-reboot: QEMU exits */
     for (;;) pause();    /* PID 1 must never exit: that panics the kernel */
 }
@@ -126,9 +137,18 @@ struct share {
     char *path; /* absolute guest path, checked by parse_setup */
 };
 
+/* An extra disk (sandbox/disks.py): virtio-blk slot <slot>, whose serial is mlvol<slot>,
+ * holds an ext4 file system to mount at <path>. */
+struct disk {
+    uint8_t slot, flags;
+    char *path;
+};
+
 struct setup {
     struct share shares[MAX_SHARES];
     size_t nshares;
+    struct disk disks[MAX_DISKS];
+    size_t ndisks;
     char *hostname, *root_dev, *upper_dev, *resolv;
     char **hosts;
     size_t nhosts;
@@ -213,6 +233,7 @@ static void flush_block_cache(const char *dev)
 }
 
 static int mount_shares(const struct setup *s);
+static int mount_disks(const struct setup *s);
 
 static int switch_root(const struct setup *s)
 {
@@ -239,7 +260,7 @@ static int switch_root(const struct setup *s)
     if (mount("overlay", "/mnt/root", "overlay", 0,
               "lowerdir=/mnt/lower,upperdir=/mnt/upperfs/upper,workdir=/mnt/upperfs/work"))
         return fail("mount the overlay root");
-    if (mount_shares(s)) return -1;
+    if (mount_shares(s) || mount_disks(s)) return -1;
 
     const char *moved[] = {"/dev", "/proc", "/sys"};
     for (size_t i = 0; i < sizeof moved / sizeof *moved; i++) {
@@ -569,6 +590,65 @@ static int mount_shares(const struct setup *s)
     return 0;
 }
 
+/* The block device (vdX) whose virtio serial is mlvol<slot>: device names follow probe
+ * order, the serial is what the host set. */
+static int find_disk(uint8_t slot, char *dev, size_t len)
+{
+    char want[16], path[96], got[32];
+    snprintf(want, sizeof want, "mlvol%u", slot);
+    DIR *d = opendir("/sys/block");
+    if (!d) return fail("open /sys/block");
+    struct dirent *e;
+    int rc = -1;
+    while (rc && (e = readdir(d))) {
+        if (strncmp(e->d_name, "vd", 2) || strlen(e->d_name) > 16) continue;
+        snprintf(path, sizeof path, "/sys/block/%s/serial", e->d_name);
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0) continue;
+        ssize_t n = read(fd, got, sizeof got - 1);
+        close(fd);
+        if (n <= 0) continue;
+        got[n] = 0;
+        got[strcspn(got, "\n")] = 0;
+        if (!strcmp(got, want)) {
+            snprintf(dev, len, "/dev/%s", e->d_name);
+            rc = 0;
+        }
+    }
+    closedir(d);
+    if (rc) {
+        errno = ENODEV;
+        fail("no disk with serial %s", want);
+    }
+    return rc;
+}
+
+/* Each extra disk is mounted (ext4, nosuid, nodev) on its mount point under the new root,
+ * created if missing and never through a symlink of the image. The file system was written
+ * by earlier guests: only this guest's kernel ever parses it. */
+static int mount_disks(const struct setup *s)
+{
+    for (size_t i = 0; i < s->ndisks; i++) {
+        const struct disk *dk = &s->disks[i];
+        char dev[48], target[64];
+        if (find_disk(dk->slot, dev, sizeof dev)) return -1;
+        flush_block_cache(dev); /* a restored VM probed a placeholder there */
+        int fd = share_target(dk->path, false);
+        if (fd < 0) return -1;
+        snprintf(target, sizeof target, "/proc/self/fd/%d", fd);
+        unsigned long flags = MS_NOSUID | MS_NODEV | (dk->flags & DISK_RO ? MS_RDONLY : 0);
+        int rc = mount(dev, target, "ext4", flags, "noinit_itable");
+        if (rc && (dk->flags & DISK_RO))
+            /* Not shut down cleanly (a killed sandbox): the journal cannot be replayed on a
+             * read-only device; show the last checkpointed state. */
+            rc = mount(dev, target, "ext4", flags, "noinit_itable,norecovery");
+        close(fd);
+        if (rc) return fail("mount the disk %s (ext4) at %s", dev, dk->path);
+        if (g_ndisks < MAX_DISKS && (g_disk_paths[g_ndisks] = strdup(dk->path))) g_ndisks++;
+    }
+    return 0;
+}
+
 /* Parse the SETUP TLV; on error s_err/s_msg say why. */
 static int parse_setup(const uint8_t *p, size_t n, struct setup *s)
 {
@@ -625,6 +705,21 @@ static int parse_setup(const uint8_t *p, size_t n, struct setup *s)
                 return fail("SETUP: bad MOUNT (share, mode, kind, entry or path)");
             for (size_t i = 0; i + 1 < s->nshares; i++)
                 if (s->shares[i].entry == sh->entry) return fail("SETUP: MOUNT entry used twice");
+            break;
+        }
+        case SETUP_DISK: {
+            if (s->ndisks == MAX_DISKS) return fail("SETUP: too many DISKs");
+            if (f.len < 4 || f.len > 4100) return fail("SETUP: bad DISK length");
+            struct disk *dk = &s->disks[s->ndisks];
+            dk->slot = f.val[0];
+            dk->flags = f.val[1];
+            struct tlv_field pf = {.tag = f.tag, .len = f.len - 2, .val = f.val + 2};
+            if (!(dk->path = tlv_strdup(&pf))) return fail("SETUP: bad DISK path");
+            s->ndisks++;
+            if (dk->slot >= MAX_DISKS || (dk->flags & ~DISK_RO) || !valid_share_path(dk->path))
+                return fail("SETUP: bad DISK (slot, flags or path)");
+            for (size_t i = 0; i + 1 < s->ndisks; i++)
+                if (s->disks[i].slot == dk->slot) return fail("SETUP: DISK slot used twice");
             break;
         }
         case SETUP_HOSTS_LINE: {
@@ -685,4 +780,5 @@ void handle_setup(const uint8_t *p, size_t n)
     for (size_t i = 0; i < s.nhosts; i++) free(s.hosts[i]);
     free(s.hosts);
     for (size_t i = 0; i < s.nshares; i++) free(s.shares[i].path);
+    for (size_t i = 0; i < s.ndisks; i++) free(s.disks[i].path);
 }
