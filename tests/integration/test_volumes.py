@@ -72,7 +72,7 @@ def test_volume_commands_and_the_sdk_json(ml: Run, state_dir: Path) -> None:
     one_line_error(ml("volume", "cp", "cli-a", "cli-b"), "already exists: cli-b")
     one_line_error(ml("volume", "cp", "nope", "cli-d"), "not found: nope")
     for bad in ("../x", ".hidden", "a/b", "", "-x", "x" * 129):
-        one_line_error(ml("volume", "create", bad, "--size", "16"), "invalid volume name")
+        one_line_error(ml("volume", "create", "--size", "16", "--", bad), "invalid volume name")
     one_line_error(ml("volume", "create", "small", "--size", "8"), "out of range")
     one_line_error(ml("volume", "create", "huge", "--size", str(2 << 20)), "out of range")
     for name in ("cli-a", "cli-b", "cli-c"):
