@@ -7,9 +7,9 @@
    through the Python API (the snapshot path: templates are warmed first), p50/p95 of
    `Sandbox.start()` and `close()` and of the `disk_attach` phase; and end to end,
    `matchlock run [--disk @V:/data] -- true` as typed.
-2. Throughput in one guest (median of 3, alternating): write MB MiB (`dd ... conv=fsync`) then read them back after
+2. Throughput in one guest: write MB MiB (`dd ... conv=fsync`), then read them back after
    dropping the guest's page cache, on the volume and on the root disk (the overlay's writable
-   layer), timed on the host around each exec.
+   layer), timed on the host around each exec; median of 3 rounds, the two disks alternating.
 
 Uses a temporary volume under the current MATCHLOCK_HOME (removed at the end). Every figure is
 labelled with the accelerator that produced it.
