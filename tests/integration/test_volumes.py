@@ -164,6 +164,22 @@ def test_one_writer_at_a_time_and_readers_only_without_one(ml: Run, volume: str)
     assert r.returncode == 0, r.stderr
 
 
+def test_a_file_system_the_guest_wrecked_only_fails_the_next_guest(ml: Run, volume: str,
+                                                                   state_dir: Path) -> None:
+    mounts = Path("/proc/self/mountinfo").read_text()
+    r = ml("run", "--privileged", "--disk", f"@{volume}:/v", "--", "sh", "-c",
+           "dev=$(grep ' /v ' /proc/mounts | cut -d' ' -f1); "
+           "dd if=/dev/urandom of=$dev bs=1024 seek=2 count=256 conv=fsync 2>/dev/null")
+    assert r.returncode == 0, r.stderr
+    one_line_error(ml("run", "--disk", f"@{volume}:/v", "--", "true"),
+                   "mount the disk", "/v", "e2fsck")
+    one_line_error(ml("run", "--disk", f"@{volume}:/v:ro", "--", "true"), "mount the disk")
+    # The host only copies and deletes the file; its own mounts never changed.
+    ml("volume", "cp", volume, f"{volume}-wreck", check=True)
+    ml("volume", "rm", f"{volume}-wreck", check=True)
+    assert Path("/proc/self/mountinfo").read_text() == mounts
+
+
 def test_bad_disks_fail_in_one_line_and_leave_nothing(ml: Run, volume: str, tmp_path: Path,
                                                       state_dir: Path) -> None:
     plain = tmp_path / "plain.bin"

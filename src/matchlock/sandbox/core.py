@@ -341,10 +341,14 @@ class Sandbox:
         except AgentGone as e:
             raise self.agent_failure(e) from None
         if result.errno:
+            hint = "the image's root filesystem may be damaged; re-import or re-pull it"
+            if result.message.startswith("mount the disk"):
+                # Written by an earlier guest: only a guest kernel ever parsed it.
+                hint = ("the disk's file system is damaged: check it with `e2fsck -f FILE` "
+                        "(a volume's FILE is in `matchlock volume ls --json`) or use a copy")
             raise GuestError(
-                f"guest set-up failed: {result.message} (errno {result.errno})",
-                hint="the image's root filesystem may be damaged; re-import or re-pull it",
-            )
+                f"guest set-up failed: {result.message} (errno {result.errno}: "
+                f"{os.strerror(result.errno)})", hint=hint)
         if egress is not None:
             self._install_ca(egress)
 
