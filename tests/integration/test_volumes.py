@@ -180,6 +180,22 @@ def test_a_file_system_the_guest_wrecked_only_fails_the_next_guest(ml: Run, volu
     assert Path("/proc/self/mountinfo").read_text() == mounts
 
 
+def test_a_sandbox_killed_mid_write_leaves_a_usable_volume(ml: Run, volume: str,
+                                                           state_dir: Path) -> None:
+    """No clean stop (the timeout kills the VM): what the guest synced survives, the journal
+    needs a replay, which a read-only user skips and the next writer does."""
+    r = ml("run", "--timeout", "3", "--disk", f"@{volume}:/v", "--", "sh", "-c",
+           "echo synced > /v/f; sync; echo unsynced > /v/g; sleep 100")
+    assert r.returncode == 124, r.stderr
+    r = sh(ml, "--disk", f"@{volume}:/v:ro", script="cat /v/f")
+    assert r.stdout == b"synced\n", r.stderr
+    r = sh(ml, "--disk", f"@{volume}:/v", script="cat /v/f")
+    assert r.stdout == b"synced\n", r.stderr
+    fsck = subprocess.run(["e2fsck", "-fn", str(state_dir / "volumes" / f"{volume}.ext4")],
+                          capture_output=True)
+    assert fsck.returncode == 0, fsck.stdout
+
+
 def test_bad_disks_fail_in_one_line_and_leave_nothing(ml: Run, volume: str, tmp_path: Path,
                                                       state_dir: Path) -> None:
     plain = tmp_path / "plain.bin"
