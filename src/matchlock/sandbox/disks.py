@@ -75,16 +75,25 @@ def parse_disk(spec: str, cwd: str | None = None) -> DiskSpec:
             raise MatchlockError(f"invalid --disk {spec!r}: unknown option {parts[2]!r}",
                                  hint="use 'ro' (or nothing, for read-write)")
         readonly = _OPTIONS[opt]
-    guest = check_guest_path(parts[1], f"--disk {spec!r}: guest path")
+    return make_disk(parts[0], parts[1], readonly, spec, cwd)
+
+
+def make_disk(source: str, guest_path: str, readonly: bool, spec: str,
+              cwd: str | None = None) -> DiskSpec:
+    """One disk from its parts: `@NAME` or a host file, and an absolute guest path (also for
+    front ends with structured input, e.g. RPC `extra_disks`, where paths may hold ':')."""
+    if not source or not guest_path:
+        raise MatchlockError(f"invalid --disk {spec!r}", hint="give a source and a guest path")
+    guest = check_guest_path(guest_path, f"--disk {spec!r}: guest path")
     volume = None
-    if parts[0].startswith("@"):
-        volume = volumes.check_name(parts[0][1:])
+    if source.startswith("@"):
+        volume = volumes.check_name(source[1:])
         path = volumes.path_of(volume)
         if not path.is_file():
             raise MatchlockError(f"--disk {spec!r}: named volume not found: {volume}",
                                  hint=f"create it with `matchlock volume create {volume}`")
     else:
-        path = Path(os.path.abspath(os.path.join(cwd or os.getcwd(), parts[0])))
+        path = Path(os.path.abspath(os.path.join(cwd or os.getcwd(), source)))
         try:
             st = os.stat(path)
         except FileNotFoundError:
@@ -101,7 +110,12 @@ def parse_disk(spec: str, cwd: str | None = None) -> DiskSpec:
 
 def parse_disks(specs: Sequence[str], mounts: Sequence[MountSpec] = (),
                 free_slots: int = TRANSPORTS - 3) -> tuple[DiskSpec, ...]:
-    disks = tuple(parse_disk(s) for s in specs)
+    return check_disks(tuple(parse_disk(s) for s in specs), mounts, free_slots)
+
+
+def check_disks(disks: tuple[DiskSpec, ...], mounts: Sequence[MountSpec] = (),
+                free_slots: int = TRANSPORTS - 3) -> tuple[DiskSpec, ...]:
+    """The set: within the free device slots, each file once, no shared or nested paths."""
     if len(disks) > free_slots:
         raise MatchlockError(f"{len(disks)} --disk given; this sandbox has room for "
                              f"{free_slots} (8 virtio devices, shared with the root disk, "
