@@ -167,3 +167,32 @@ def test_create_failure_leaves_nothing(home: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(volumes, "_mkfs", lambda: "/bin/false")
     assert "mkfs.ext4 failed" in error(volumes.create, "x", 16)
     assert os.listdir(home / "state" / "volumes") == []
+
+
+def fake_stat(mode: int, uid: int = 1000, gid: int = 1000) -> os.stat_result:
+    return os.stat_result((0o100000 | mode, 1, 1, 1, uid, gid, 4096, 0, 0, 0))
+
+
+def test_host_files_need_the_invoking_users_rights() -> None:
+    owner, stranger, group_member = (1000, 1000), (2000, 2000), (2000, 1000)
+    assert disks.user_may(fake_stat(0o600), write=True, ids=owner)
+    assert not disks.user_may(fake_stat(0o600), write=False, ids=stranger)
+    assert disks.user_may(fake_stat(0o000), write=True, ids=(0, 0))
+    assert disks.user_may(fake_stat(0o644), write=False, ids=stranger)
+    assert not disks.user_may(fake_stat(0o644), write=True, ids=stranger)
+    assert not disks.user_may(fake_stat(0o464), write=True, ids=owner)  # owner bits decide
+    assert disks.user_may(fake_stat(0o464), write=True, ids=group_member)
+    assert not disks.user_may(fake_stat(0o646), write=True, ids=group_member)
+
+
+def test_sudo_user_without_access_is_refused(image: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (matchlock under sudo)")
+    os.chmod(image, 0o600)
+    monkeypatch.setenv("SUDO_UID", "4242")
+    monkeypatch.setenv("SUDO_GID", "4242")
+    assert "you may not read" in error(disks.open_disks, disks.parse_disks([f"{image}:/a:ro"]))
+    os.chmod(image, 0o644)
+    assert "you may not write" in error(disks.open_disks, disks.parse_disks([f"{image}:/a"]))
+    disks.open_disks(disks.parse_disks([f"{image}:/a:ro"])).close()

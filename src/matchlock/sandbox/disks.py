@@ -201,6 +201,34 @@ class Disks:
         self.fds = []
 
 
+def user_may(st: os.stat_result, write: bool, ids: tuple[int, int] | None = None) -> bool:
+    """Whether the invoking user (under sudo: SUDO_UID/SUDO_GID, see mounts.owner_ids) could
+    open the file so: a host file is attached with root's rights, which must not lend a user
+    access to an image they could not open themselves."""
+    from matchlock.sandbox.mounts import owner_ids
+
+    uid, gid = ids or owner_ids()
+    if uid == 0:
+        return True
+    if st.st_uid == uid:
+        shift = 6
+    elif st.st_gid in _groups(uid, gid):
+        shift = 3
+    else:
+        shift = 0
+    need = (0o6 if write else 0o4) << shift
+    return st.st_mode & need == need
+
+
+def _groups(uid: int, gid: int) -> set[int]:
+    import pwd
+
+    try:
+        return {gid, *os.getgrouplist(pwd.getpwuid(uid).pw_name, gid)}
+    except KeyError:
+        return {gid}
+
+
 def open_disks(specs: Sequence[DiskSpec]) -> Disks:
     """Open and lock every file, all or nothing."""
     disks = Disks(tuple(specs))
@@ -212,6 +240,11 @@ def open_disks(specs: Sequence[DiskSpec]) -> Disks:
             if size > SLOT_BYTES or size < 1 << 20:
                 raise MatchlockError(f"{d.what}: {d.path} is {size} bytes; a disk must be "
                                      f"1 MiB to {SLOT_BYTES >> 30} GiB")
+            if d.volume is None and not user_may(os.fstat(fd), write=not d.readonly):
+                verb = "read" if d.readonly else "write"
+                raise MatchlockError(f"{d.what}: you may not {verb} {d.path}",
+                                     hint="matchlock opens disk files as root for you: only "
+                                     "files your own user could open so are allowed")
             if not volumes.has_ext4_magic(fd):
                 raise MatchlockError(f"{d.what}: {d.path} is not an ext4 image",
                                      hint="format it with mkfs.ext4, or use a named volume")
