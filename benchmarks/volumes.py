@@ -3,9 +3,10 @@
 
     volumes.py [--runs N] [--mb 200] [--accel kvm|tcg|auto] [--json FILE]
 
-1. Start-up and teardown, N runs each, with no disk, one read-write and one read-only volume,
-   through the Python API (the snapshot path: templates are warmed first), p50/p95 of
-   `Sandbox.start()` and `close()` and of the `disk_attach` phase; and end to end,
+1. Start-up and teardown, N runs each (interleaved), with no disk, one read-write and one
+   read-only volume, through the Python API (the snapshot path: templates are warmed
+   first), p50/p95 of `Sandbox.start()` and `close()` and of the `disk_attach` phase; and
+   end to end,
    `matchlock run [--disk @V:/data] -- true` as typed.
 2. Throughput in one guest: write MB MiB (`dd ... conv=fsync`), then read them back after
    dropping the guest's page cache, on the volume and on the root disk (the overlay's writable
@@ -63,11 +64,12 @@ def start_stop(runs: int, accel: str | None) -> tuple[dict[str, dict[str, list[f
     image = resolve_image(None)
     shapes = {"no disk": [], "rw volume": [f"@{VOLUME}:/data"],
               "ro volume": [f"@{VOLUME}:/data:ro"]}
-    out: dict[str, dict[str, list[float]]] = {}
+    out: dict[str, dict[str, list[float]]] = {
+        label: {"start": [], "close": [], "disk_attach": []} for label in shapes}
     used = ""
-    for label, specs in shapes.items():
-        res: dict[str, list[float]] = {"start": [], "close": [], "disk_attach": []}
-        for i in range(runs + 1):  # the first run of a shape may build its template
+    for i in range(runs + 1):  # the first round may build templates; shapes interleaved
+        for label, specs in shapes.items():
+            res = out[label]
             sb = Sandbox(SandboxOptions(image=image.name, rootfs=image.rootfs, accel=accel,
                                         disks=parse_disks(specs)))
             t0 = time.perf_counter()
@@ -85,7 +87,6 @@ def start_stop(runs: int, accel: str | None) -> tuple[dict[str, dict[str, list[f
             res["start"].append(t1 - t0)
             res["close"].append(t2 - t1)
             res["disk_attach"].append(sb.timings.phases.get("disk_attach", 0.0))
-        out[label] = res
     return out, used
 
 
