@@ -72,3 +72,14 @@ def test_nothing_is_opened_by_path_after_the_drop() -> None:
                             incoming=True))
     assert argv[argv.index("-incoming") + 1] == "defer"
     assert not any(a.startswith(("exec:", "file:")) for a in argv)
+
+
+def test_extra_disks_come_after_root_and_upper() -> None:
+    """The guest names virtio disks in command-line order: vda/vdb stay root and upper."""
+    late = ["-device", "virtio-blk-device,drive=mlvol0,serial=mlvol0"]
+    argv = command_line(cfg(disks=[Disk(Path("/r"), readonly=True), Disk(Path("/u"))],
+                            extra_args=["-device", "virtio-net-device"], late_args=late))
+    devices = [argv[i + 1] for i, a in enumerate(argv) if a == "-device"]
+    assert devices[-3:] == ["virtio-blk-device,drive=d0", "virtio-blk-device,drive=d1",
+                            late[1]]
+    assert argv[-2:] == late
