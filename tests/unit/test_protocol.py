@@ -132,3 +132,13 @@ def test_parse_result_and_dirent() -> None:
                             (p.FileTag.SIZE, b"\0" * 8), (p.FileTag.MTIME, b"\0" * 8)])
         with pytest.raises(p.ProtocolError):
             p.parse_dirent(bad)
+
+
+def test_setup_carries_disks_after_mounts() -> None:
+    req = p.SetupRequest(hostname="h", root_dev="vda", upper_dev="vdb", clock_ns=1,
+                         entropy=b"\0" * 32, mounts=(b"\0\0\0\0/m",),
+                         disks=(b"\x00\x00/data", b"\x01\x01/ro"))
+    fields = p.decode_tlv(req.encode())
+    assert fields[-3:] == [(p.SetupTag.MOUNT, b"\0\0\0\0/m"), (11, b"\x00\x00/data"),
+                           (11, b"\x01\x01/ro")]
+    assert p.SetupTag.DISK == 11
