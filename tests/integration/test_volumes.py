@@ -126,6 +126,18 @@ def test_read_only_is_read_only_even_for_a_privileged_guest(ml: Run, volume: str
     assert digest(path) == before
 
 
+def test_a_guest_cannot_grow_a_volume(ml: Run, volume: str, state_dir: Path) -> None:
+    """The guest sees a 1 TiB device (the slot); QEMU refuses what lies past the file."""
+    path = state_dir / "volumes" / f"{volume}.ext4"
+    size = path.stat().st_size
+    r = ml("run", "--privileged", "--disk", f"@{volume}:/v", "--", "sh", "-c",
+           "dev=$(grep ' /v ' /proc/mounts | cut -d' ' -f1); "
+           "echo x | dd of=$dev bs=1M seek=100 count=1 conv=fsync 2>/dev/null; echo rc=$?; "
+           "dd if=$dev of=/dev/null bs=1M skip=100 count=1 2>/dev/null; echo rc=$?")
+    assert r.stdout == b"rc=1\nrc=1\n", (r.stdout, r.stderr)
+    assert path.stat().st_size == size
+
+
 def test_a_host_ext4_file(ml: Run, tmp_path: Path) -> None:
     img = tmp_path / "disk.img"
     subprocess.run(["mkfs.ext4", "-q", "-F", str(img), "32M"], check=True)

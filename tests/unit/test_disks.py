@@ -109,10 +109,10 @@ def test_template_shape_and_device_arguments(image: Path, tmp_path: Path) -> Non
     assert args == [
         "-blockdev", f"driver=null-co,node-name=mlph0,size={size},read-zeroes=on",
         "-blockdev", "driver=raw,node-name=mlvol0,file=mlph0",
-        "-device", "virtio-blk-device,drive=mlvol0,serial=mlvol0",
+        "-device", "virtio-blk-device,drive=mlvol0,serial=mlvol0,werror=report,rerror=report",
         "-blockdev", f"driver=null-co,node-name=mlph1,size={size},read-zeroes=on,read-only=on",
         "-blockdev", "driver=raw,node-name=mlvol1,file=mlph1,read-only=on",
-        "-device", "virtio-blk-device,drive=mlvol1,serial=mlvol1",
+        "-device", "virtio-blk-device,drive=mlvol1,serial=mlvol1,werror=report,rerror=report",
     ]
     # No host path reaches QEMU's command line: the files are handed over as descriptors.
     assert not any(str(tmp_path) in a for a in args)

@@ -171,7 +171,9 @@ class Disks:
             args += ["-blockdev", f"driver=null-co,node-name=mlph{slot},size={SLOT_BYTES},"
                      f"read-zeroes=on{ro}",
                      "-blockdev", f"driver=raw,node-name=mlvol{slot},file=mlph{slot}{ro}",
-                     "-device", f"virtio-blk-device,drive=mlvol{slot},serial={serial(slot)}"]
+                     # A full host disk is an I/O error in the guest, not a paused VM.
+                     "-device", f"virtio-blk-device,drive=mlvol{slot},serial={serial(slot)},"
+                     "werror=report,rerror=report"]
         return args
 
     @property
