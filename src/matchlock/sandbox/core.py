@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOSTNAME = re.compile(rf"^(?=.{{1,64}}\Z){_LABEL}(?:\.{_LABEL})*\Z")
 MIN_MEMORY_MB = 64
+FLUSH_TIMEOUT_S = 10.0  # the guest's sync and power-off when a disk was written
 
 
 @dataclass
@@ -457,6 +458,18 @@ class Sandbox:
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
 
+    def _flush_disks(self) -> None:
+        """Have the guest write back and remount read-only its disks (SHUTDOWN: kill, sync,
+        power off); bounded, and skipped when the sandbox was aborted or the guest is gone."""
+        proc, conn = self._proc, self._conn
+        if proc is None or conn is None or proc.poll() is not None or self._abort_reason:
+            return
+        try:
+            conn.shutdown()
+            proc.wait(timeout=FLUSH_TIMEOUT_S)
+        except (AgentGone, MatchlockError, OSError, subprocess.TimeoutExpired) as e:
+            self._agent_log(f"disk flush at shutdown did not complete: {e}")
+
     def close(self) -> None:
         """Tear everything down; safe to call more than once and from any exit path."""
         if self._closed:
@@ -484,20 +497,6 @@ class Sandbox:
         self.timings.add("teardown", time.perf_counter() - t0)
 
 
-    def _flush_disks(self) -> None:
-        """Have the guest write back and remount read-only its disks (SHUTDOWN: kill, sync,
-        power off); bounded, and skipped when the sandbox was aborted or the guest is gone."""
-        proc, conn = self._proc, self._conn
-        if proc is None or conn is None or proc.poll() is not None or self._abort_reason:
-            return
-        try:
-            conn.shutdown()
-            proc.wait(timeout=FLUSH_TIMEOUT_S)
-        except (AgentGone, MatchlockError, OSError, subprocess.TimeoutExpired) as e:
-            self._agent_log(f"disk flush at shutdown did not complete: {e}")
-
-
-FLUSH_TIMEOUT_S = 10.0
 _DEFERRED = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 
