@@ -34,6 +34,7 @@ struct rand_pool {
 };
 
 #define PORT_NAME "matchlock"
+#define PORT_FALLBACK "vport0p1"
 
 /* Extra disks (see SETUP_DISK); where they are mounted after the switch, for power_off to
  * remount them read-only. */
@@ -41,7 +42,6 @@ struct rand_pool {
 #define DISK_RO 1
 static char *g_disk_paths[MAX_DISKS];
 static size_t g_ndisks;
-#define PORT_FALLBACK "vport0p1"
 
 /* ---- boot -------------------------------------------------------------------------------- */
 
