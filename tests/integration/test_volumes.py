@@ -159,6 +159,7 @@ def test_one_writer_at_a_time_and_readers_only_without_one(ml: Run, volume: str)
         ml("exec", writer, "--", "sh", "-c", "echo from-detached > /v/d", check=True)
         one_line_error(ml("run", "--disk", f"@{volume}:/v", "--", "true"), "in use")
         one_line_error(ml("run", "--disk", f"@{volume}:/v:ro", "--", "true"), "in use")
+        one_line_error(ml("run", "-d", "--disk", f"@{volume}:/v"), "in use")
         one_line_error(ml("volume", "rm", volume), "in use")
         one_line_error(ml("volume", "cp", volume, f"{volume}-x"), "in use")
     finally:
@@ -227,6 +228,7 @@ def test_bad_disks_fail_in_one_line_and_leave_nothing(ml: Run, volume: str, tmp_
     before = volume_files(state_dir)
     for spec, words in cases:
         one_line_error(ml("run", "--disk", spec, "--", "true"), words)
+    one_line_error(ml("run", "-d", "--disk", "@missing:/v"), "named volume not found")
     one_line_error(ml("run", "--disk", f"@{volume}:/a", "--disk", f"@{volume}:/b", "--", "true"),
                    "same file")
     one_line_error(ml("run", "--disk", f"@{volume}:/a", "--disk", f"{plain}:/a/b", "--",
