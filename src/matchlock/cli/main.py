@@ -25,6 +25,7 @@ _COMMANDS = {
     "remove": ("matchlock.cli.lifecycle", "rm", "Remove a sandbox (same as rm)."),
     "version": ("matchlock.cli.version", "version", "Print matchlock's version."),
     "volume": ("matchlock.cli.volume", "volume", "Manage named volumes (persistent disks)."),
+    "rpc": ("matchlock.cli.rpc", "rpc", "Serve JSON-RPC on stdin/stdout (used by the SDKs)."),
 }
 
 

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from matchlock.net.audit import AuditEvent
     from matchlock.net.nic import Nic
     from matchlock.net.proxy import Proxy
+    from matchlock.net.secrets import Secret
     from matchlock.net.stack import SandboxNetwork
     from matchlock.net.target import Target
 
@@ -57,6 +58,9 @@ class NetworkOptions:
     upstream_dns: list[str] = field(default_factory=list)
     log_network: bool = False
     max_connections: int = 0  # concurrent guest connections; 0 = the default (net/limits.py)
+    # Secrets given as values (the rpc server's `create`), with their placeholders.
+    extra_secrets: list[Secret] = field(default_factory=list)
+    on_event: Callable[[AuditEvent], None] | None = None  # also gets every audit event
 
 
 def _fail(flag: str, e: ValueError) -> MatchlockError:
@@ -88,7 +92,7 @@ class Egress:
             from_files = [parse_secret_file(s) for s in opts.secret_files]
         except ValueError as e:
             raise _fail("--secret-file", e) from None
-        parsed = [*from_flags, *from_files]
+        parsed = [*from_flags, *from_files, *opts.extra_secrets]
         for s in parsed:
             if not _utf8(s.value):
                 # An environment value with bytes that are not UTF-8: the encoder's own message
@@ -195,6 +199,8 @@ class Egress:
         sinks: list[Callable[[AuditEvent], None]] = [JsonLinesSink(self._log_file)]
         if self.opts.log_network:
             sinks.append(_print_event)
+        if self.opts.on_event is not None:
+            sinks.append(self.opts.on_event)
         upstream = Upstream(self.policy, upstream_dns=self.opts.upstream_dns,
                             upstream_ca=self.opts.upstream_ca)
         self.proxy = Proxy(self.policy, self.secrets, ca, fan_out(*sinks), upstream,

@@ -1,0 +1,615 @@
+"""`matchlock rpc`: JSON-RPC 2.0 on stdin/stdout driving one sandbox (docs/rpc.md).
+
+Concurrency, as the reference's handler:
+- `cancel` is handled on the read loop at once;
+- `create` and `close` run on the read loop after the requests in flight have finished
+  (`close` waits at most its `timeout_seconds`, then cancels what is left);
+- `*.stdin`, `*.stdin_eof` and `exec_tty.resize` are handled on the read loop, in order, and
+  never answered (stdin is queued to a per-exec feeder, so a process that does not read its
+  stdin cannot stall the loop);
+- every other request runs on a thread of its own, cancellable by its id.
+
+The process owns the sandbox: at stdin EOF or a signal it cancels what runs and removes the
+sandbox completely; after `close` the sandbox is kept as `stopped` for `matchlock rm` (what the
+SDK's `remove()` runs). If the process is SIGKILLed, the VMM dies with it (architecture.md)
+and a reaper process removes the rest (rpc/reaper.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+from matchlock.errors import MatchlockError
+from matchlock.guest.client import AgentGone, Exec, FileOpError, Output
+from matchlock.rpc import config as cfg
+from matchlock.rpc import protocol as proto
+from matchlock.rpc.protocol import RpcError
+from matchlock.rpc.session import Session, file_info
+
+READ_CHUNK = 1 << 20
+READ_FILE_LIMIT = 16 << 20
+MAX_BUFFERED_OUTPUT = 64 << 20  # `exec` answers with all output at once: bounded
+STDIN_QUEUE_LIMIT = 16 << 20  # queued stdin per exec before the read loop waits
+SHUTDOWN_WAIT_S = 10.0
+EVENT_QUEUE = 100
+
+_STDIN = {"exec_pipe.stdin": False, "exec_tty.stdin": True}
+_STDIN_EOF = {"exec_pipe.stdin_eof": False, "exec_tty.stdin_eof": True}
+_NEED_ID = ("exec_pipe", "exec_tty")
+_EOF = object()
+
+
+class Ctx:
+    """One request in flight: its id, whether it was cancelled, what cancelling does."""
+
+    def __init__(self, server: Server, req: proto.Request) -> None:
+        self.server = server
+        self.id = req.id
+        self.method = req.method
+        self.params = req.params
+        self.cancelled = threading.Event()
+        self._on_cancel: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+        self._answered = False
+
+    def on_cancel(self, cb: Callable[[], None]) -> None:
+        with self._lock:
+            if not self.cancelled.is_set():
+                self._on_cancel.append(cb)
+                return
+        cb()
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.cancelled.set()
+            cbs, self._on_cancel = self._on_cancel, []
+        for cb in cbs:
+            with contextlib.suppress(Exception):
+                cb()
+
+    def answer(self, data: bytes) -> None:
+        with self._lock:
+            if self._answered:
+                return
+            self._answered = True
+        self.server.write(data)
+
+    def result(self, result: Any) -> None:
+        self.answer(proto.encode_result(self.id, result))
+
+    def error(self, code: int, message: str) -> None:
+        self.answer(proto.encode_error(self.id, code, message))
+
+
+class StdinFeed:
+    """Stdin for one exec_pipe/exec_tty: queued by the read loop, written by a thread (the
+    guest acknowledges stdin in a window; waiting for it must not stop the read loop)."""
+
+    def __init__(self, ex: Exec, tty: bool) -> None:
+        self.ex = ex
+        self.tty = tty
+        self._items: deque[bytes | None] = deque()
+        self._pending = 0
+        self._cond = threading.Condition()
+        self._ended = False
+
+    def put(self, data: bytes | None) -> None:
+        with self._cond:
+            while self._pending > STDIN_QUEUE_LIMIT and not self._ended:
+                self._cond.wait(0.5)
+            if self._ended:
+                return
+            self._items.append(data)
+            self._pending += len(data or b"")
+            self._cond.notify_all()
+
+    def end(self) -> None:
+        with self._cond:
+            self._ended = True
+            self._items.clear()
+            self._cond.notify_all()
+
+    def run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._items and not self._ended:
+                        self._cond.wait()
+                    if self._ended:
+                        return
+                    item = self._items.popleft()
+                    self._pending -= len(item or b"")
+                    self._cond.notify_all()
+                if item is None:
+                    # For a PTY the reference only stops forwarding: the terminal stays open.
+                    if not self.tty:
+                        self.ex.close_stdin()
+                    return
+                self.ex.write_stdin(item)
+        except (AgentGone, OSError):
+            pass
+
+
+class Server:
+    def __init__(self, rfd: int, wfd: int) -> None:
+        self.rfd = rfd
+        self.wfd = wfd
+        self._wlock = threading.Lock()
+        self.broken = False  # stdout failed: stop
+        self.session: Session | None = None
+        self.closed = False
+        self._booting = False
+        self._inflight: dict[int, Ctx] = {}
+        self._active = 0
+        self._cond = threading.Condition()
+        self._feeds: dict[int, StdinFeed] = {}
+        self._signal: int | None = None
+        self._events: queue.Queue[dict[str, Any]] = queue.Queue(EVENT_QUEUE)
+        self._lines: queue.Queue[object] = queue.Queue(64)
+        self._reaper: subprocess.Popen[bytes] | None = None
+        self._reaper_fd: int | None = None
+
+    # --- output ---------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        with self._wlock:
+            if self.broken:
+                return
+            try:
+                view = memoryview(data)
+                while view:
+                    n = os.write(self.wfd, view)
+                    view = view[n:]
+            except OSError:
+                self.broken = True
+
+    def notify(self, method: str, params: dict[str, Any]) -> None:
+        self.write(proto.encode_notification(method, params))
+
+    # --- the loop -------------------------------------------------------------------------
+
+    def serve(self) -> int:
+        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(s, self._on_signal)
+        threading.Thread(target=self._read, name="rpc-read", daemon=True).start()
+        threading.Thread(target=self._watch, name="rpc-watch", daemon=True).start()
+        threading.Thread(target=self._pump_events, name="rpc-events", daemon=True).start()
+        reason = "stdin closed"
+        while True:
+            if self._signal is not None:
+                reason = f"stopped by {signal.Signals(self._signal).name}"
+                break
+            if self.broken:
+                reason = "stdout closed"
+                break
+            try:
+                item = self._lines.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if item is _EOF:
+                break
+            if isinstance(item, proto.TooLong):
+                self.write(proto.too_long_error(item.prefix))
+                continue
+            assert isinstance(item, bytes)
+            if proto.is_blank(item):
+                continue
+            req = proto.parse_line(item)
+            if isinstance(req, bytes):
+                self.write(req)
+                continue
+            try:
+                self._dispatch(req)
+            except Exception as e:  # a bug must not end the session (or print on stdout)
+                traceback.print_exc(file=sys.stderr)
+                self.write(proto.encode_error(req.id, proto.INTERNAL, f"internal error: {e}"))
+        self._shutdown(reason)
+        return 0
+
+    def _read(self) -> None:
+        splitter = proto.LineSplitter()
+        while True:
+            try:
+                data = os.read(self.rfd, READ_CHUNK)
+            except OSError:
+                data = b""
+            items = splitter.feed(data) if data else splitter.finish()
+            for item in items:
+                self._lines.put(item)
+            if not data:
+                self._lines.put(_EOF)
+                return
+
+    def _on_signal(self, signo: int, frame: FrameType | None) -> None:
+        # Only record (this may interrupt the main thread anywhere); the loop and the
+        # watcher act on it.
+        if self._signal is None:
+            self._signal = signo
+
+    def _watch(self) -> None:
+        """A signal while the sandbox boots stops the boot (the read loop is busy in it)."""
+        while True:
+            time.sleep(0.1)
+            if self._signal is not None:
+                sess = self.session
+                if self._booting and sess is not None:
+                    sess.sandbox.abort(f"stopped by {signal.Signals(self._signal).name}")
+                return
+
+    def _pump_events(self) -> None:
+        while True:
+            params = self._events.get()
+            self.write(proto.encode_notification("event", params, sort=False))
+
+    def on_audit(self, ev: Any) -> None:
+        """Audit events from the proxy (its own thread) → `event` notifications; dropped
+        when the client does not keep up, as the reference's bounded channel."""
+        with contextlib.suppress(queue.Full):
+            self._events.put_nowait(network_event(ev))
+
+    # --- dispatch -------------------------------------------------------------------------
+
+    def _dispatch(self, req: proto.Request) -> None:
+        m = req.method
+        if m == "cancel":
+            self._cancel(req)
+        elif m in ("create", "close"):
+            ctx = Ctx(self, req)
+            try:
+                if m == "create":
+                    self._create(ctx)
+                else:
+                    self._close(ctx)
+            except RpcError as e:
+                ctx.error(e.code, e.message)
+        elif m in _STDIN or m in _STDIN_EOF:
+            self._stdin(req)
+        elif m == "exec_tty.resize":
+            self._resize(req)
+        elif m in _HANDLERS:
+            if m in _NEED_ID and req.id is None:
+                self.write(proto.encode_error(None, proto.INVALID_REQUEST,
+                                              f"{m} requires a request id"))
+                return
+            ctx = Ctx(self, req)
+            with self._cond:
+                if req.id is not None and req.id in self._inflight:
+                    ctx.error(proto.INVALID_REQUEST, f"request id {req.id} is already in flight")
+                    return
+                if req.id is not None:
+                    self._inflight[req.id] = ctx
+                self._active += 1
+            threading.Thread(target=self._run, args=(ctx,), name=f"rpc-{m}",
+                             daemon=True).start()
+        else:
+            self.write(proto.encode_error(req.id, proto.METHOD_NOT_FOUND, "Method not found"))
+
+    def _run(self, ctx: Ctx) -> None:
+        try:
+            _HANDLERS[ctx.method](self, ctx)
+        except RpcError as e:
+            ctx.error(proto.CANCELLED if ctx.cancelled.is_set() else e.code,
+                      proto.CANCELLED_MESSAGE if ctx.cancelled.is_set() else e.message)
+        except Exception as e:  # never a traceback on stdout; the request fails
+            traceback.print_exc(file=sys.stderr)
+            ctx.error(proto.INTERNAL, f"internal error: {e}")
+        finally:
+            with self._cond:
+                if ctx.id is not None and self._inflight.get(ctx.id) is ctx:
+                    del self._inflight[ctx.id]
+                self._active -= 1
+                self._cond.notify_all()
+
+    def _wait_idle(self, timeout: float | None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._active:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def _cancel_all(self) -> None:
+        with self._cond:
+            ctxs = list(self._inflight.values())
+        for ctx in ctxs:
+            ctx.cancel()
+
+    def _cancel(self, req: proto.Request) -> None:
+        try:
+            target = cfg.parse_target(req.params)
+        except RpcError as e:
+            self.write(proto.encode_error(req.id, e.code, e.message))
+            return
+        with self._cond:
+            ctx = self._inflight.get(target)
+        self.write(proto.encode_result(req.id, {"cancelled": ctx is not None}))
+        if ctx is not None:
+            ctx.cancel()
+
+    def _stdin(self, req: proto.Request) -> None:
+        # Never answered; a bad payload or an unknown id is ignored (the reference's rule).
+        try:
+            target = cfg.parse_target(req.params)
+            data = None if req.method in _STDIN_EOF else cfg.parse_data(req.params)
+        except RpcError:
+            return
+        feed = self._feeds.get(target)
+        tty = _STDIN.get(req.method, _STDIN_EOF.get(req.method))
+        if feed is None or feed.tty != tty:
+            return
+        if data is None or data:
+            feed.put(data)
+
+    def _resize(self, req: proto.Request) -> None:
+        try:
+            target = cfg.parse_target(req.params)
+            rows, cols = cfg.parse_resize(req.params)
+        except RpcError:
+            return
+        feed = self._feeds.get(target)
+        if feed is not None and feed.tty:
+            with contextlib.suppress(AgentGone):
+                feed.ex.resize(rows, cols)
+
+    def need_session(self) -> Session:
+        if self.closed:
+            raise RpcError(proto.VM_FAILED, "VM closed")
+        if self.session is None or self._booting:
+            raise RpcError(proto.VM_FAILED, "VM not created")
+        return self.session
+
+    # --- create / close -------------------------------------------------------------------
+
+    def _create(self, ctx: Ctx) -> None:
+        if self.closed or self.session is not None:
+            raise RpcError(proto.VM_FAILED, "this rpc process already created its sandbox "
+                           "(one per process: start another `matchlock rpc`)")
+        spec = cfg.parse_create(ctx.params)
+        self._wait_idle(None)
+        sess = Session.prepare(spec, self.on_audit)
+        self._start_reaper()
+        self.session = sess
+        self._booting = True
+        try:
+            sess.sandbox.start()
+            sess.finish_start()
+        except BaseException as e:
+            if isinstance(e, AgentGone):
+                msg = str(sess.sandbox.agent_failure(e))
+            elif isinstance(e, MatchlockError | OSError):
+                msg = str(e)
+            else:
+                traceback.print_exc(file=sys.stderr)
+                msg = f"internal error: {e}"
+            if self._signal is not None:
+                msg = f"the sandbox was stopped: stopped by {signal.Signals(self._signal).name}"
+            sess.sandbox.opts.keep_dir = False
+            sess.stop_entrypoint()
+            sess.sandbox.close()
+            self.session = None
+            self.closed = False
+            raise RpcError(proto.VM_FAILED, msg) from None
+        finally:
+            self._booting = False
+        ctx.result({"id": sess.sandbox.id})
+
+    def _close(self, ctx: Ctx) -> None:
+        timeout = cfg.parse_close_timeout(ctx.params)
+        if not self._wait_idle(timeout):
+            self._cancel_all()
+            self._wait_idle(SHUTDOWN_WAIT_S)
+        sess = self.session
+        if sess is not None and not self.closed:
+            from matchlock.state import registry
+
+            sess.stop_entrypoint()
+            sess.sandbox.close()
+            if sess.sandbox.dir is not None and sess.sandbox.dir.exists():
+                registry.mark_stopped(sess.sandbox.dir, "closed")
+        self.closed = True
+        ctx.result({})
+
+    def _shutdown(self, reason: str) -> None:
+        """End of input (or a signal, or stdout gone): cancel everything, remove the sandbox."""
+        self._cancel_all()
+        self._wait_idle(SHUTDOWN_WAIT_S)
+        sess = self.session
+        if sess is not None and not self.closed:
+            sess.stop_entrypoint()
+            sess.sandbox.opts.keep_dir = False
+            sess.sandbox.close()
+        self.closed = True
+        print(f"matchlock rpc: exiting ({reason})", file=sys.stderr, flush=True)
+
+    def _start_reaper(self) -> None:
+        """A process that outlives us only to remove what a SIGKILL left (rpc/reaper.py): it
+        waits for EOF on a pipe whose only writer is this process."""
+        from matchlock.state import registry
+
+        r, w = os.pipe()  # not inherited by any other child (O_CLOEXEC)
+        pid = os.getpid()
+        try:
+            self._reaper = subprocess.Popen(
+                [sys.executable, "-m", "matchlock.rpc.reaper", str(pid),
+                 str(registry.proc_start_time(pid))],
+                stdin=r, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        except OSError as e:
+            os.close(w)
+            raise RpcError(proto.VM_FAILED, f"cannot start the sandbox's reaper: {e}") from None
+        finally:
+            os.close(r)
+        self._reaper_fd = w
+
+
+# --- handlers (each on a thread of its own) ----------------------------------------------------
+
+
+def _exec_error(ctx: Ctx, sess: Session, e: BaseException) -> RpcError:
+    if ctx.cancelled.is_set():
+        return RpcError(proto.CANCELLED, proto.CANCELLED_MESSAGE)
+    if isinstance(e, AgentGone):
+        return RpcError(proto.EXEC_FAILED, str(sess.sandbox.agent_failure(e)))
+    return RpcError(proto.EXEC_FAILED, str(e))
+
+
+def _kill(ex: Exec) -> Callable[[], None]:
+    def kill() -> None:
+        with contextlib.suppress(AgentGone):
+            if ex.status is None:
+                ex.kill()
+    return kill
+
+
+def _exec_common(server: Server, ctx: Ctx, mode: str) -> None:
+    """exec (buffered), exec_stream, exec_pipe and exec_tty."""
+    tty = mode == "exec_tty"
+    spec = cfg.parse_exec(ctx.params, tty=tty)
+    sess = server.need_session()
+    interactive = mode in ("exec_pipe", "exec_tty")
+    req = sess.exec_request(spec, stdin=interactive, tty=tty)
+    t0 = time.monotonic()
+    feed: StdinFeed | None = None
+    try:
+        ex = sess.exec(req)
+    except (AgentGone, MatchlockError) as e:
+        raise _exec_error(ctx, sess, e) from None
+    ctx.on_cancel(_kill(ex))
+    if interactive:
+        assert ctx.id is not None
+        feed = StdinFeed(ex, tty)
+        server._feeds[ctx.id] = feed
+        threading.Thread(target=feed.run, name="rpc-stdin", daemon=True).start()
+        server.notify(f"{mode}.ready", {"id": ctx.id})
+    out, err = bytearray(), bytearray()
+    try:
+        for ev in ex.events():
+            if not isinstance(ev, Output):
+                continue
+            if mode == "exec":
+                buf = out if ev.stream == "stdout" else err
+                buf += ev.data
+                if len(out) + len(err) > MAX_BUFFERED_OUTPUT:
+                    _kill(ex)()
+                    raise RpcError(proto.EXEC_FAILED, f"output exceeds {MAX_BUFFERED_OUTPUT} "
+                                   "bytes; use exec_stream")
+                continue
+            stream = "stdout" if tty else ev.stream
+            server.notify(f"{mode}.{stream}",
+                          {"id": ctx.id, "data": base64.b64encode(ev.data).decode()})
+    except (AgentGone, MatchlockError) as e:
+        raise _exec_error(ctx, sess, e) from None
+    finally:
+        if feed is not None:
+            feed.end()
+            assert ctx.id is not None
+            if server._feeds.get(ctx.id) is feed:
+                del server._feeds[ctx.id]
+    if ctx.cancelled.is_set():
+        raise RpcError(proto.CANCELLED, proto.CANCELLED_MESSAGE)
+    assert ex.status is not None
+    duration = int((time.monotonic() - t0) * 1000)
+    if mode == "exec":
+        ctx.result({"duration_ms": duration, "exit_code": ex.status.code,
+                    "stderr": base64.b64encode(err).decode(),
+                    "stdout": base64.b64encode(out).decode()})
+    else:
+        ctx.result({"duration_ms": duration, "exit_code": ex.status.code})
+
+
+def _file_call(ctx: Ctx, sess: Session, op: Callable[[], Any]) -> Any:
+    try:
+        return op()
+    except FileOpError as e:
+        raise RpcError(proto.FILE_FAILED, str(e)) from None
+    except AgentGone as e:
+        raise RpcError(proto.FILE_FAILED, str(sess.sandbox.agent_failure(e))) from None
+    except MatchlockError as e:
+        raise RpcError(proto.FILE_FAILED, str(e)) from None
+
+
+def _write_file(server: Server, ctx: Ctx) -> None:
+    spec = cfg.parse_write(ctx.params)
+    sess = server.need_session()
+    _file_call(ctx, sess, lambda: sess.sandbox.conn.write_file(spec.path, spec.content,
+                                                               spec.mode))
+    _done(ctx, {})
+
+
+def _read_file(server: Server, ctx: Ctx) -> None:
+    path = cfg.parse_path(ctx.params)
+    sess = server.need_session()
+    try:
+        data = _file_call(ctx, sess,
+                          lambda: sess.sandbox.conn.read_file(path, READ_FILE_LIMIT))
+    except RpcError as e:
+        if "larger than" in e.message:
+            raise RpcError(proto.FILE_FAILED,
+                           f"read_file exceeds {READ_FILE_LIMIT} bytes: {path}") from None
+        raise
+    _done(ctx, {"content": base64.b64encode(data).decode()})
+
+
+def _list_files(server: Server, ctx: Ctx) -> None:
+    path = cfg.parse_path(ctx.params)
+    sess = server.need_session()
+    entries = _file_call(ctx, sess, lambda: sess.sandbox.conn.list_files(path))
+    files = [file_info(e) for e in sorted(entries, key=lambda e: e.name)]
+    _done(ctx, {"files": files})
+
+
+def _done(ctx: Ctx, result: dict[str, Any]) -> None:
+    if ctx.cancelled.is_set():
+        raise RpcError(proto.CANCELLED, proto.CANCELLED_MESSAGE)
+    ctx.result(result)
+
+
+_HANDLERS: dict[str, Callable[[Server, Ctx], None]] = {
+    "exec": lambda s, c: _exec_common(s, c, "exec"),
+    "exec_stream": lambda s, c: _exec_common(s, c, "exec_stream"),
+    "exec_pipe": lambda s, c: _exec_common(s, c, "exec_pipe"),
+    "exec_tty": lambda s, c: _exec_common(s, c, "exec_tty"),
+    "write_file": _write_file,
+    "read_file": _read_file,
+    "list_files": _list_files,
+}
+
+
+# --- events ------------------------------------------------------------------------------------
+
+
+def network_event(ev: Any) -> dict[str, Any]:
+    """An audit event as the reference's `event` notification (type network)."""
+    d = ev.as_dict()
+    scheme = "https" if d["protocol"] in ("https", "h2", "tls") else "http"
+    net: dict[str, Any] = {
+        "method": d["method"],
+        "url": f"{scheme}://{d['host']}{d['path']}" if d["path"] else "",
+        "host": d["host"],
+        "status_code": d["status"],
+        "request_bytes": d["bytes_up"],
+        "response_bytes": d["bytes_down"],
+        "duration_ms": int(d["duration_ms"]),
+        "blocked": d["action"] == "block",
+    }
+    if d["action"] == "block":
+        net["block_reason"] = d["reason"]
+    net["port"] = d["port"]
+    net["protocol"] = d["protocol"]
+    return {"type": "network", "timestamp": int(d["time"]), "network": net}
