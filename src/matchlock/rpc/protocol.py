@@ -239,6 +239,8 @@ class LineSplitter:
             nl = data.find(b"\n", start)
             chunk = data[start:] if nl < 0 else data[start:nl]
             if self._skipping is not None:
+                if len(self._skipping) < PREFIX_KEEP:
+                    self._skipping += chunk[: PREFIX_KEEP - len(self._skipping)]
                 if nl >= 0:
                     out.append(TooLong(self._skipping))
                     self._skipping = None
