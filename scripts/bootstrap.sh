@@ -41,4 +41,10 @@ fi
 # Byte-compile now: where PYTHONDONTWRITEBYTECODE is set, every `matchlock` start would
 # otherwise recompile the package (~25 ms).
 .venv/bin/python -m compileall -q src/matchlock >/dev/null
+# The official Python SDK (same package name as this project) for the rpc compatibility tests
+# (tests/integration/test_rpc_sdk.py): a venv of its own, never importable from .venv.
+if [ ! -x .sdk-venv/bin/python ]; then
+  python3 -m venv .sdk-venv
+fi
+.sdk-venv/bin/pip install -q --disable-pip-version-check 'matchlock==0.2.17'
 .venv/bin/matchlock setup --skip-packages

@@ -148,7 +148,11 @@ def test_nothing_left_when_the_rpc_process_is_killed(ml: Run, state_dir: Path,
     sid = rpc.create()
     rpc.send("exec", {"command": "sleep 60"}, 2)
     assert _ls(ml) == {sid: "running"}
-    os.kill(rpc.proc.pid, signo)
+    if signo == signal.SIGTERM:
+        # `matchlock kill` stops an rpc sandbox by signalling its owner, the rpc process
+        assert ml("kill", sid, check=True).stdout.decode() == f"Killed {sid}\n"
+    else:
+        os.kill(rpc.proc.pid, signo)
     rpc.proc.wait(30)
     # SIGTERM: the process removes its sandbox; SIGKILL: the VMM dies with it and the
     # reaper removes the rest
@@ -156,6 +160,23 @@ def test_nothing_left_when_the_rpc_process_is_killed(ml: Run, state_dir: Path,
     assert _ls(ml) == {}
     if signo == signal.SIGTERM:
         assert rpc.proc.returncode == 0
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.3])
+def test_signal_while_booting_stops_the_boot(ml: Run, state_dir: Path, delay: float) -> None:
+    rpc = Rpc()
+    rpc.send("nope", None, 1)
+    rpc.next()  # the process is up
+    rpc.send("create", {"image": BUILTIN}, 2)
+    time.sleep(delay)
+    rpc.proc.send_signal(signal.SIGTERM)
+    answer = rpc.next()
+    if "error" in answer:  # stopped while booting (else it had finished booting)
+        code, message = error(answer)
+        assert code == -32000 and "SIGTERM" in message, message
+    assert rpc.proc.wait(30) == 0
+    assert wait_no_leftovers(state_dir) == []
+    assert _ls(ml) == {}
 
 
 def test_network_block_becomes_an_event(ml: Run, state_dir: Path) -> None:

@@ -36,6 +36,10 @@ def proc_start_time(pid: int) -> int | None:
         return None
     # The command name may contain spaces and parentheses: split after the last ')'.
     fields = stat[stat.rindex(")") + 2 :].split()
+    if fields[0] in ("Z", "X"):
+        # Exited, not yet reaped by its parent (an SDK holding `matchlock rpc` as a child
+        # reaps it only when it closes): gone for every purpose here.
+        return None
     return int(fields[19])
 
 
