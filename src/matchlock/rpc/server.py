@@ -241,13 +241,14 @@ class Server:
 
     def _watch(self) -> None:
         """A signal while the sandbox boots stops the boot (the read loop is busy in it)."""
-        while True:
-            time.sleep(0.1)
-            if self._signal is not None:
-                sess = self.session
-                if self._booting and sess is not None:
-                    sess.sandbox.abort(f"stopped by {signal.Signals(self._signal).name}")
+        while self._signal is None:
+            time.sleep(0.05)
+        while not self.closed:
+            sess = self.session
+            if self._booting and sess is not None:
+                sess.sandbox.abort(f"stopped by {signal.Signals(self._signal).name}")
                 return
+            time.sleep(0.05)
 
     def _pump_events(self) -> None:
         while True:
