@@ -47,6 +47,9 @@ def _clean_env() -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def sdk_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    given = os.environ.get("MATCHLOCK_OFFICIAL_SDK_PYTHON")  # as tests/sdk take it
+    if given and _sdk_ok(Path(given)):
+        return Path(given)
     for venv in (os.environ.get("MATCHLOCK_SDK_VENV"), REPO / ".sdk-venv"):
         if venv and _sdk_ok(Path(venv) / "bin" / "python"):
             return Path(venv) / "bin" / "python"
@@ -65,7 +68,7 @@ PRELUDE = """
 import base64, hashlib, io, json, os, sys, threading, time
 import matchlock
 from matchlock import Client, Sandbox, RPCError, MatchlockError
-assert matchlock.__file__.startswith(sys.prefix), matchlock.__file__
+assert matchlock.__file__.startswith(os.environ["EXPECT_SDK_UNDER"]), matchlock.__file__
 out = {}
 def done():
     print(json.dumps(out))
@@ -73,11 +76,15 @@ def done():
 
 
 def sdk(python: Path, tmp_path: Path, script: str, timeout: float = 300) -> dict[str, Any]:
-    """Run `script` with the SDK's interpreter; it fills `out`, printed as JSON."""
+    """Run `script` with the SDK's interpreter; it fills `out`, printed as JSON. The
+    official SDK must come from its own venv; this project's SDK (python = this
+    interpreter) from this repository."""
     path = tmp_path / "scenario.py"
     path.write_text(PRELUDE + textwrap.dedent(script) + "\ndone()\n")
     env = _clean_env()
     env["MATCHLOCK_BIN"] = MATCHLOCK
+    ours = python == Path(sys.executable)
+    env["EXPECT_SDK_UNDER"] = str(REPO / "src") if ours else str(python.parents[1])
     r = subprocess.run([str(python), str(path)], capture_output=True, cwd=tmp_path, env=env,
                        timeout=timeout)
     assert r.returncode == 0, r.stderr.decode()
@@ -85,8 +92,12 @@ def sdk(python: Path, tmp_path: Path, script: str, timeout: float = 300) -> dict
     return result
 
 
-def test_sdk_end_to_end(sdk_python: Path, tmp_path: Path, ml: Run, state_dir: Path) -> None:
-    out = sdk(sdk_python, tmp_path, """
+@pytest.mark.parametrize("which", ["official", "ours"])
+def test_sdk_end_to_end(sdk_python: Path, tmp_path: Path, ml: Run, state_dir: Path,
+                        which: str) -> None:
+    """The official SDK, and this project's own (`matchlock.sdk`), against the server."""
+    python = sdk_python if which == "official" else Path(sys.executable)
+    out = sdk(python, tmp_path, """
     c = Client()
     c.start()
     vm = c.launch(Sandbox("matchlock-builtin:busybox").with_env("GREETING", "hi there"))
