@@ -205,3 +205,32 @@ def test_network_block_becomes_an_event(ml: Run, state_dir: Path) -> None:
     assert isinstance(ev["timestamp"], int) and ev["timestamp"] > 1_700_000_000
     rpc.finish()
     assert wait_no_leftovers(state_dir) == []
+
+
+def test_launch_entrypoint_log_stream_and_failure(ml: Run, state_dir: Path) -> None:
+    rpc = Rpc()
+    rpc.create({"launch_entrypoint": True, "image_config": {
+        "entrypoint": ["sh", "-c"], "cmd": ["echo started; sleep 1; echo later; sleep 100"]}})
+    answer = rpc.call("log", rid=2)
+    assert base64.b64decode(answer["result"]["content"]) == b"started\n"
+    rpc.send("log_stream", None, 3)
+    got = b""
+    while got != b"started\nlater\n":
+        msg = rpc.next(10)
+        assert msg["method"] == "log_stream.data" and msg["params"]["id"] == 3
+        got += base64.b64decode(msg["params"]["data"])
+    rpc.send("cancel", {"id": 3}, 4)
+    answer, before = rpc.until(3)
+    assert error(answer) == (-32003, "context canceled")
+    assert before == [{"jsonrpc": "2.0", "result": {"cancelled": True}, "id": 4}]
+    rpc.send("log_stream", None)  # needs an id
+    assert error(rpc.next())[0] == -32600
+    assert rpc.finish() == 0  # the entrypoint still runs: stopped with the sandbox
+
+    # an entrypoint that fails at once fails the create, and nothing is kept
+    rpc = Rpc()
+    answer = rpc.call("create", {"image": BUILTIN, "launch_entrypoint": True,
+                                 "image_config": {"cmd": ["sh", "-c", "exit 7"]}})
+    assert error(answer) == (-32000, "start image entrypoint: exit code 7")
+    assert rpc.finish() == 0
+    assert wait_no_leftovers(state_dir) == []

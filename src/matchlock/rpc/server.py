@@ -29,6 +29,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -45,10 +46,12 @@ MAX_BUFFERED_OUTPUT = 64 << 20  # `exec` answers with all output at once: bounde
 STDIN_QUEUE_LIMIT = 16 << 20  # queued stdin per exec before the read loop waits
 SHUTDOWN_WAIT_S = 10.0
 EVENT_QUEUE = 100
+MAX_LOG = 16 << 20  # `log` answers with the last 16 MiB
+LOG_POLL_S = 0.1
 
 _STDIN = {"exec_pipe.stdin": False, "exec_tty.stdin": True}
 _STDIN_EOF = {"exec_pipe.stdin_eof": False, "exec_tty.stdin_eof": True}
-_NEED_ID = ("exec_pipe", "exec_tty")
+_NEED_ID = ("exec_pipe", "exec_tty", "log_stream")
 _EOF = object()
 
 
@@ -581,7 +584,51 @@ def _done(ctx: Ctx, result: dict[str, Any]) -> None:
     ctx.result(result)
 
 
+def _log_paths(server: Server) -> list[Path]:
+    """The VM's console, then its entrypoint's output (the reference's vm.log holds both);
+    still there after `close`."""
+    sess = server.session
+    if sess is None or sess.sandbox.dir is None:
+        raise RpcError(proto.VM_FAILED, "VM not created")
+    from matchlock.rpc.session import ENTRYPOINT_LOG
+
+    return [sess.sandbox.dir / "console.log", sess.sandbox.dir / ENTRYPOINT_LOG]
+
+
+def _log(server: Server, ctx: Ctx) -> None:
+    data = bytearray()
+    for path in _log_paths(server):
+        with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - MAX_LOG))
+            data += f.read(MAX_LOG)
+    _done(ctx, {"content": base64.b64encode(bytes(data[-MAX_LOG:])).decode()})
+
+
+def _log_stream(server: Server, ctx: Ctx) -> None:
+    """What the logs hold, then what is appended, every 100 ms, until cancelled."""
+    offsets = dict.fromkeys(_log_paths(server), 0)
+    while True:
+        for path, offset in offsets.items():
+            try:
+                with open(path, "rb") as f:
+                    f.seek(offset)
+                    chunk = f.read(64 << 10)
+            except FileNotFoundError:
+                continue
+            if chunk:
+                offsets[path] = offset + len(chunk)
+                server.notify("log_stream.data",
+                              {"id": ctx.id, "data": base64.b64encode(chunk).decode()})
+        if ctx.cancelled.wait(LOG_POLL_S) or server.broken:
+            break
+    raise RpcError(proto.CANCELLED, proto.CANCELLED_MESSAGE)
+
+
 _HANDLERS: dict[str, Callable[[Server, Ctx], None]] = {
+    "log": _log,
+    "log_stream": _log_stream,
     "exec": lambda s, c: _exec_common(s, c, "exec"),
     "exec_stream": lambda s, c: _exec_common(s, c, "exec_stream"),
     "exec_pipe": lambda s, c: _exec_common(s, c, "exec_pipe"),
