@@ -234,3 +234,42 @@ def test_launch_entrypoint_log_stream_and_failure(ml: Run, state_dir: Path) -> N
     assert error(answer) == (-32000, "start image entrypoint: exit code 7")
     assert rpc.finish() == 0
     assert wait_no_leftovers(state_dir) == []
+
+
+def test_many_concurrent_requests(ml: Run, state_dir: Path) -> None:
+    rpc = Rpc()
+    rpc.create()
+    n = 12
+    for i in range(n):
+        rpc.send("exec_stream", {"command": f"seq 1 2000 | sed 's/^/{i}:/'"}, 100 + i)
+        rpc.send("exec_pipe", {"command": "cat"}, 200 + i)
+        rpc.send("write_file", {"path": f"/tmp/f{i}", "content": base64.b64encode(
+            bytes([i]) * 70000).decode()}, 300 + i)
+    streams: dict[int, bytes] = {}
+    piped: dict[int, bytes] = {}
+    answers: dict[int, dict[str, object]] = {}
+    while len(answers) < 3 * n:
+        msg = rpc.next(60)
+        if msg.get("method") == "exec_pipe.ready":
+            rid = msg["params"]["id"]
+            rpc.send("exec_pipe.stdin", {"id": rid, "data": base64.b64encode(
+                f"pipe {rid}\n".encode()).decode()}, 1000 + rid)
+            rpc.send("exec_pipe.stdin_eof", {"id": rid}, 2000 + rid)
+        elif msg.get("method") == "exec_stream.stdout":
+            rid = msg["params"]["id"]
+            streams[rid] = streams.get(rid, b"") + base64.b64decode(msg["params"]["data"])
+        elif msg.get("method") == "exec_pipe.stdout":
+            rid = msg["params"]["id"]
+            piped[rid] = piped.get(rid, b"") + base64.b64decode(msg["params"]["data"])
+        else:
+            assert "result" in msg, msg
+            answers[msg["id"]] = msg["result"]
+    for i in range(n):
+        assert streams[100 + i] == b"".join(f"{i}:{k}\n".encode() for k in range(1, 2001))
+        assert piped[200 + i] == f"pipe {200 + i}\n".encode()
+        assert answers[100 + i]["exit_code"] == 0 and answers[300 + i] == {}
+    for i in range(n):  # nothing was ever answered for the stdin notifications
+        answer = rpc.call("read_file", {"path": f"/tmp/f{i}"}, rid=400 + i)
+        assert base64.b64decode(answer["result"]["content"]) == bytes([i]) * 70000
+    assert rpc.finish() == 0
+    assert wait_no_leftovers(state_dir) == []

@@ -195,6 +195,23 @@ def test_sdk_secrets_stay_placeholders(sdk_python: Path, tmp_path: Path, ml: Run
         out["env"] = c.exec("env").stdout
         out["vals"] = c.exec("echo $API_KEY; echo $OTHER").stdout
         out["hosts"] = c.exec("cat /proc/cmdline; cat /etc/hosts").stdout
+        # nothing of the host's state holds a value (the disk images are the guest's)
+        found = []
+        for root, _, names in os.walk(os.environ["MATCHLOCK_STATE_DIR"]):
+            for name in names:
+                path = os.path.join(root, name)
+                if name.endswith(".ext4") or not os.path.isfile(path):
+                    continue
+                with open(path, "rb") as f:
+                    data = f.read(64 << 20)
+                if b"sk-real-value" in data or b"other-real-value" in data:
+                    found.append(path)
+        entry = json.loads(os.popen(os.environ["MATCHLOCK_BIN"] + " ls --json").read())[0]
+        for what in ("environ", "cmdline"):
+            with open(f"/proc/{entry['pid']}/{what}", "rb") as f:
+                if b"real-value" in f.read():
+                    found.append(what)
+        out["found"] = found
     c.remove()
     """)
     key, other = out["vals"].splitlines()
@@ -202,6 +219,7 @@ def test_sdk_secrets_stay_placeholders(sdk_python: Path, tmp_path: Path, ml: Run
     assert other == "PLACEHOLDER_OTHER_0123"
     for value in ("sk-real-value-0123456789", "other-real-value-987"):
         assert value not in out["env"] and value not in out["hosts"]
+    assert out["found"] == []
     assert wait_no_leftovers(state_dir) == []
 
 
