@@ -95,6 +95,24 @@ def test_session_concurrency_cancel_close(ml: Run, state_dir: Path) -> None:
     # (the answer comes after the guest reported the exec's end: every process of an exec
     # dies with it)
 
+    # a PTY: its size, a resize, stdin; stdin_eof stops forwarding but keeps the terminal
+    rpc.send("exec_tty", {"command": "stty size; read x; stty size; echo got:$x",
+                          "rows": 30, "cols": 100}, 20)
+    assert rpc.next() == {"jsonrpc": "2.0", "method": "exec_tty.ready", "params": {"id": 20}}
+    screen = b""
+    while b"30 100\r\n" not in screen:
+        msg = rpc.next()
+        assert msg["method"] == "exec_tty.stdout"
+        screen += base64.b64decode(msg["params"]["data"])
+    rpc.send("exec_tty.resize", {"id": 20, "rows": 40, "cols": 120}, 21)
+    rpc.send("exec_tty.stdin", {"id": 20, "data": base64.b64encode(b"hey\n").decode()}, 22)
+    rpc.send("exec_tty.stdin_eof", {"id": 20}, 23)
+    answer, before = rpc.until(20)
+    screen += b"".join(base64.b64decode(m["params"]["data"]) for m in before)
+    assert answer["result"]["exit_code"] == 0
+    assert b"40 120\r\ngot:hey\r\n" in screen, screen
+    assert all(m["method"] == "exec_tty.stdout" for m in before)  # no answer to 21-23
+
     # files errors carry -32002
     code, msg = error(rpc.call("read_file", {"path": "/nonexistent"}, rid=9))
     assert code == -32002 and "nonexistent" in msg

@@ -161,7 +161,9 @@ class Server:
         self._feeds: dict[int, StdinFeed] = {}
         self._signal: int | None = None
         self._events: queue.Queue[dict[str, Any]] = queue.Queue(EVENT_QUEUE)
-        self._lines: queue.Queue[object] = queue.Queue(64)
+        # Lines of up to 10 MiB wait here while the loop is busy (a boot): few of them.
+        self._lines: queue.Queue[object] = queue.Queue(8)
+        self._signalled = threading.Event()
         self._reaper: subprocess.Popen[bytes] | None = None
         self._reaper_fd: int | None = None
 
@@ -241,11 +243,13 @@ class Server:
         # watcher act on it.
         if self._signal is None:
             self._signal = signo
+            # Safe here: only the watcher ever waits on this event.
+            self._signalled.set()
 
     def _watch(self) -> None:
         """A signal while the sandbox boots stops the boot (the read loop is busy in it)."""
-        while self._signal is None:
-            time.sleep(0.05)
+        self._signalled.wait()
+        assert self._signal is not None
         while not self.closed:
             sess = self.session
             if self._booting and sess is not None:
