@@ -261,16 +261,19 @@ def test_sdk_memory_and_host_mounts(sdk_python: Path, tmp_path: Path, ml: Run,
     out = sdk(sdk_python, tmp_path, f"""
     sb = (Sandbox("matchlock-builtin:busybox").with_workspace("/workspace")
           .mount_host_dir("/workspace/src", {str(shared)!r})
-          .mount_memory("/workspace/scratch"))
+          .mount_memory("/workspace/scratch").with_user("1000:1000"))
     with Client() as c:
         c.launch(sb)
         out["read"] = c.read_file("/workspace/src/in.txt").decode()
         c.write_file("/workspace/src/out.txt", b"from guest\\n")
-        c.write_file("/workspace/scratch/tmp.txt", b"scratch\\n")
+        r = c.exec("id -u; echo mine > /workspace/scratch/by-user.txt; "
+                   "cat /workspace/scratch/by-user.txt")
+        out["user"] = [r.exit_code, r.stdout, r.stderr]
         out["ls"] = sorted(f.name for f in c.list_files("/workspace"))
     c.remove()
     """)
     assert out["read"] == "from host\n"
     assert (shared / "out.txt").read_text() == "from guest\n"
     assert out["ls"] == ["scratch", "src"]
+    assert out["user"] == [0, "1000\nmine\n", ""]  # the memory mount belongs to the user
     assert wait_no_leftovers(state_dir) == []

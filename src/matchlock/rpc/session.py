@@ -179,14 +179,19 @@ class Session:
     def finish_start(self) -> None:
         """Memory mounts, then the image's entrypoint when `launch` asked for it."""
         for path in self.memory_mounts:
-            code = self._run(["mkdir", "-p", path])
+            # Made by root, given to the image's user: that is who runs the commands.
+            argv = ["mkdir", "-p", "--", path]
+            if self.image.user:
+                argv = ["sh", "-c", 'mkdir -p -- "$1" && chown -- "$2" "$1"', "sh", path,
+                        self.image.user]
+            code = self._run(argv)
             if code != 0:
                 raise MatchlockError(f"cannot create the memory mount {path} (exit {code})")
         if self.spec.launch_entrypoint:
             self._start_entrypoint()
 
     def _run(self, argv: list[str]) -> int:
-        ex = self.exec(self.exec_request(ExecSpec(command=""), argv=argv))
+        ex = self.exec(self.exec_request(ExecSpec(command="", user="0"), argv=argv))
         for _ in ex.events():
             pass
         assert ex.status is not None
