@@ -113,6 +113,11 @@ def test_session_concurrency_cancel_close(ml: Run, state_dir: Path) -> None:
     assert b"40 120\r\ngot:hey\r\n" in screen, screen
     assert all(m["method"] == "exec_tty.stdout" for m in before)  # no answer to 21-23
 
+    # Ctrl-C in the client's terminal reaches the rpc process too: the client decides
+    rpc.send("exec", {"command": "sleep 0.5; echo still"}, 24)
+    rpc.proc.send_signal(signal.SIGINT)
+    assert base64.b64decode(rpc.until(24)[0]["result"]["stdout"]) == b"still\n"
+
     # files errors carry -32002
     code, msg = error(rpc.call("read_file", {"path": "/nonexistent"}, rid=9))
     assert code == -32002 and "nonexistent" in msg

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -276,4 +278,42 @@ def test_sdk_memory_and_host_mounts(sdk_python: Path, tmp_path: Path, ml: Run,
     assert (shared / "out.txt").read_text() == "from guest\n"
     assert out["ls"] == ["scratch", "src"]
     assert out["user"] == [0, "1000\nmine\n", ""]  # the memory mount belongs to the user
+    assert wait_no_leftovers(state_dir) == []
+
+
+def test_sdk_ctrl_c_then_close_and_remove(sdk_python: Path, tmp_path: Path, ml: Run,
+                                          state_dir: Path) -> None:
+    """Ctrl-C in the SDK's terminal (SIGINT to its whole process group, `matchlock rpc`
+    included) interrupts the script; its cleanup still works."""
+    path = tmp_path / "scenario.py"
+    path.write_text(PRELUDE + textwrap.dedent("""
+    c = Client()
+    c.start()
+    c.launch(Sandbox("matchlock-builtin:busybox"))
+    print("ready", flush=True)
+    try:
+        c.exec("sleep 30")
+    except KeyboardInterrupt:
+        out["interrupted"] = True
+        time.sleep(1)  # the script's own handling takes a while
+    out["still_works"] = c.exec("echo yes").stdout
+    c.close(timeout=5)
+    c.remove()
+    out["ls"] = os.popen(os.environ["MATCHLOCK_BIN"] + " ls --json").read()
+    done()
+    """))
+    env = _clean_env()
+    env.update(MATCHLOCK_BIN=MATCHLOCK, EXPECT_SDK_UNDER=str(sdk_python.parents[1]))
+    proc = subprocess.Popen([str(sdk_python), str(path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=tmp_path, env=env,
+                            start_new_session=True)
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"ready\n"
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr.decode()
+    out = json.loads(stdout.decode().splitlines()[-1])
+    assert out["interrupted"] is True and json.loads(out["ls"]) == []
+    assert out["still_works"] == "yes\n"
     assert wait_no_leftovers(state_dir) == []

@@ -187,8 +187,12 @@ class Server:
     # --- the loop -------------------------------------------------------------------------
 
     def serve(self) -> int:
-        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for s in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(s, self._on_signal)
+        # A Ctrl-C in the SDK's terminal reaches this process too (same process group): the
+        # SDK decides (its `close`, or the end of its stdin, ends the session). A handler
+        # rather than SIG_IGN, which children (the VMM) would inherit.
+        signal.signal(signal.SIGINT, _ignore)
         threading.Thread(target=self._read, name="rpc-read", daemon=True).start()
         threading.Thread(target=self._watch, name="rpc-watch", daemon=True).start()
         threading.Thread(target=self._pump_events, name="rpc-events", daemon=True).start()
@@ -464,6 +468,10 @@ class Server:
         finally:
             os.close(r)
         self._reaper_fd = w
+
+
+def _ignore(signo: int, frame: FrameType | None) -> None:
+    pass
 
 
 # --- handlers (each on a thread of its own) ----------------------------------------------------
