@@ -11,8 +11,8 @@ from matchlock.guest.protocol import DirEntry
 from matchlock.image.config import ImageConfig
 from matchlock.net.audit import AuditEvent
 from matchlock.rpc import config as c
+from matchlock.rpc.methods import network_event
 from matchlock.rpc.protocol import INVALID_PARAMS, RpcError
-from matchlock.rpc.server import network_event
 from matchlock.rpc.session import file_info, go_file_mode, merge_image_config
 
 

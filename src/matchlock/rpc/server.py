@@ -17,7 +17,6 @@ and a reaper process removes the rest (rpc/reaper.py).
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import os
 import queue
@@ -27,124 +26,26 @@ import sys
 import threading
 import time
 import traceback
-from collections import deque
-from collections.abc import Callable
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from matchlock.errors import MatchlockError
-from matchlock.guest.client import AgentGone, Exec, FileOpError, Output
+from matchlock.guest.client import AgentGone
 from matchlock.rpc import config as cfg
 from matchlock.rpc import protocol as proto
+from matchlock.rpc.context import Ctx, StdinFeed
+from matchlock.rpc.methods import HANDLERS, network_event
 from matchlock.rpc.protocol import RpcError
-from matchlock.rpc.session import Session, file_info
+from matchlock.rpc.session import Session
 
 READ_CHUNK = 1 << 20
-READ_FILE_LIMIT = 16 << 20
-MAX_BUFFERED_OUTPUT = 64 << 20  # `exec` answers with all output at once: bounded
-STDIN_QUEUE_LIMIT = 16 << 20  # queued stdin per exec before the read loop waits
 SHUTDOWN_WAIT_S = 10.0
 EVENT_QUEUE = 100
-MAX_LOG = 16 << 20  # `log` answers with the last 16 MiB
-LOG_POLL_S = 0.1
 
 _STDIN = {"exec_pipe.stdin": False, "exec_tty.stdin": True}
 _STDIN_EOF = {"exec_pipe.stdin_eof": False, "exec_tty.stdin_eof": True}
 _NEED_ID = ("exec_pipe", "exec_tty", "log_stream")
 _EOF = object()
-
-
-class Ctx:
-    """One request in flight: its id, whether it was cancelled, what cancelling does."""
-
-    def __init__(self, server: Server, req: proto.Request) -> None:
-        self.server = server
-        self.id = req.id
-        self.method = req.method
-        self.params = req.params
-        self.cancelled = threading.Event()
-        self._on_cancel: list[Callable[[], None]] = []
-        self._lock = threading.Lock()
-        self._answered = False
-
-    def on_cancel(self, cb: Callable[[], None]) -> None:
-        with self._lock:
-            if not self.cancelled.is_set():
-                self._on_cancel.append(cb)
-                return
-        cb()
-
-    def cancel(self) -> None:
-        with self._lock:
-            self.cancelled.set()
-            cbs, self._on_cancel = self._on_cancel, []
-        for cb in cbs:
-            with contextlib.suppress(Exception):
-                cb()
-
-    def answer(self, data: bytes) -> None:
-        with self._lock:
-            if self._answered:
-                return
-            self._answered = True
-        self.server.write(data)
-
-    def result(self, result: Any) -> None:
-        self.answer(proto.encode_result(self.id, result))
-
-    def error(self, code: int, message: str) -> None:
-        self.answer(proto.encode_error(self.id, code, message))
-
-
-class StdinFeed:
-    """Stdin for one exec_pipe/exec_tty: queued by the read loop, written by a thread (the
-    guest acknowledges stdin in a window; waiting for it must not stop the read loop)."""
-
-    def __init__(self, ex: Exec, tty: bool) -> None:
-        self.ex = ex
-        self.tty = tty
-        self._items: deque[bytes | None] = deque()
-        self._pending = 0
-        self._cond = threading.Condition()
-        self._ended = False
-
-    def put(self, data: bytes | None) -> None:
-        with self._cond:
-            while self._pending > STDIN_QUEUE_LIMIT and not self._ended:
-                self._cond.wait(0.5)
-            if self._ended:
-                return
-            self._items.append(data)
-            self._pending += len(data or b"")
-            self._cond.notify_all()
-
-    def end(self) -> None:
-        with self._cond:
-            self._ended = True
-            self._items.clear()
-            self._cond.notify_all()
-
-    def run(self) -> None:
-        try:
-            while True:
-                with self._cond:
-                    while not self._items and not self._ended:
-                        self._cond.wait()
-                    if self._ended:
-                        return
-                    item = self._items.popleft()
-                    self._pending -= len(item or b"")
-                    self._cond.notify_all()
-                if item is None:
-                    # For a PTY the reference only stops forwarding: the terminal stays open.
-                    if not self.tty:
-                        self.ex.close_stdin()
-                    return
-                self.ex.write_stdin(item)
-        except (AgentGone, OSError):
-            pass
-
 
 class Server:
     def __init__(self, rfd: int, wfd: int) -> None:
@@ -158,7 +59,7 @@ class Server:
         self._inflight: dict[int, Ctx] = {}
         self._active = 0
         self._cond = threading.Condition()
-        self._feeds: dict[int, StdinFeed] = {}
+        self.feeds: dict[int, StdinFeed] = {}
         self._signal: int | None = None
         self._events: queue.Queue[dict[str, Any]] = queue.Queue(EVENT_QUEUE)
         # Lines of up to 10 MiB wait here while the loop is busy (a boot): few of them.
@@ -279,7 +180,7 @@ class Server:
         if m == "cancel":
             self._cancel(req)
         elif m in ("create", "close"):
-            ctx = Ctx(self, req)
+            ctx = Ctx(self.write, req)
             try:
                 if m == "create":
                     self._create(ctx)
@@ -291,12 +192,12 @@ class Server:
             self._stdin(req)
         elif m == "exec_tty.resize":
             self._resize(req)
-        elif m in _HANDLERS:
+        elif m in HANDLERS:
             if m in _NEED_ID and req.id is None:
                 self.write(proto.encode_error(None, proto.INVALID_REQUEST,
                                               f"{m} requires a request id"))
                 return
-            ctx = Ctx(self, req)
+            ctx = Ctx(self.write, req)
             with self._cond:
                 if req.id is not None and req.id in self._inflight:
                     ctx.error(proto.INVALID_REQUEST, f"request id {req.id} is already in flight")
@@ -311,7 +212,7 @@ class Server:
 
     def _run(self, ctx: Ctx) -> None:
         try:
-            _HANDLERS[ctx.method](self, ctx)
+            HANDLERS[ctx.method](self, ctx)
         except RpcError as e:
             ctx.error(proto.CANCELLED if ctx.cancelled.is_set() else e.code,
                       proto.CANCELLED_MESSAGE if ctx.cancelled.is_set() else e.message)
@@ -360,7 +261,7 @@ class Server:
             data = None if req.method in _STDIN_EOF else cfg.parse_data(req.params)
         except RpcError:
             return
-        feed = self._feeds.get(target)
+        feed = self.feeds.get(target)
         tty = _STDIN.get(req.method, _STDIN_EOF.get(req.method))
         if feed is None or feed.tty != tty:
             return
@@ -373,7 +274,7 @@ class Server:
             rows, cols = cfg.parse_resize(req.params)
         except RpcError:
             return
-        feed = self._feeds.get(target)
+        feed = self.feeds.get(target)
         if feed is not None and feed.tty:
             with contextlib.suppress(AgentGone):
                 feed.ex.resize(rows, cols)
@@ -472,204 +373,3 @@ class Server:
 
 def _ignore(signo: int, frame: FrameType | None) -> None:
     pass
-
-
-# --- handlers (each on a thread of its own) ----------------------------------------------------
-
-
-def _exec_error(ctx: Ctx, sess: Session, e: BaseException) -> RpcError:
-    if ctx.cancelled.is_set():
-        return RpcError(proto.CANCELLED, proto.CANCELLED_MESSAGE)
-    if isinstance(e, AgentGone):
-        return RpcError(proto.EXEC_FAILED, str(sess.sandbox.agent_failure(e)))
-    return RpcError(proto.EXEC_FAILED, str(e))
-
-
-def _kill(ex: Exec) -> Callable[[], None]:
-    def kill() -> None:
-        with contextlib.suppress(AgentGone):
-            if ex.status is None:
-                ex.kill()
-    return kill
-
-
-def _exec_common(server: Server, ctx: Ctx, mode: str) -> None:
-    """exec (buffered), exec_stream, exec_pipe and exec_tty."""
-    tty = mode == "exec_tty"
-    spec = cfg.parse_exec(ctx.params, tty=tty)
-    sess = server.need_session()
-    interactive = mode in ("exec_pipe", "exec_tty")
-    req = sess.exec_request(spec, stdin=interactive, tty=tty)
-    t0 = time.monotonic()
-    feed: StdinFeed | None = None
-    try:
-        ex = sess.exec(req)
-    except (AgentGone, MatchlockError) as e:
-        raise _exec_error(ctx, sess, e) from None
-    ctx.on_cancel(_kill(ex))
-    if interactive:
-        assert ctx.id is not None
-        feed = StdinFeed(ex, tty)
-        server._feeds[ctx.id] = feed
-        threading.Thread(target=feed.run, name="rpc-stdin", daemon=True).start()
-        server.notify(f"{mode}.ready", {"id": ctx.id})
-    out, err = bytearray(), bytearray()
-    try:
-        for ev in ex.events():
-            if not isinstance(ev, Output):
-                continue
-            if mode == "exec":
-                buf = out if ev.stream == "stdout" else err
-                buf += ev.data
-                if len(out) + len(err) > MAX_BUFFERED_OUTPUT:
-                    _kill(ex)()
-                    raise RpcError(proto.EXEC_FAILED, f"output exceeds {MAX_BUFFERED_OUTPUT} "
-                                   "bytes; use exec_stream")
-                continue
-            stream = "stdout" if tty else ev.stream
-            server.notify(f"{mode}.{stream}",
-                          {"id": ctx.id, "data": base64.b64encode(ev.data).decode()})
-    except (AgentGone, MatchlockError) as e:
-        raise _exec_error(ctx, sess, e) from None
-    finally:
-        if feed is not None:
-            feed.end()
-            assert ctx.id is not None
-            if server._feeds.get(ctx.id) is feed:
-                del server._feeds[ctx.id]
-    if ctx.cancelled.is_set():
-        raise RpcError(proto.CANCELLED, proto.CANCELLED_MESSAGE)
-    assert ex.status is not None
-    duration = int((time.monotonic() - t0) * 1000)
-    if mode == "exec":
-        ctx.result({"duration_ms": duration, "exit_code": ex.status.code,
-                    "stderr": base64.b64encode(err).decode(),
-                    "stdout": base64.b64encode(out).decode()})
-    else:
-        ctx.result({"duration_ms": duration, "exit_code": ex.status.code})
-
-
-def _file_call(ctx: Ctx, sess: Session, op: Callable[[], Any]) -> Any:
-    try:
-        return op()
-    except FileOpError as e:
-        raise RpcError(proto.FILE_FAILED, str(e)) from None
-    except AgentGone as e:
-        raise RpcError(proto.FILE_FAILED, str(sess.sandbox.agent_failure(e))) from None
-    except MatchlockError as e:
-        raise RpcError(proto.FILE_FAILED, str(e)) from None
-
-
-def _write_file(server: Server, ctx: Ctx) -> None:
-    spec = cfg.parse_write(ctx.params)
-    sess = server.need_session()
-    _file_call(ctx, sess, lambda: sess.sandbox.conn.write_file(spec.path, spec.content,
-                                                               spec.mode))
-    _done(ctx, {})
-
-
-def _read_file(server: Server, ctx: Ctx) -> None:
-    path = cfg.parse_path(ctx.params)
-    sess = server.need_session()
-    try:
-        data = _file_call(ctx, sess,
-                          lambda: sess.sandbox.conn.read_file(path, READ_FILE_LIMIT))
-    except RpcError as e:
-        if "larger than" in e.message:
-            raise RpcError(proto.FILE_FAILED,
-                           f"read_file exceeds {READ_FILE_LIMIT} bytes: {path}") from None
-        raise
-    _done(ctx, {"content": base64.b64encode(data).decode()})
-
-
-def _list_files(server: Server, ctx: Ctx) -> None:
-    path = cfg.parse_path(ctx.params)
-    sess = server.need_session()
-    entries = _file_call(ctx, sess, lambda: sess.sandbox.conn.list_files(path))
-    files = [file_info(e) for e in sorted(entries, key=lambda e: e.name)]
-    _done(ctx, {"files": files})
-
-
-def _done(ctx: Ctx, result: dict[str, Any]) -> None:
-    if ctx.cancelled.is_set():
-        raise RpcError(proto.CANCELLED, proto.CANCELLED_MESSAGE)
-    ctx.result(result)
-
-
-def _log_paths(server: Server) -> list[Path]:
-    """The VM's console, then its entrypoint's output (the reference's vm.log holds both);
-    still there after `close`."""
-    sess = server.session
-    if sess is None or sess.sandbox.dir is None:
-        raise RpcError(proto.VM_FAILED, "VM not created")
-    from matchlock.rpc.session import ENTRYPOINT_LOG
-
-    return [sess.sandbox.dir / "console.log", sess.sandbox.dir / ENTRYPOINT_LOG]
-
-
-def _log(server: Server, ctx: Ctx) -> None:
-    data = bytearray()
-    for path in _log_paths(server):
-        with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - MAX_LOG))
-            data += f.read(MAX_LOG)
-    _done(ctx, {"content": base64.b64encode(bytes(data[-MAX_LOG:])).decode()})
-
-
-def _log_stream(server: Server, ctx: Ctx) -> None:
-    """What the logs hold, then what is appended, every 100 ms, until cancelled."""
-    offsets = dict.fromkeys(_log_paths(server), 0)
-    while True:
-        for path, offset in offsets.items():
-            try:
-                with open(path, "rb") as f:
-                    f.seek(offset)
-                    chunk = f.read(64 << 10)
-            except FileNotFoundError:
-                continue
-            if chunk:
-                offsets[path] = offset + len(chunk)
-                server.notify("log_stream.data",
-                              {"id": ctx.id, "data": base64.b64encode(chunk).decode()})
-        if ctx.cancelled.wait(LOG_POLL_S) or server.broken:
-            break
-    raise RpcError(proto.CANCELLED, proto.CANCELLED_MESSAGE)
-
-
-_HANDLERS: dict[str, Callable[[Server, Ctx], None]] = {
-    "log": _log,
-    "log_stream": _log_stream,
-    "exec": lambda s, c: _exec_common(s, c, "exec"),
-    "exec_stream": lambda s, c: _exec_common(s, c, "exec_stream"),
-    "exec_pipe": lambda s, c: _exec_common(s, c, "exec_pipe"),
-    "exec_tty": lambda s, c: _exec_common(s, c, "exec_tty"),
-    "write_file": _write_file,
-    "read_file": _read_file,
-    "list_files": _list_files,
-}
-
-
-# --- events ------------------------------------------------------------------------------------
-
-
-def network_event(ev: Any) -> dict[str, Any]:
-    """An audit event as the reference's `event` notification (type network)."""
-    d = ev.as_dict()
-    scheme = "https" if d["protocol"] in ("https", "h2", "tls") else "http"
-    net: dict[str, Any] = {
-        "method": d["method"],
-        "url": f"{scheme}://{d['host']}{d['path']}" if d["path"] else "",
-        "host": d["host"],
-        "status_code": d["status"],
-        "request_bytes": d["bytes_up"],
-        "response_bytes": d["bytes_down"],
-        "duration_ms": int(d["duration_ms"]),
-        "blocked": d["action"] == "block",
-    }
-    if d["action"] == "block":
-        net["block_reason"] = d["reason"]
-    net["port"] = d["port"]
-    net["protocol"] = d["protocol"]
-    return {"type": "network", "timestamp": int(d["time"]), "network": net}
