@@ -164,6 +164,15 @@ def test_stdin_eof_without_close_cancels_and_removes(ml: Run, state_dir: Path) -
     assert _ls(ml) == {}
 
 
+def test_rm_force_of_a_running_rpc_sandbox(ml: Run, state_dir: Path) -> None:
+    rpc = Rpc()
+    sid = rpc.create()
+    r = ml("rm", "-f", sid)
+    assert (r.returncode, r.stdout.decode(), r.stderr) == (0, f"Removed {sid}\n", b"")
+    assert rpc.proc.wait(30) == 0
+    assert wait_no_leftovers(state_dir) == []
+
+
 @pytest.mark.parametrize("signo", [signal.SIGKILL, signal.SIGTERM])
 def test_nothing_left_when_the_rpc_process_is_killed(ml: Run, state_dir: Path,
                                                      signo: int) -> None:

@@ -94,7 +94,12 @@ def rm(force: bool, sandbox_ids: tuple[str, ...], stopped: bool = False) -> None
                 raise MatchlockError(f"sandbox {sid} is running",
                                      hint=f"`matchlock kill {sid}` first, or rm -f")
             _stop(sid)
-            entry = registry.lookup(sid)
+            try:
+                entry = registry.lookup(sid)
+            except MatchlockError:
+                # Its owner removed it on the way out (an rpc process does).
+                click.echo(f"Removed {sid}")
+                continue
         registry.collect(entry.path, entry.owner)
         if confine.enabled():
             confine.remove_stale_ids()
