@@ -305,3 +305,30 @@ def test_many_concurrent_requests(ml: Run, state_dir: Path) -> None:
         assert base64.b64decode(answer["result"]["content"]) == bytes([i]) * 70000
     assert rpc.finish() == 0
     assert wait_no_leftovers(state_dir) == []
+
+
+def test_extra_disks_keep_data_across_sessions(ml: Run, state_dir: Path) -> None:
+    info = json.loads(ml("volume", "create", "rpcdata", "--size", "16", "--json",
+                         check=True).stdout)
+    try:
+        rpc = Rpc()
+        rpc.create({"extra_disks": [{"host_path": info["path"], "guest_mount": "/data"}]})
+        answer = rpc.call("exec", {"command": "echo kept > /data/f; sync"}, rid=2)
+        assert answer["result"]["exit_code"] == 0, answer
+        assert rpc.finish() == 0
+        rpc = Rpc()
+        rpc.create({"extra_disks": [{"host_path": "@rpcdata", "guest_mount": "/data",
+                                     "readonly": True}]})
+        answer = rpc.call("read_file", {"path": "/data/f"}, rid=2)
+        assert base64.b64decode(answer["result"]["content"]) == b"kept\n"
+        answer = rpc.call("exec", {"command": "touch /data/g"}, rid=3)
+        assert answer["result"]["exit_code"] != 0  # read-only
+        assert rpc.finish() == 0
+        rpc = Rpc()
+        code, message = error(rpc.call("create", {"image": BUILTIN, "extra_disks": [
+            {"host_path": "@nosuchvolume", "guest_mount": "/data"}]}))
+        assert code == -32602 and "named volume not found: nosuchvolume" in message
+        assert rpc.finish() == 0
+    finally:
+        ml("volume", "rm", "rpcdata")
+    assert wait_no_leftovers(state_dir) == []

@@ -104,7 +104,6 @@ def test_create_errors(params: Any, message: str) -> None:
     ({"network": {"interception": {"callback_socket": "/tmp/h.sock"}}},
      "network.interception.callback_socket"),
     ({"kernel": {"ref": "file:///k"}}, "kernel.ref"),
-    ({"extra_disks": [{"host_path": "/d.ext4", "guest_mount": "/mnt"}]}, "extra_disks"),
     ({"network": {"mtu": 9000}}, "network.mtu"),
     ({"network": {"policy_script": "x"}}, "network.policy_script"),
     ({"vfs": {"workspace": "/w", "mounts": {"/w": {"type": "host_fs", "host_path": "/h",
@@ -114,6 +113,18 @@ def test_create_errors(params: Any, message: str) -> None:
 def test_unsupported_fields_are_named(params: dict[str, Any], field: str) -> None:
     message = _err({"image": "a", **params})
     assert message.startswith(f"{field} is not supported")
+
+
+def test_extra_disks() -> None:
+    spec = c.parse_create({"image": "a", "extra_disks": [
+        {"host_path": "/v/data.ext4", "guest_mount": "/data"},
+        {"host_path": "@cache", "guest_mount": "/cache", "readonly": True}]})
+    assert spec.extra_disks == (c.DiskConfig("/v/data.ext4", "/data"),
+                                c.DiskConfig("@cache", "/cache", True))
+    assert _err({"image": "a", "extra_disks": [{"host_path": "/x"}]}) == (
+        "invalid configuration: extra_disks entries need a host_path and a guest_mount")
+    assert _err({"image": "a", "extra_disks": {"host_path": "/x"}}) == (
+        "invalid params: extra_disks must be a list")
 
 
 def test_empty_optional_blocks_are_fine() -> None:

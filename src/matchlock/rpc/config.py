@@ -3,7 +3,7 @@
 Pure (no I/O). `create` takes the reference's `api.Config` (what SDK 0.2.17 sends, Appendix A
 of the spec). Unknown fields are ignored, as the reference's decoder does, except those that
 ask for behaviour this server does not have (network and VFS interception hooks, a custom
-kernel, extra disks, ownership overrides): those are refused with -32602 naming the field, so
+kernel, ownership overrides): those are refused with -32602 naming the field, so
 that a policy the caller relies on is never silently dropped.
 """
 
@@ -138,6 +138,13 @@ class MountConfig:
 
 
 @dataclass(frozen=True)
+class DiskConfig:
+    host_path: str  # an ext4 image file (`matchlock volume create` prints its path), or @NAME
+    guest_mount: str
+    readonly: bool = False
+
+
+@dataclass(frozen=True)
 class ImageOverrides:
     user: str = ""
     working_dir: str = ""
@@ -160,6 +167,7 @@ class CreateSpec:
     mounts: tuple[MountConfig, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
     image_config: ImageOverrides = field(default_factory=ImageOverrides)
+    extra_disks: tuple[DiskConfig, ...] = ()
 
 
 def _present(value: Any) -> bool:
@@ -177,8 +185,7 @@ def parse_create(params: Any) -> CreateSpec:
     kernel = p.get("kernel")
     if _present(kernel) and _present(_obj(kernel, "kernel").get("ref")):
         raise _unsupported("kernel.ref", "sandboxes boot matchlock's own kernel")
-    if _present(p.get("extra_disks")):
-        raise _unsupported("extra_disks", "use named volumes through the CLI")
+    disks = _parse_disks(p.get("extra_disks"))
     res = _obj(p.get("resources"), "resources")
     cpus = _number(res, "cpus", "resources.") or 1.0
     memory = _int(res, "memory_mb", "resources.") or 512
@@ -192,8 +199,25 @@ def parse_create(params: Any) -> CreateSpec:
         image=image, privileged=_bool(p, "privileged", ""),
         launch_entrypoint=_bool(p, "launch_entrypoint", ""), cpus=cpus, memory_mb=memory,
         disk_size_mb=disk, timeout_seconds=timeout, network=network, workspace=workspace,
-        mounts=mounts, env=env, image_config=overrides,
+        mounts=mounts, env=env, image_config=overrides, extra_disks=disks,
     )
+
+
+def _parse_disks(value: Any) -> tuple[DiskConfig, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise _bad("invalid params: extra_disks must be a list")
+    out = []
+    for entry in value:
+        d = _obj(entry, "extra_disks[]")
+        where = "extra_disks[]."
+        host, guest = _str(d, "host_path", where), _str(d, "guest_mount", where)
+        if not host or not guest:
+            raise _invalid("extra_disks entries need a host_path and a guest_mount")
+        out.append(DiskConfig(host_path=host, guest_mount=guest,
+                              readonly=_bool(d, "readonly", where)))
+    return tuple(out)
 
 
 def _parse_network(value: Any) -> NetworkSpec:

@@ -25,6 +25,7 @@ from matchlock.sandbox.command import compose_env
 if TYPE_CHECKING:
     from matchlock.net.audit import AuditEvent
     from matchlock.sandbox.core import Sandbox
+    from matchlock.sandbox.disks import DiskSpec
     from matchlock.sandbox.mounts import MountSpec
     from matchlock.sandbox.network import Egress
 
@@ -61,6 +62,21 @@ def _mount_specs(spec: CreateSpec) -> tuple[tuple[MountSpec, ...], tuple[str, ..
     if len(specs) > MAX_MOUNTS:
         raise RpcError(INVALID_PARAMS, f"at most {MAX_MOUNTS} host mounts are supported")
     return tuple(specs), tuple(memory)
+
+
+def _disk_specs(spec: CreateSpec, mounts: tuple[MountSpec, ...],
+                network: bool) -> tuple[DiskSpec, ...]:
+    """`extra_disks` as `run --disk` takes them (sandbox/disks.py)."""
+    if not spec.extra_disks:
+        return ()
+    from matchlock.sandbox.disks import check_disks, free_slots, make_disk
+
+    try:
+        disks = tuple(make_disk(d.host_path, d.guest_mount, d.readonly,
+                                f"{d.host_path}:{d.guest_mount}") for d in spec.extra_disks)
+        return check_disks(disks, mounts, free_slots(network, bool(mounts)))
+    except MatchlockError as e:
+        raise _params_error(e) from None
 
 
 def _host_mount(m: MountConfig, guest: str, cls: type[MountSpec]) -> MountSpec:
@@ -138,7 +154,8 @@ class Session:
         from matchlock.sandbox.core import Sandbox, SandboxOptions
 
         mounts, memory = _mount_specs(spec)
-        egress = build_egress(spec, on_event)
+        egress = build_egress(spec, on_event)  # holds nothing until the sandbox starts
+        disks = _disk_specs(spec, mounts, egress is not None)
         hostname = spec.network.hostname or None
         try:
             boot.artifacts()
@@ -146,7 +163,7 @@ class Session:
             opts = SandboxOptions(
                 image=resolved.name, rootfs=resolved.rootfs, cpus=spec.cpus,
                 memory_mb=spec.memory_mb, disk_size_mb=spec.disk_size_mb, hostname=hostname,
-                egress=egress, mounts=mounts, keep_dir=True,
+                egress=egress, mounts=mounts, disks=disks, keep_dir=True,
             )
             sandbox = Sandbox(opts)
         except MatchlockError as e:
