@@ -317,3 +317,17 @@ def test_sdk_ctrl_c_then_close_and_remove(sdk_python: Path, tmp_path: Path, ml: 
     assert out["interrupted"] is True and json.loads(out["ls"]) == []
     assert out["still_works"] == "yes\n"
     assert wait_no_leftovers(state_dir) == []
+
+
+def test_sdk_volumes(sdk_python: Path, tmp_path: Path, ml: Run, state_dir: Path) -> None:
+    """The SDK's volume calls shell out to `matchlock volume … --json`."""
+    out = sdk(sdk_python, tmp_path, """
+    c = Client()
+    v = c.volume_create("sdkvol", 16)
+    out["created"] = [v.name, v.size, os.path.isfile(v.path)]
+    out["listed"] = [x.name for x in c.volume_list()]
+    c.volume_remove("sdkvol")
+    out["after"] = [x.name for x in c.volume_list()]
+    """)
+    assert out["created"] == ["sdkvol", "16.0 MB", True]
+    assert out["listed"] == ["sdkvol"] and out["after"] == []
