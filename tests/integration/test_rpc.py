@@ -332,3 +332,19 @@ def test_extra_disks_keep_data_across_sessions(ml: Run, state_dir: Path) -> None
     finally:
         ml("volume", "rm", "rpcdata")
     assert wait_no_leftovers(state_dir) == []
+
+
+def test_timeout_seconds_stops_the_sandbox(ml: Run, state_dir: Path) -> None:
+    rpc = Rpc()
+    t0 = time.monotonic()
+    sid = rpc.create({"resources": {"timeout_seconds": 2}})
+    rpc.send("exec", {"command": "sleep 60"}, 2)
+    assert error(rpc.until(2, timeout=30)[0]) == (-32003, "context canceled")
+    assert 1.5 < time.monotonic() - t0 < 20
+    assert error(rpc.call("exec", {"command": "true"}, rid=3)) == (
+        -32000, "VM timed out after 2s (resources.timeout_seconds)")
+    assert _ls(ml) == {sid: "stopped"}
+    assert rpc.call("close", {"timeout_seconds": 1}, rid=4)["result"] == {}
+    assert rpc.finish() == 0
+    ml("rm", sid, check=True)
+    assert wait_no_leftovers(state_dir) == []

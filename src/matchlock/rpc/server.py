@@ -46,6 +46,7 @@ _STDIN = {"exec_pipe.stdin": False, "exec_tty.stdin": True}
 _STDIN_EOF = {"exec_pipe.stdin_eof": False, "exec_tty.stdin_eof": True}
 _NEED_ID = ("exec_pipe", "exec_tty", "log_stream")
 _EOF = object()
+_EXPIRED = object()  # resources.timeout_seconds ran out
 
 class Server:
     def __init__(self, rfd: int, wfd: int) -> None:
@@ -55,6 +56,7 @@ class Server:
         self.broken = False  # stdout failed: stop
         self.session: Session | None = None
         self.closed = False
+        self._closed_why = "VM closed"
         self._booting = False
         self._inflight: dict[int, Ctx] = {}
         self._active = 0
@@ -111,6 +113,9 @@ class Server:
                 continue
             if item is _EOF:
                 break
+            if item is _EXPIRED:
+                self._expire()
+                continue
             if isinstance(item, proto.TooLong):
                 self.write(proto.too_long_error(item.prefix))
                 continue
@@ -281,7 +286,7 @@ class Server:
 
     def need_session(self) -> Session:
         if self.closed:
-            raise RpcError(proto.VM_FAILED, "VM closed")
+            raise RpcError(proto.VM_FAILED, self._closed_why)
         if self.session is None or self._booting:
             raise RpcError(proto.VM_FAILED, "VM not created")
         return self.session
@@ -319,10 +324,30 @@ class Server:
             raise RpcError(proto.VM_FAILED, msg) from None
         finally:
             self._booting = False
+        if spec.timeout_seconds > 0:
+            # Enforced (the reference only stores it): the sandbox stops, as by `close`.
+            timer = threading.Timer(spec.timeout_seconds, self._lines.put, (_EXPIRED,))
+            timer.daemon = True
+            timer.start()
         ctx.result({"id": sess.sandbox.id})
 
     def _close(self, ctx: Ctx) -> None:
         timeout = cfg.parse_close_timeout(ctx.params)
+        self._stop(timeout, "closed")
+        ctx.result({})
+
+    def _expire(self) -> None:
+        sess = self.session
+        if sess is None or self.closed:
+            return
+        why = f"timed out after {sess.spec.timeout_seconds:g}s (resources.timeout_seconds)"
+        print(f"matchlock rpc: the sandbox {why}", file=sys.stderr, flush=True)
+        self._stop(0, why)
+        self._closed_why = f"VM {why}"
+
+    def _stop(self, timeout: float, why: str) -> None:
+        """Let what runs finish within `timeout`, cancel the rest, stop the sandbox and keep
+        it as `stopped` for `matchlock rm`."""
         if not self._wait_idle(timeout):
             self._cancel_all()
             self._wait_idle(SHUTDOWN_WAIT_S)
@@ -333,9 +358,8 @@ class Server:
             sess.stop_entrypoint()
             sess.sandbox.close()
             if sess.sandbox.dir is not None and sess.sandbox.dir.exists():
-                registry.mark_stopped(sess.sandbox.dir, "closed")
+                registry.mark_stopped(sess.sandbox.dir, why)
         self.closed = True
-        ctx.result({})
 
     def _shutdown(self, reason: str) -> None:
         """End of input (or a signal, or stdout gone): cancel everything, remove the sandbox."""
