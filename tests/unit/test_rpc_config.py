@@ -90,6 +90,8 @@ def test_defaults() -> None:
     ({"image": "a", "network": {"allowed_hosts": "a.com"}},
      "invalid params: network.allowed_hosts must be a list of strings"),
     ({"image": "a", "env": {"A B": "1"}}, "invalid params: env: invalid variable name 'A B'"),
+    ({"image": "a", "network": {"dns_servers": ["dns.google"]}},
+     "invalid configuration: network.dns_servers: 'dns.google' is not an IP address"),
 ])
 def test_create_errors(params: Any, message: str) -> None:
     assert _err(params) == message

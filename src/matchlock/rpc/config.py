@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import math
 import re
 from dataclasses import dataclass, field
@@ -264,11 +265,17 @@ def _parse_network(value: Any) -> NetworkSpec:
     block = n.get("block_private_ips")
     if block is not None and not isinstance(block, bool):
         raise _bad("invalid params: network.block_private_ips must be a boolean")
+    dns = _strings(n, "dns_servers", w) or []
+    for server in dns:
+        try:
+            ipaddress.ip_address(server)
+        except ValueError:
+            raise _invalid(f"network.dns_servers: {server!r} is not an IP address") from None
     return NetworkSpec(
         allowed_hosts=tuple(allowed), add_hosts=tuple(add_hosts),
         # Absent means blocked: a network block that forgets it must not open private ranges.
         block_private_ips=block is not False, no_network=no_network, secrets=secrets,
-        dns_servers=tuple(_strings(n, "dns_servers", w) or ()),
+        dns_servers=tuple(dns),
         hostname=_str(n, "hostname", w),
     )
 
