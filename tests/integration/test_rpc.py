@@ -348,3 +348,14 @@ def test_timeout_seconds_stops_the_sandbox(ml: Run, state_dir: Path) -> None:
     assert rpc.finish() == 0
     ml("rm", sid, check=True)
     assert wait_no_leftovers(state_dir) == []
+
+
+def test_upstream_ca_from_the_environment(ml: Run, tmp_path: Path) -> None:
+    """An SDK cannot pass --upstream-ca: `matchlock rpc` takes MATCHLOCK_UPSTREAM_CA, and a
+    file that is not there is a parameter error before anything boots."""
+    rpc = Rpc(env={**os.environ, "MATCHLOCK_UPSTREAM_CA": str(tmp_path / "missing.pem")})
+    code, msg = error(rpc.call("create", {"image": BUILTIN, "network": {
+        "allowed_hosts": ["a.test"]}}, rid=1))
+    assert code == -32602 and "missing.pem" in msg
+    assert rpc.finish() == 0
+    assert _ls(ml) == {}
