@@ -26,6 +26,10 @@ _COMMANDS = {
     "version": ("matchlock.cli.version", "version", "Print matchlock's version."),
     "volume": ("matchlock.cli.volume", "volume", "Manage named volumes (persistent disks)."),
     "rpc": ("matchlock.cli.rpc", "rpc", "Serve JSON-RPC on stdin/stdout (used by the SDKs)."),
+    "allow-list": ("matchlock.cli.allow_list", "allow_list",
+                   "Change a running sandbox's egress allow-list."),
+    "port-forward": ("matchlock.cli.port_forward", "port_forward",
+                     "Forward host ports to a running sandbox's guest ports."),
 }
 
 

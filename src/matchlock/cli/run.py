@@ -41,7 +41,34 @@ def _parse_memory(value: str) -> int:
     return int(n)
 
 
-@click.command(context_settings={"allow_interspersed_args": False})
+_BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+class _RunCommand(click.Command):
+    """Also takes the reference's spelling `--rm=false` / `--rm=true` (a click boolean flag
+    takes no value), in the options only: the command's own arguments are never touched."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        takes_value = {name for p in self.params if isinstance(p, click.Option)
+                       and not p.is_flag for name in p.opts}
+        out = list(args)
+        i = 0
+        while i < len(out):
+            tok = out[i]
+            if tok == "--" or not tok.startswith("-"):
+                break  # the command starts here
+            if tok.startswith("--rm="):
+                value = _BOOL_WORDS.get(tok[5:].lower())
+                if value is None:
+                    raise MatchlockError(f"invalid {tok!r}", hint="use --rm=true or --rm=false")
+                out[i] = "--rm" if value else "--no-rm"
+            elif tok in takes_value:
+                i += 1  # its value follows
+            i += 1
+        return super().parse_args(ctx, out)
+
+
+@click.command(cls=_RunCommand, context_settings={"allow_interspersed_args": False})
 @click.option("--image", default=None,
               help="Image reference or local tag (default: built-in busybox).")
 @click.option("--pull", "pull", is_flag=True,
@@ -63,7 +90,8 @@ def _parse_memory(value: str) -> int:
               help="Keep the sandbox running in the background; print its id.")
 @click.option("--privileged", is_flag=True, help="No seccomp, capability drop or no_new_privs.")
 @click.option("--rm/--no-rm", "rm", default=True, show_default=True,
-              help="Remove the sandbox when the command exits.")
+              help="Remove the sandbox when the command exits. --rm=false (or --no-rm): keep "
+              "it running afterwards (exec-able) until `matchlock kill`.")
 @click.option("--no-network", is_flag=True, help="Give the VM no network device at all.")
 @click.option("--allow-host", "allow_hosts", multiple=True, metavar="HOST[:PORT]",
               help="Allow egress to a host glob (*.x.com), ports 80/443 unless :PORT given; "
@@ -123,16 +151,10 @@ def run(
     if detach and (interactive or tty):
         raise MatchlockError("-d cannot be combined with -i or -t",
                              hint="start it with -d, then `matchlock exec -i ID -- CMD`")
-    if detach and publish:
-        raise MatchlockError("-p/--publish is not available with -d yet",
-                             hint="publish ports from a foreground `matchlock run`")
     if detach and not os.environ.pop("MATCHLOCK_SUPERVISOR", None):
         from matchlock.sandbox.supervisor import launch
 
         sys.exit(launch(sys.argv[1:]))
-    if not rm:
-        raise MatchlockError("--no-rm (long-lived sandboxes) is not available yet",
-                             hint="omit it; every run is ephemeral for now")
     try:
         cpu_count = float(cpus)
     except ValueError:
@@ -180,11 +202,14 @@ def run(
     boot.artifacts()  # fail fast, before any image work, when the host is not set up
     resolved = resolve_image(image, pull=pull)
     cfg = resolved.config
-    argv = compose_argv(cfg, command, entrypoint) if command or not detach else []
+    # -d and --rm=false run only what was asked for (no image default), except -it.
+    keep = detach or not rm
+    argv = (compose_argv(cfg, command, entrypoint)
+            if command or not keep or (tty and interactive) else [])
     opts = SandboxOptions(
         image=resolved.name, rootfs=resolved.rootfs, cpus=cpu_count,
         memory_mb=_parse_memory(memory), disk_size_mb=_parse_memory(disk_size),
-        hostname=hostname, accel=accel, egress=egress, mounts=mounts, keep_dir=detach,
+        hostname=hostname, accel=accel, egress=egress, mounts=mounts, keep_dir=keep,
         disks=disks,
     )
     req = RunRequest(
@@ -192,9 +217,10 @@ def run(
         tty=tty, interactive=interactive, privileged=privileged, timeout=timeout,
         publish=tuple(ports), publish_address=publish_address,
     )
-    if detach:
+    if keep:
         from matchlock.sandbox.supervisor import Supervisor
 
-        sys.exit(Supervisor(Sandbox(opts), req, argv or None, timeout).run())
+        sys.exit(Supervisor(Sandbox(opts), req, argv or None if detach else None, timeout,
+                            foreground=not detach).run())
     code = run_attached(Sandbox(opts), req)
     sys.exit(code)

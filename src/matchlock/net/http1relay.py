@@ -18,7 +18,7 @@ from matchlock.net import http1
 from matchlock.net.audit import AuditEvent
 from matchlock.net.http1 import ChunkedReader, Framing, HttpError, Request, Response
 from matchlock.net.masking import ValueMask
-from matchlock.net.proxy import Blocked  # proxy imports this module lazily: no cycle
+from matchlock.net.proxy import Blocked, Tunnel  # proxy imports this module lazily: no cycle
 from matchlock.net.secrets import SecretLeak
 from matchlock.net.streams import (
     IncompleteBody,
@@ -168,6 +168,13 @@ class Http1Relay:
                            reason="websocket upgrade", method="GET", path=req.path(), status=101,
                            protocol="websocket")
         proxy.audit(event)
+        tunnel = Tunnel(conn.target, conn.name, raw=False, upstream=up.stream)
+        if not proxy.tunnel_opened(guest, tunnel):
+            # The allow-list changed while the upgrade was on its way: the 101 already went
+            # to the guest, so the connection can only be cut.
+            up.stream.abort()
+            guest.reset()
+            return False
         try:
             up_bytes, down_bytes = await _relay_websocket(guest, up.stream, frames)
             event.reason = "websocket closed"
@@ -176,6 +183,8 @@ class Http1Relay:
             event.reason = f"websocket aborted: {exc}"
             up.stream.abort()
             guest.abort()
+        finally:
+            proxy.tunnel_closed(guest)
         event.bytes_up, event.bytes_down = up_bytes, down_bytes
         event.duration_ms = (time.perf_counter() - started) * 1000
         proxy.audit(event)

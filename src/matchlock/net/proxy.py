@@ -90,6 +90,16 @@ class Blocked:
     rule: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Tunnel:
+    """An open tunnel: where it goes, and whether it needs raw TCP there."""
+
+    target: Target
+    name: str | None  # the name it was admitted for; None: by address (open mode)
+    raw: bool
+    upstream: Stream
+
+
 @dataclass(slots=True)
 class Conn:
     """What is known about one guest connection."""
@@ -139,6 +149,9 @@ class Proxy:
         self.max_connections = max_connections
         self._audit = audit_sink
         self._streams: set[Stream] = set()
+        # Tunnels (raw TCP, WebSocket after its upgrade) carry no requests to re-admit: they
+        # are listed here so that an allow-list change can cut those it no longer allows.
+        self._tunnels: dict[Stream, Tunnel] = {}
         self._active = 0
         self._refused = 0  # over the cap since the last audit event about it
         self._refused_reported = 0.0
@@ -456,6 +469,48 @@ class Proxy:
         return await self.upstream.connect(
             dial_name, address, target.port, tls=conn.tls, alpn=("http/1.1",) if conn.tls else ()
         )
+
+    # -- tunnels and runtime policy changes -------------------------------------------------
+
+    def tunnel_opened(self, guest: Stream, tunnel: Tunnel) -> bool:
+        """Register a tunnel about to be spliced; False (and nothing registered) when the
+        policy changed since it was admitted: an `allow-list delete` that ran meanwhile
+        did not see it, so the check is made again here, on the loop thread, after which
+        every later change sees it through `revoke`."""
+        if self._revoked_because(tunnel) is not None:
+            return False
+        self._tunnels[guest] = tunnel
+        return True
+
+    def tunnel_closed(self, guest: Stream) -> None:
+        self._tunnels.pop(guest, None)
+
+    def _revoked_because(self, t: Tunnel) -> str | None:
+        if t.name is not None:
+            decision = self.policy.check(t.name, t.target.port)
+        else:
+            decision = self.policy.check_address(t.target.address, t.target.port)
+        if not decision.allowed:
+            return f"allow-list changed: {decision.reason}"
+        if t.raw and not decision.raw:
+            return "allow-list changed: raw TCP is no longer allowed there"
+        return None
+
+    def revoke(self) -> int:
+        """Cut every open tunnel that the policy no longer allows (after `allow-list delete`);
+        runs on the loop thread. HTTP connections need nothing: each request is admitted on
+        its own. Returns how many were cut."""
+        cut = 0
+        for guest, t in list(self._tunnels.items()):
+            why = self._revoked_because(t)
+            if why is None:
+                continue
+            self._tunnels.pop(guest, None)
+            self.block_event(t.target, Blocked(0, why), protocol="tcp" if t.raw else "websocket")
+            guest.reset()
+            t.upstream.abort()
+            cut += 1
+        return cut
 
     # -- housekeeping ----------------------------------------------------------------------
 

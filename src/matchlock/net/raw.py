@@ -79,7 +79,7 @@ async def relay_raw(
 ) -> None:
     """Splice the guest's connection to name:port, if the policy allows raw TCP there.
     `gate`: the guest was silent so far (server speaks first); see RawGuard."""
-    from matchlock.net.proxy import Blocked, reset_socket, stream_from
+    from matchlock.net.proxy import Blocked, Tunnel, reset_socket, stream_from
 
     if not decision.allowed or not decision.raw:
         reason = decision.reason if not decision.allowed else (
@@ -105,6 +105,12 @@ async def relay_raw(
     )
     scanner = proxy.secrets.scanner()
     guard = RawGuard(gate, scanner, up.stream) if gate or scanner is not None else None
+    if not proxy.tunnel_opened(guest, Tunnel(target, target.name, raw=True, upstream=up.stream)):
+        proxy.block_event(target, Blocked(0, "allow-list changed while connecting"),
+                          protocol="tcp")
+        guest.reset()
+        up.stream.abort()
+        return
     try:
         up_bytes, down_bytes = await splice(guest, up.stream, guard)
     except Refused as exc:
@@ -112,6 +118,8 @@ async def relay_raw(
         guest.reset()
         up.stream.reset()
         return
+    finally:
+        proxy.tunnel_closed(guest)
     await asyncio.gather(guest.close(), up.stream.close())
     proxy.audit(
         AuditEvent(

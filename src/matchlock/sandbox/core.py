@@ -19,7 +19,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,8 +36,10 @@ from matchlock.vm.qmp import Qmp
 
 if TYPE_CHECKING:
     from matchlock.sandbox.disks import Disks, DiskSpec
+    from matchlock.guest.client import Stream
     from matchlock.sandbox.mounts import MountSpec, Shares
     from matchlock.sandbox.network import Egress
+    from matchlock.sandbox.ports import PortForwarder, PortSpec
 
 # A host name of dot-separated labels (`override.internal`, as Docker allows), at most 64
 # characters: the kernel's limit for a node name.
@@ -111,6 +113,8 @@ class Sandbox:
         self._abort_reason: str | None = None
         self._shares: Shares | None = None
         self._disks: Disks | None = None
+        self._forwarders: list[PortForwarder] = []
+        self._fw_lock = threading.Lock()
 
     def __enter__(self) -> Sandbox:
         return self
@@ -414,6 +418,62 @@ class Sandbox:
         except AgentGone as e:
             raise self.agent_failure(e) from None
 
+    # --- egress policy at run time (`matchlock allow-list`, the RPC server) --------------------
+
+    def _egress(self) -> Egress:
+        egress = self.opts.egress
+        if egress is None:
+            raise MatchlockError(
+                f"sandbox {self.id} has no network (started with --no-network, or without "
+                "root), so it has no allow-list to change")
+        return egress
+
+    def allow_list(self) -> list[str]:
+        """The current allow-list entries, normalized (`api.example.com`, `*.x.org:22`)."""
+        return self._egress().allow_list()
+
+    def allow_list_add(self, hosts: Sequence[str]) -> list[str]:
+        """Allow more hosts (each `HOST[:PORT]` or comma-separated list of them, parsed as
+        --allow-host; all or nothing); returns the entries that were new. Effective for the
+        next DNS lookup, connection and request."""
+        return self._egress().allow_list_add(hosts)
+
+    def allow_list_delete(self, hosts: Sequence[str]) -> list[str]:
+        """Stop allowing entries; returns those that were present. New lookups, connections
+        and requests (also on kept-alive connections) are refused from now on, and open
+        tunnels (raw TCP, WebSocket) to what is no longer allowed are cut."""
+        return self._egress().allow_list_delete(hosts)
+
+    # --- ports -------------------------------------------------------------------------------
+
+    def open_port(self, port: int) -> Stream:
+        """One TCP connection to 127.0.0.1:`port` inside the guest (over the agent channel,
+        so also without a NIC)."""
+        try:
+            return self.conn.connect(port)
+        except AgentGone as e:
+            raise self.agent_failure(e) from None
+
+    def forward(self, forwarder: PortForwarder) -> PortForwarder:
+        """Start relaying an already bound forwarder to this (started) sandbox; it is closed
+        with the sandbox, or earlier by its own close()."""
+        conn = self.conn
+        with self._fw_lock:
+            if self._closed:
+                forwarder.close()
+                raise MatchlockError("the sandbox is closed")
+            self._forwarders.append(forwarder)
+        forwarder.start(conn)
+        return forwarder
+
+    def publish(self, specs: Sequence[PortSpec],
+                addresses: Sequence[str] = ("127.0.0.1",)) -> PortForwarder:
+        """Listen on every (address, spec) now (all or nothing; local port 0 = any free port,
+        see `.bindings`) and relay each connection to the guest's loopback."""
+        from matchlock.sandbox.ports import PortForwarder
+
+        return self.forward(PortForwarder(specs, addresses))
+
     def agent_failure(self, e: AgentGone) -> MatchlockError:
         if self._proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -474,8 +534,12 @@ class Sandbox:
         """Tear everything down; safe to call more than once and from any exit path."""
         if self._closed:
             return
-        self._closed = True
+        with self._fw_lock:
+            self._closed = True
+            forwarders, self._forwarders = self._forwarders, []
         t0 = time.perf_counter()
+        for fw in forwarders:  # no new connection may reach a VM that is going away
+            fw.close()
         with _signals_deferred():
             # The writable layer is thrown away, so there is nothing to flush: kill the VMM
             # now rather than wait for a guest shutdown; unless a disk was written.

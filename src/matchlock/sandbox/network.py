@@ -13,7 +13,7 @@ import os
 import socket
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -45,6 +45,7 @@ SYSTEM_BUNDLES = (
     "/etc/ssl/cert.pem",  # Alpine (LibreSSL), macOS-like layouts
 )
 MAX_BUNDLE = 8 << 20
+_HOST_HINT = "use HOST, *.DOMAIN or HOST:PORT, as for --allow-host"
 
 
 @dataclass
@@ -253,6 +254,42 @@ class Egress:
             roots += b"\n"
         return {GUEST_CA: self._ca_pem, GUEST_BUNDLE: roots + self._ca_pem}
 
+    # --- runtime allow-list changes (`matchlock allow-list`, the RPC server) ----------------
+
+    def allow_list(self) -> list[str]:
+        return list(self.policy.rules)
+
+    def allow_list_add(self, hosts: Sequence[str]) -> list[str]:
+        """Allow more hosts (parsed like --allow-host, all or nothing); the ones that were
+        new. The resolver and the proxy read the policy on every lookup and connection, so
+        nothing else needs telling."""
+        try:
+            return self.policy.add(_nonempty(hosts))
+        except ValueError as e:
+            raise MatchlockError(f"invalid host: {e}", hint=_HOST_HINT) from None
+
+    def allow_list_delete(self, hosts: Sequence[str]) -> list[str]:
+        """Stop allowing hosts; the ones that were present. New lookups, connections and
+        requests (also on kept-alive connections) are refused at once; open tunnels (raw
+        TCP, WebSocket) to what is no longer allowed are cut."""
+        try:
+            removed = self.policy.remove(_nonempty(hosts))
+        except ValueError as e:
+            raise MatchlockError(f"invalid host: {e}", hint=_HOST_HINT) from None
+        proxy, network = self.proxy, self.network
+        if removed and proxy is not None and network is not None:
+            import asyncio
+
+            async def revoke() -> int:
+                return proxy.revoke()
+
+            try:
+                asyncio.run_coroutine_threadsafe(revoke(), network.loop).result(timeout=5)
+            except (concurrent.futures.TimeoutError, RuntimeError) as e:
+                raise MatchlockError(f"removed {', '.join(removed)}, but open connections "
+                                     f"could not be cut: {e or 'timed out'}") from None
+        return removed
+
     def close(self) -> None:
         if self._thread is not None:
             self._thread.join(10)
@@ -272,6 +309,15 @@ class Egress:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
+
+
+def _nonempty(hosts: Sequence[str]) -> list[str]:
+    from matchlock.net.policy import split_specs
+
+    items = split_specs(hosts)
+    if not items:
+        raise MatchlockError("no host given", hint="give HOST[,HOST...]")
+    return items
 
 
 def _print_event(event: AuditEvent) -> None:

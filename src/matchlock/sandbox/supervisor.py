@@ -3,8 +3,11 @@
 `matchlock run -d` starts a copy of itself in a new session (`launch`); that copy boots the
 sandbox, owns it (its pid is the owner in owner.json, so the VMM dies with it), listens on
 `control.sock` in the sandbox's directory (0600, in a 0700 directory, peers checked by
-SO_PEERCRED) and serves exec and shutdown (`serve`). It tells the launcher the sandbox's id on
-its stdout once the socket listens, then moves its stdout and stderr to `supervisor.log`.
+SO_PEERCRED) and serves exec, shutdown, allow-list changes and port-forward pipes (`serve`);
+it also owns the listeners of published ports (`run -d -p`). `run --rm=false` runs the same
+supervisor in the foreground, its command attached to the terminal. Detached, it tells the
+launcher the sandbox's id on its stdout once the socket listens, then moves its stdout and
+stderr to `supervisor.log`.
 The wire format is in `sandbox/wire.py`.
 """
 
@@ -27,15 +30,17 @@ from types import FrameType
 from matchlock.errors import MatchlockError
 from matchlock.guest.client import AgentGone, Exec, Output
 from matchlock.sandbox import wire
-from matchlock.sandbox.attach import RunRequest, exec_request
+from matchlock.sandbox.attach import RunRequest, attach, exec_request
 from matchlock.sandbox.control import frames, sock_path
 from matchlock.sandbox.core import Sandbox
+from matchlock.sandbox.ports import PortForwarder
 from matchlock.state import registry
 
 SUPERVISE_ENV = "MATCHLOCK_SUPERVISOR"
 LOG = "supervisor.log"
 HEADER_TIMEOUT = 10.0
 MAX_SIGNAL = 64
+MAX_PIPES = 256  # concurrent port-forward connections per sandbox
 
 
 # --- the launcher (`matchlock run -d`) ---------------------------------------------------------
@@ -83,16 +88,23 @@ def launch(args: list[str]) -> int:
 
 
 class Supervisor:
+    """Owns one sandbox and serves its control socket until `kill` (or a signal, or the
+    timeout). `foreground` (`run --rm=false`): no detaching; `base`'s command, if it has
+    one, runs attached to this process's terminal, and the sandbox stays up after it ends."""
+
     def __init__(self, sandbox: Sandbox, base: RunRequest, background: list[str] | None,
-                 timeout: float | None) -> None:
+                 timeout: float | None, *, foreground: bool = False) -> None:
         self.sandbox = sandbox
         self.base = base
         self.background = background
         self.timeout = timeout
+        self.foreground = foreground
         self.reason: str | None = None  # why it stops
         self._stop = threading.Event()
         self._ready = False
         self._lock = threading.Lock()
+        self._attached: Exec | None = None  # the foreground command while it runs
+        self._pipes = threading.BoundedSemaphore(MAX_PIPES)
 
     def stop(self, reason: str) -> None:
         with self._lock:
@@ -117,16 +129,30 @@ class Supervisor:
             self._stop.wait(0.1)
         if not self._ready:
             self.sandbox.abort(self.reason or "stopped")
+        with self._lock:  # _foreground checks _stop and sets _attached under it
+            attached = self._attached
+        if attached is not None and attached.status is None:
+            # Stopping while the foreground command runs: it goes down with the sandbox.
+            with contextlib.suppress(AgentGone):
+                attached.kill()
 
     def run(self) -> int:
         for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(s, self._on_signal)
         threading.Thread(target=self._watch, name="supervisor-watch", daemon=True).start()
+        # Published ports are bound first: a port in use fails before the sandbox exists.
+        ports = (PortForwarder(self.base.publish, self.base.publish_address)
+                 if self.base.publish else None)
+        code = 0
         with self.sandbox:
             try:
                 try:
                     self.sandbox.start()
+                    if ports is not None:
+                        self.sandbox.forward(ports)  # closed with the sandbox
                 except BaseException:
+                    if ports is not None:
+                        ports.close()
                     # Never ready: nothing to keep for `rm`; the launcher relays the error.
                     self.sandbox.opts.keep_dir = False
                     raise
@@ -141,15 +167,45 @@ class Supervisor:
             if self.background:
                 self._start_background(self.background)
             self._ready = True
-            self._announce(self.sandbox.dir / LOG)
+            if not self.foreground:
+                self._announce(self.sandbox.dir / LOG)
             threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+            if self.foreground:
+                code = self._foreground()
             self._stop.wait()
             with contextlib.suppress(OSError):
                 listener.close()
             (self.sandbox.dir / registry.SOCKET).unlink(missing_ok=True)
-            print(f"stopping: {self.reason}", flush=True)
+            if not self.foreground:
+                print(f"stopping: {self.reason}", flush=True)
         registry.mark_stopped(self.sandbox.dir, self.reason or "stopped")
-        return 0
+        return code
+
+    def _foreground(self) -> int:
+        """`run --rm=false`: the command (if any) on this terminal, then stay up. Its exit
+        code is the run's, once the sandbox is stopped."""
+        sid = self.sandbox.id
+        sys.stderr.write(f"Sandbox {sid} is running\n  Connect: matchlock exec -it {sid} -- sh\n"
+                         f"  Stop:    matchlock kill {sid}\n")
+        sys.stderr.flush()
+        if not self.base.argv:
+            return 0
+        with self._lock:
+            if self._stop.is_set():
+                return 0
+            ex = self.sandbox.exec(exec_request(self.sandbox, self.base))
+            self._attached = ex
+        try:
+            code = attach(self.sandbox, ex, self.base.interactive, self.base.tty)
+        except AgentGone as e:
+            if self.reason is not None:
+                raise MatchlockError(f"the sandbox was stopped: {self.reason}") from None
+            raise self.sandbox.agent_failure(e) from None
+        if not self._stop.is_set():
+            sys.stderr.write(f"matchlock: the command exited with {code}; sandbox {sid} stays "
+                             f"up until `matchlock kill {sid}`\n")
+            sys.stderr.flush()
+        return code
 
     def _listen(self, path: Path) -> socket.socket:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -230,9 +286,15 @@ class Supervisor:
             conn.sendall(wire.encode_json(wire.EXIT, {"code": 0}))
             self.stop("kill")
             return
-        assert isinstance(spec, wire.ExecSpec)
         if self._stop.is_set():
             raise MatchlockError("the sandbox is stopping")
+        if isinstance(spec, wire.AllowListRequest):
+            conn.sendall(wire.encode_json(wire.ANSWER, self._allow_list(spec)))
+            return
+        if isinstance(spec, wire.ForwardRequest):
+            self._forward(conn, incoming, spec.port)
+            return
+        assert isinstance(spec, wire.ExecSpec)
         req = RunRequest(argv=spec.argv, image=self.base.image, env=tuple(spec.env),
                          workdir=spec.workdir, user=spec.user, interactive=spec.stdin,
                          tty=spec.tty, privileged=self.base.privileged)
@@ -251,6 +313,28 @@ class Supervisor:
                 "lost the guest agent") from None
         assert ex.status is not None
         conn.sendall(wire.encode_json(wire.EXIT, {"code": ex.status.code}))
+
+    def _allow_list(self, req: wire.AllowListRequest) -> dict[str, object]:
+        changed: list[str] = []
+        if req.action == "add":
+            changed = self.sandbox.allow_list_add(req.hosts)
+        elif req.action == "delete":
+            changed = self.sandbox.allow_list_delete(req.hosts)
+        allowed = self.sandbox.allow_list()
+        print(f"allow-list {req.action}: {', '.join(changed) or 'no change'}; now: "
+              f"{', '.join(allowed) or '(empty)'}", flush=True)
+        return {"changed": changed, "allowed": allowed}
+
+    def _forward(self, conn: socket.socket, incoming: Iterator[wire.Frame], port: int) -> None:
+        from matchlock.sandbox.pipe import serve_pipe
+
+        if not self._pipes.acquire(blocking=False):
+            raise MatchlockError(f"too many forwarded connections (at most {MAX_PIPES})")
+        try:
+            stream = self.sandbox.open_port(port)
+            serve_pipe(conn, incoming, stream, threading.Lock())
+        finally:
+            self._pipes.release()
 
     def _client_input(self, frames: Iterator[wire.Frame], ex: Exec, conn: socket.socket,
                       stdin: bool) -> None:

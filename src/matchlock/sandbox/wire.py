@@ -1,10 +1,17 @@
 """The supervisor's socket protocol: frames, encoded and decoded without I/O.
 
 A frame is one type byte, a big-endian u32 payload length, then the payload. `H` (the
-client's request), `X` (the exec's end) and `R` (an error) carry a JSON object; `I` (stdin;
-empty = end of stdin), `O` (stdout) and `E` (stderr) carry raw bytes; `S` carries a signal
-number as a big-endian u32; `W` a terminal size (rows, cols: big-endian u16 each). A peer that
-sends anything else, or a frame longer than `MAX_PAYLOAD`, is cut off.
+client's request), `X` (the exec's end), `R` (an error) and `A` (the answer to a one-shot
+request) carry a JSON object; `I` (stdin; empty = end of stdin), `O` (stdout) and `E` (stderr)
+carry raw bytes; `S` carries a signal number as a big-endian u32; `W` a terminal size (rows,
+cols: big-endian u16 each). A peer that sends anything else, or a frame longer than
+`MAX_PAYLOAD`, is cut off.
+
+A `port-forward` request turns the connection into a byte pipe to a TCP port on the guest's
+loopback: `D` frames carry bytes (never empty) both ways, `F` (empty) is a half-close of the
+sender's direction. The supervisor ends the pipe with `X` `{"code": 0}` (both sides closed
+cleanly) or `R` `{"message", "errno", "connected"}` (refused, or reset once connected). A
+client that closes its socket without an `F` first resets the guest connection.
 """
 
 from __future__ import annotations
@@ -26,8 +33,13 @@ SIGNAL = ord("S")
 EXIT = ord("X")
 ERROR = ord("R")
 RESIZE = ord("W")
-TYPES = frozenset({REQUEST, STDIN, STDOUT, STDERR, SIGNAL, EXIT, ERROR, RESIZE})
-JSON_TYPES = frozenset({REQUEST, EXIT, ERROR})
+ANSWER = ord("A")
+DATA = ord("D")
+FIN = ord("F")
+TYPES = frozenset({REQUEST, STDIN, STDOUT, STDERR, SIGNAL, EXIT, ERROR, RESIZE, ANSWER, DATA,
+                   FIN})
+JSON_TYPES = frozenset({REQUEST, EXIT, ERROR, ANSWER})
+MAX_HOSTS = 1024
 
 
 class WireError(Exception):
@@ -147,13 +159,48 @@ class ExecSpec:
     cols: int = 80
 
 
-def parse_request(obj: dict[str, Any]) -> ExecSpec | str:
-    """The validated request: an ExecSpec, or the op name "shutdown"/"ping"."""
+@dataclass(frozen=True)
+class AllowListRequest:
+    """`allow-list` (read), `allow-list-add` or `allow-list-delete`; hosts are checked by the
+    policy's own parser, in the supervisor."""
+
+    action: str  # "list", "add" or "delete"
+    hosts: list[str]
+
+
+@dataclass(frozen=True)
+class ForwardRequest:
+    """`port-forward`: pipe this connection to 127.0.0.1:`port` in the guest."""
+
+    port: int
+
+
+ALLOW_LIST_OPS = {"allow-list": "list", "allow-list-add": "add", "allow-list-delete": "delete"}
+
+
+def parse_request(obj: dict[str, Any]) -> ExecSpec | AllowListRequest | ForwardRequest | str:
+    """The validated request: an ExecSpec, AllowListRequest or ForwardRequest, or the op name
+    "shutdown"/"ping"."""
     op = obj.get("op")
     if op in ("shutdown", "ping"):
         if set(obj) != {"op"}:
             raise WireError(f"unexpected fields in {op}")
         return str(op)
+    if isinstance(op, str) and op in ALLOW_LIST_OPS:
+        action = ALLOW_LIST_OPS[op]
+        if set(obj) != ({"op"} if action == "list" else {"op", "hosts"}):
+            raise WireError(f"{op} takes exactly " + ("no fields" if action == "list" else
+                                                      "a hosts list"))
+        hosts = [] if action == "list" else _str_list(obj["hosts"], "hosts", MAX_HOSTS)
+        if action != "list" and not hosts:
+            raise WireError("hosts must not be empty")
+        return AllowListRequest(action, hosts)
+    if op == "port-forward":
+        port = obj.get("port")
+        if set(obj) != {"op", "port"} or isinstance(port, bool) or not isinstance(port, int) \
+                or not 1 <= port <= 65535:
+            raise WireError("port-forward takes a port from 1 to 65535")
+        return ForwardRequest(port)
     if op != "exec":
         raise WireError(f"unknown op {op!r}")
     allowed = {"op", "argv", "env", "workdir", "user", "stdin", "tty", "rows", "cols"}
