@@ -100,6 +100,7 @@ class Supervisor:
         self.timeout = timeout
         self.foreground = foreground
         self.reason: str | None = None  # why it stops
+        self.signo: int | None = None  # the signal that stopped it
         self._stop = threading.Event()
         self._ready = False
         self._lock = threading.Lock()
@@ -115,6 +116,7 @@ class Supervisor:
     def _on_signal(self, signo: int, frame: FrameType | None) -> None:
         # Only record; the watcher thread acts.
         if self.reason is None:
+            self.signo = signo
             self.reason = f"stopped by {signal.Signals(signo).name}"
 
     def _watch(self) -> None:
@@ -170,8 +172,13 @@ class Supervisor:
             if not self.foreground:
                 self._announce(self.sandbox.dir / LOG)
             threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+            failure: MatchlockError | None = None
             if self.foreground:
-                code = self._foreground()
+                try:
+                    code = self._foreground()
+                except MatchlockError as e:
+                    failure = e  # the sandbox still stops and is recorded as stopped
+                    self.stop(self.reason or str(e))
             self._stop.wait()
             with contextlib.suppress(OSError):
                 listener.close()
@@ -179,6 +186,8 @@ class Supervisor:
             if not self.foreground:
                 print(f"stopping: {self.reason}", flush=True)
         registry.mark_stopped(self.sandbox.dir, self.reason or "stopped")
+        if failure is not None:
+            raise failure
         return code
 
     def _foreground(self) -> int:
@@ -201,10 +210,13 @@ class Supervisor:
             if self.reason is not None:
                 raise MatchlockError(f"the sandbox was stopped: {self.reason}") from None
             raise self.sandbox.agent_failure(e) from None
-        if not self._stop.is_set():
-            sys.stderr.write(f"matchlock: the command exited with {code}; sandbox {sid} stays "
-                             f"up until `matchlock kill {sid}`\n")
-            sys.stderr.flush()
+        if self._stop.is_set():
+            # Stopped while the command ran: it was killed with the sandbox.
+            raise MatchlockError(f"the sandbox was stopped: {self.reason}",
+                                 exit_code=128 + self.signo if self.signo else code)
+        sys.stderr.write(f"matchlock: the command exited with {code}; sandbox {sid} stays "
+                         f"up until `matchlock kill {sid}`\n")
+        sys.stderr.flush()
         return code
 
     def _listen(self, path: Path) -> socket.socket:
