@@ -34,10 +34,13 @@ def test_parse_publish() -> None:
     (["1:2:3"], "127.0.0.1", "'1:2' is not a port number"),
     (["000000080"], "127.0.0.1", "is not a port number"),
     (["80", "8080:80"], "127.0.0.1", None),
-    (["80", "80:81"], "127.0.0.1", "host port 80 is published twice"),
-    (["80"], "localhost", "invalid --address 'localhost'"),
+    (["80", "80:81"], "127.0.0.1", "host port 80 is given twice"),
+    (["80"], "localhost", None),  # = 127.0.0.1, as the reference allows
+    (["80"], "myhost", "invalid --address 'myhost'"),
+    (["80"], ["127.0.0.1", "::1", "10.0.0.300"], "invalid --address '10.0.0.300'"),
 ])
-def test_parse_publish_errors(specs: list[str], address: str, message: str | None) -> None:
+def test_parse_publish_errors(specs: list[str], address: str | list[str],
+                              message: str | None) -> None:
     if message is None:
         parse_publish(specs, address)
         return
@@ -54,7 +57,7 @@ def test_listeners_are_all_or_nothing() -> None:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             free = probe.getsockname()[1]
-        with pytest.raises(MatchlockError, match=f"cannot publish port {taken} on 127.0.0.1"):
+        with pytest.raises(MatchlockError, match=f"cannot listen on 127.0.0.1 port {taken}"):
             PortForwarder([PortSpec(free, 80), PortSpec(taken, 80)], "127.0.0.1")
     # The first listener was closed again: its port can be bound.
     with socket.socket() as again:

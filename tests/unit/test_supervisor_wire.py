@@ -99,3 +99,54 @@ def test_valid_requests() -> None:
 def test_invalid_requests_are_refused(obj: dict[str, object]) -> None:
     with pytest.raises(wire.WireError):
         wire.parse_request(obj)
+
+
+# --- allow-list and port-forward ---------------------------------------------------------
+
+
+def test_new_frames_byte_for_byte() -> None:
+    assert wire.encode(wire.DATA, b"\x00\xffab") == b"D\x00\x00\x00\x04\x00\xffab"
+    assert wire.encode(wire.FIN) == b"F\x00\x00\x00\x00"
+    assert wire.encode_json(wire.ANSWER, {"changed": ["a.test"], "allowed": []}) == (
+        b'A\x00\x00\x00\x23{"changed":["a.test"],"allowed":[]}')
+    assert wire.encode_json(wire.REQUEST, {"op": "port-forward", "port": 8080}) == (
+        b'H\x00\x00\x00\x21{"op":"port-forward","port":8080}')
+    assert wire.encode_json(wire.REQUEST, {"op": "allow-list-add", "hosts": ["x.test"]}) == (
+        b'H\x00\x00\x00\x2a{"op":"allow-list-add","hosts":["x.test"]}')
+    stream = b"D\x00\x00\x00\x02hiF\x00\x00\x00\x00" + wire.encode_json(wire.EXIT, {"code": 0})
+    frames = wire.Decoder().feed(stream)
+    assert [(f.type, f.payload) for f in frames[:2]] == [(wire.DATA, b"hi"), (wire.FIN, b"")]
+    assert frames[2].json() == {"code": 0}
+
+
+def test_allow_list_and_forward_requests() -> None:
+    assert wire.parse_request({"op": "allow-list-add", "hosts": ["a.test", "b.test:22"]}) == (
+        wire.AllowListRequest("add", ["a.test", "b.test:22"]))
+    assert wire.parse_request({"op": "allow-list-delete", "hosts": ["a.test"]}) == (
+        wire.AllowListRequest("delete", ["a.test"]))
+    assert wire.parse_request({"op": "allow-list"}) == wire.AllowListRequest("list", [])
+    assert wire.parse_request({"op": "port-forward", "port": 1}) == wire.ForwardRequest(1)
+    assert wire.parse_request({"op": "port-forward", "port": 65535}) == (
+        wire.ForwardRequest(65535))
+
+
+@pytest.mark.parametrize("obj", [
+    {"op": "allow-list-add"},
+    {"op": "allow-list-add", "hosts": []},
+    {"op": "allow-list-add", "hosts": "a.test"},
+    {"op": "allow-list-add", "hosts": ["a.test", 3]},
+    {"op": "allow-list-add", "hosts": ["a\0.test"]},
+    {"op": "allow-list-add", "hosts": ["a.test"] * (wire.MAX_HOSTS + 1)},
+    {"op": "allow-list-delete", "hosts": ["a.test"], "all": True},
+    {"op": "allow-list", "hosts": ["a.test"]},
+    {"op": "port-forward"},
+    {"op": "port-forward", "port": 0},
+    {"op": "port-forward", "port": 65536},
+    {"op": "port-forward", "port": "80"},
+    {"op": "port-forward", "port": True},
+    {"op": "port-forward", "port": 80.0},
+    {"op": "port-forward", "port": 80, "host": "10.0.0.1"},
+])
+def test_invalid_allow_list_and_forward_requests(obj: dict[str, object]) -> None:
+    with pytest.raises(wire.WireError):
+        wire.parse_request(obj)
