@@ -8,13 +8,13 @@ import struct
 import threading
 from collections.abc import Iterator
 
+from tests.unit.test_ports import _gframe, _read_frame
+
 from matchlock.guest.client import AgentConnection
 from matchlock.guest.protocol import T
 from matchlock.sandbox import wire
 from matchlock.sandbox.control import frames
 from matchlock.sandbox.pipe import serve_pipe
-
-from tests.unit.test_ports import _gframe, _read_frame
 
 
 class Rig:
