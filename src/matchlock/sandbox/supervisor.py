@@ -333,8 +333,9 @@ class Supervisor:
         elif req.action == "delete":
             changed = self.sandbox.allow_list_delete(req.hosts)
         allowed = self.sandbox.allow_list()
-        print(f"allow-list {req.action}: {', '.join(changed) or 'no change'}; now: "
-              f"{', '.join(allowed) or '(empty)'}", flush=True)
+        if req.action != "list" and not self.foreground:  # stdout is supervisor.log
+            print(f"allow-list {req.action}: {', '.join(changed) or 'no change'}; now: "
+                  f"{', '.join(allowed) or '(empty)'}", flush=True)
         return {"changed": changed, "allowed": allowed}
 
     def _forward(self, conn: socket.socket, incoming: Iterator[wire.Frame], port: int) -> None:
