@@ -45,6 +45,7 @@ SYSTEM_BUNDLES = (
     "/etc/ssl/cert.pem",  # Alpine (LibreSSL), macOS-like layouts
 )
 MAX_BUNDLE = 8 << 20
+MAX_RUNTIME_ENTRIES = 2048  # an answer listing them all stays well under a wire frame
 _HOST_HINT = "use HOST, *.DOMAIN or HOST:PORT, as for --allow-host"
 
 
@@ -263,8 +264,12 @@ class Egress:
         """Allow more hosts (parsed like --allow-host, all or nothing); the ones that were
         new. The resolver and the proxy read the policy on every lookup and connection, so
         nothing else needs telling."""
+        items = _nonempty(hosts)
+        if len(self.policy.rules) + len(items) > MAX_RUNTIME_ENTRIES:
+            raise MatchlockError(f"the allow-list would exceed {MAX_RUNTIME_ENTRIES} entries",
+                                 hint="use wildcards (*.example.com) for many names")
         try:
-            return self.policy.add(_nonempty(hosts))
+            return self.policy.add(items)
         except ValueError as e:
             raise MatchlockError(f"invalid host: {e}", hint=_HOST_HINT) from None
 
