@@ -27,6 +27,7 @@ Run = Callable[..., subprocess.CompletedProcess[bytes]]
 PUBLISHED = 18480  # run -d -p PUBLISHED:8080 (the supervisor listens)
 FORWARDED = 18481  # port-forward FORWARDED:8080
 IDLE = 18482  # port-forward IDLE:8081: nothing listens on 8081 in the guest
+RM_FALSE_PORT = 18483  # run --rm=false -p RM_FALSE_PORT:8080
 
 
 def _connect(port: int) -> socket.socket:
@@ -67,7 +68,8 @@ def _status(ml: Run, sid: str) -> str:
 
 def test_rm_false_keeps_the_sandbox_after_its_command(ml: Run) -> None:
     proc = subprocess.Popen(
-        [MATCHLOCK, "run", "--rm=false", "--", "sh", "-c", "echo made > /tmp/f; echo hi; exit 3"],
+        [MATCHLOCK, "run", "--rm=false", "--no-network", "-p", f"{RM_FALSE_PORT}:8080", "--",
+         "sh", "-c", "echo made > /tmp/f; echo hi; exit 3"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None and proc.stderr is not None
     try:
@@ -84,8 +86,26 @@ def test_rm_false_keeps_the_sandbox_after_its_command(ml: Run) -> None:
         assert _status(ml, sid) == "running"
         r = ml("exec", sid, "--", "cat", "/tmp/f", check=True)
         assert r.stdout == b"made\n"
-        assert ml("kill", sid, check=True).stdout == f"Killed {sid}\n".encode()
-        assert proc.wait(timeout=60) == 3  # the command's exit code, once stopped
+        # Its published port still relays, to a server started later by an exec.
+        server = subprocess.Popen([MATCHLOCK, "exec", sid, "--", "sh", "-c",
+                                   "echo ready; echo pong | nc -l -p 8080"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert server.stdout is not None and server.stdout.readline() == b"ready\n"
+        got = b""
+        deadline = time.monotonic() + 60
+        while not got and time.monotonic() < deadline:  # nc may not listen yet
+            with _connect(RM_FALSE_PORT) as s:
+                s.sendall(b"ping\n")
+                s.shutdown(socket.SHUT_WR)
+                got = _recv_all(s)
+        assert got == b"pong\n"
+        assert server.communicate(timeout=60)[0] == b"ping\n"
+        # Reaped while `kill` waits: a zombie owner would look alive to it (pid and start
+        # time still match) until its parent, this test, reaps it.
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            code = pool.submit(proc.wait, 60)
+            assert ml("kill", sid, check=True).stdout == f"Killed {sid}\n".encode()
+            assert code.result() == 3  # the command's exit code, once stopped
         assert _status(ml, sid) == "stopped"
         assert ml("rm", sid, check=True).returncode == 0
     finally:
