@@ -159,6 +159,9 @@ def test_port_forward_errors_are_one_line_before_anything(ml: Run) -> None:
                 free = probe.getsockname()[1]
             r = ml("port-forward", sid, f"{free}:80", f"{port}:80")
             _one_line_error(r, f"cannot listen on 127.0.0.1 port {port}")
+            # run -d -p: the supervisor fails before the sandbox exists; the launcher says so.
+            r = ml("run", "-d", "--no-network", "-p", f"{port}:80")
+            _one_line_error(r, f"cannot listen on 127.0.0.1 port {port}")
             with socket.socket() as again:
                 again.bind(("127.0.0.1", free))
         # allow-list on a sandbox without a network; bad hosts are refused first.
