@@ -40,7 +40,7 @@ class Rig:
     @staticmethod
     def _serve(server: socket.socket, incoming: Iterator[wire.Frame], stream: object) -> None:
         with server:
-            serve_pipe(server, incoming, stream, threading.Lock())  # type: ignore[arg-type]
+            serve_pipe(server, incoming, stream)  # type: ignore[arg-type]
 
     def client_frames(self) -> list[wire.Frame]:
         dec = wire.Decoder()

@@ -29,13 +29,10 @@ CHUNK = 1 << 16
 # --- the supervisor's end ------------------------------------------------------------------
 
 
-def serve_pipe(conn: socket.socket, incoming: Iterator[wire.Frame], stream: Stream,
-               send_lock: threading.Lock) -> None:
-    """Relay until the guest channel ends; closes nothing but shuts `conn` down at the end."""
-
-    def send(data: bytes) -> None:
-        with send_lock:
-            conn.sendall(data)
+def serve_pipe(conn: socket.socket, incoming: Iterator[wire.Frame], stream: Stream) -> None:
+    """Relay until the guest channel ends (only this thread writes to `conn`; `incoming` is
+    read by a thread of its own). `conn` is left for the caller to close."""
+    send = conn.sendall
 
     done = threading.Event()
     up = threading.Thread(target=_client_to_guest, args=(incoming, stream, conn, done),

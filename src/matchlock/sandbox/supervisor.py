@@ -345,7 +345,7 @@ class Supervisor:
             raise MatchlockError(f"too many forwarded connections (at most {MAX_PIPES})")
         try:
             stream = self.sandbox.open_port(port)
-            serve_pipe(conn, incoming, stream, threading.Lock())
+            serve_pipe(conn, incoming, stream)
         finally:
             self._pipes.release()
 
