@@ -129,6 +129,12 @@ def test_rm_false_interrupted_while_its_command_runs(ml: Run) -> None:
     assert b"the sandbox was stopped: stopped by SIGINT" in proc.stderr.read()
     assert _status(ml, sid) == "stopped"
     ml("rm", sid, check=True)
+    # --timeout bounds the whole life: 124 when it expires during the command.
+    r = ml("run", "--rm=false", "--timeout", "3", "--", "sleep", "600")
+    assert r.returncode == 124, r.stderr
+    assert r.stderr.decode().splitlines()[-1] == (
+        "matchlock: the sandbox was stopped: timed out after 3s")
+    ml("rm", "--stopped", check=True)
 
 
 def test_rm_false_spellings(ml: Run) -> None:

@@ -30,7 +30,7 @@ from types import FrameType
 from matchlock.errors import MatchlockError
 from matchlock.guest.client import AgentGone, Exec, Output
 from matchlock.sandbox import wire
-from matchlock.sandbox.attach import RunRequest, attach, exec_request
+from matchlock.sandbox.attach import TIMEOUT_EXIT, RunRequest, attach, exec_request
 from matchlock.sandbox.control import frames, sock_path
 from matchlock.sandbox.core import Sandbox
 from matchlock.sandbox.ports import PortForwarder
@@ -101,6 +101,7 @@ class Supervisor:
         self.foreground = foreground
         self.reason: str | None = None  # why it stops
         self.signo: int | None = None  # the signal that stopped it
+        self.timed_out = False
         self._stop = threading.Event()
         self._ready = False
         self._lock = threading.Lock()
@@ -126,6 +127,7 @@ class Supervisor:
                 self._stop.set()
                 break
             if deadline is not None and time.monotonic() >= deadline:
+                self.timed_out = True
                 self.stop(f"timed out after {self.timeout:g}s")
                 break
             self._stop.wait(0.1)
@@ -212,8 +214,9 @@ class Supervisor:
             raise self.sandbox.agent_failure(e) from None
         if self._stop.is_set():
             # Stopped while the command ran: it was killed with the sandbox.
-            raise MatchlockError(f"the sandbox was stopped: {self.reason}",
-                                 exit_code=128 + self.signo if self.signo else code)
+            exit_code = (TIMEOUT_EXIT if self.timed_out else
+                         128 + self.signo if self.signo else code)
+            raise MatchlockError(f"the sandbox was stopped: {self.reason}", exit_code=exit_code)
         sys.stderr.write(f"matchlock: the command exited with {code}; sandbox {sid} stays "
                          f"up until `matchlock kill {sid}`\n")
         sys.stderr.flush()
