@@ -35,8 +35,8 @@ from matchlock.vm.qemu import Disk, VMConfig
 from matchlock.vm.qmp import Qmp
 
 if TYPE_CHECKING:
-    from matchlock.sandbox.disks import Disks, DiskSpec
     from matchlock.guest.client import Stream
+    from matchlock.sandbox.disks import Disks, DiskSpec
     from matchlock.sandbox.mounts import MountSpec, Shares
     from matchlock.sandbox.network import Egress
     from matchlock.sandbox.ports import PortForwarder, PortSpec
