@@ -137,6 +137,24 @@ def test_rm_false_interrupted_while_its_command_runs(ml: Run) -> None:
     ml("rm", "--stopped", check=True)
 
 
+def test_publish_on_several_addresses(ml: Run) -> None:
+    proc = subprocess.Popen(
+        [MATCHLOCK, "run", "--no-network", "-p", f"{RM_FALSE_PORT}:8080",
+         "--address", "127.0.0.1,::1", "--address", "localhost", "--", "sh", "-c",
+         "echo ready; echo one | nc -l -p 8080; echo two | nc -l -p 8080"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+    for address, want in (("::1", b"one\n"), ("127.0.0.1", b"two\n")):
+        got = b""
+        deadline = time.monotonic() + 60
+        while not got and time.monotonic() < deadline:  # nc may not listen yet
+            with socket.create_connection((address, RM_FALSE_PORT), timeout=60) as s:
+                s.shutdown(socket.SHUT_WR)
+                got = _recv_all(s)
+        assert got == want, address
+    assert proc.wait(timeout=60) == 0
+
+
 def test_rm_false_spellings(ml: Run) -> None:
     r = ml("run", "--rm=maybe", "--", "true")
     _one_line_error(r, "--rm=maybe")

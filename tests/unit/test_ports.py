@@ -203,3 +203,21 @@ def test_guest_data_beyond_the_window_ends_the_connection() -> None:
                 pass
     finally:
         conn.close()
+
+
+def test_bindings_any_free_port_and_several_addresses() -> None:
+    fw = PortForwarder([PortSpec(0, 8080), PortSpec(0, 9090)],
+                       ["127.0.0.1", "localhost", "::1"])
+    try:
+        # localhost is 127.0.0.1: bound once; every (address, spec) gets its own real port.
+        assert [(b.address, b.remote_port) for b in fw.bindings] == [
+            ("127.0.0.1", 8080), ("127.0.0.1", 9090), ("::1", 8080), ("::1", 9090)]
+        assert all(b.local_port > 0 for b in fw.bindings)
+        for b in fw.bindings:
+            with socket.create_connection((b.address, b.local_port), timeout=5):
+                pass  # listening (accepted by the backlog: not started)
+    finally:
+        fw.close()
+    for b in fw.bindings:
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((b.address, b.local_port), timeout=5)

@@ -126,8 +126,9 @@ class _RunCommand(click.Command):
 @click.option("-p", "--publish", "publish", multiple=True, metavar="[LOCAL:]REMOTE",
               help="Relay host port LOCAL (default: REMOTE) to guest port REMOTE on the "
               "guest's loopback, over the agent channel (works with --no-network). Repeatable.")
-@click.option("--address", "publish_address", default="127.0.0.1", show_default=True,
-              help="Host address that published ports listen on.")
+@click.option("--address", "publish_address", multiple=True, metavar="IP",
+              help="Host address that published ports listen on (repeatable or "
+              "comma-separated; default 127.0.0.1; localhost = 127.0.0.1).")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(
     image: str | None, envs: tuple[str, ...], env_files: tuple[str, ...], workdir: str | None,
@@ -141,7 +142,7 @@ def run(
     max_connections: int | None = None, workspace: str | None = None,
     volumes: tuple[str, ...] = (), detach: bool = False,
     publish: tuple[str, ...] = (),
-    publish_address: str = "127.0.0.1", disk_specs: tuple[str, ...] = (),
+    publish_address: tuple[str, ...] = (), disk_specs: tuple[str, ...] = (),
 ) -> None:
     """Run COMMAND in a new ephemeral microVM booted from an OCI image."""
     from matchlock.image.resolve import resolve_image
@@ -175,8 +176,10 @@ def run(
     from matchlock.sandbox.network import Egress, NetworkOptions
     from matchlock.sandbox.ports import check_available, parse_publish
 
-    ports = parse_publish(publish, publish_address)
-    check_available(ports, publish_address)
+    addresses = tuple(a.strip() for v in publish_address for a in v.split(",")
+                      if a.strip()) or ("127.0.0.1",)
+    ports = parse_publish(publish, addresses)
+    check_available(ports, addresses)
     mounts = parse_mounts(volumes, workspace)
 
     net_flags = (allow_hosts or secret_specs or secret_files or add_hosts or allow_private
@@ -215,7 +218,7 @@ def run(
     req = RunRequest(
         argv=argv, image=cfg, env_files=env_files, env=envs, workdir=workdir, user=user,
         tty=tty, interactive=interactive, privileged=privileged, timeout=timeout,
-        publish=tuple(ports), publish_address=publish_address,
+        publish=tuple(ports), publish_address=addresses,
     )
     if keep:
         from matchlock.sandbox.supervisor import Supervisor

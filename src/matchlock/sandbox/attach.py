@@ -51,7 +51,7 @@ class RunRequest:
     privileged: bool = False
     timeout: float | None = None
     publish: tuple[PortSpec, ...] = ()  # sandbox.ports.parse_publish
-    publish_address: str = "127.0.0.1"
+    publish_address: str | tuple[str, ...] = "127.0.0.1"  # one or several host addresses
 
 
 class RunControl:
