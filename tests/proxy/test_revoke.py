@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import time
 
+import httpx
 import pytest
 from proxy_testutil import Rig
 from websockets.exceptions import ConnectionClosed
@@ -90,3 +91,36 @@ def _response(s: socket.socket) -> bytes:
         body += s.recv(65536)
     assert len(body) == length
     return head + b"\r\n\r\n" + body
+
+
+def test_request_body_in_flight_is_cut(rig: Rig) -> None:
+    # An endless upload started before the delete must not go on after it.
+    entry = f"origin.test:{rig.http.port}"
+    rig.configure([entry], pins=["origin.test:127.0.0.1"])
+    rig.aim("origin.test", rig.http.port)
+    with socket.create_connection(("127.0.0.1", rig.proxy_port), timeout=10) as s:
+        s.sendall(f"POST /echo HTTP/1.1\r\nHost: origin.test:{rig.http.port}\r\n"
+                  "Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n".encode())
+        time.sleep(0.3)  # the head and first chunk went upstream; the body goes on
+        assert _revoke(rig, entry) == 1
+        with pytest.raises(ConnectionResetError):
+            for _ in range(100):
+                s.sendall(b"5\r\nworld\r\n")
+                time.sleep(0.01)
+    assert not any(seen.method == "POST" for seen in rig.http.seen)
+
+
+def test_http2_stream_in_flight_is_cut(rig: Rig) -> None:
+    rig.configure([f"origin.test:{rig.https.port}"], pins=["origin.test:127.0.0.1"])
+    rig.aim("origin.test", rig.https.port)
+    url = f"https://127.0.0.1:{rig.proxy_port}/sse"
+    with (httpx.Client(http2=True, verify=rig.client_context(), timeout=10) as client,
+          client.stream("GET", url, headers={"Host": f"origin.test:{rig.https.port}"},
+                        extensions={"sni_hostname": "origin.test"}) as r):
+        assert r.http_version == "HTTP/2" and r.status_code == 200
+        chunks = r.iter_raw()
+        assert b"event 0" in next(chunks)
+        assert _revoke(rig, f"origin.test:{rig.https.port}") == 1
+        with pytest.raises(httpx.HTTPError):
+            for _ in chunks:
+                pass

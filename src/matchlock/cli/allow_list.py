@@ -85,7 +85,7 @@ def add(sandbox_id: str, hosts: tuple[str, ...]) -> None:
 @click.argument("hosts", nargs=-1, required=True)
 def delete(sandbox_id: str, hosts: tuple[str, ...]) -> None:
     """Stop allowing HOST[,HOST...]: new lookups, connections and requests are refused, and
-    open raw TCP and WebSocket connections to them are cut."""
+    raw TCP, WebSocket and HTTP exchanges in flight to them are cut."""
     changed, allowed = _change("allow-list-delete", sandbox_id, _hosts(hosts))
     click.echo(f"Removed from {sandbox_id}: {','.join(changed)}" if changed
                else f"No hosts were removed from {sandbox_id}")

@@ -76,6 +76,7 @@ class H2Session:
         config = h2.config.H2Configuration(client_side=False, header_encoding=None)
         self.h2 = h2.connection.H2Connection(config)
         self.streams: dict[int, _H2Stream] = {}
+        self._in_flight = 0  # exchanges (streams admitted and not ended)
 
     def flush(self) -> None:
         data = self.h2.data_to_send()
@@ -159,6 +160,22 @@ class H2Session:
             with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
                 self.h2.acknowledge_received_data(size, stream_id)
 
+    # -- exchanges in flight (an allow-list delete cuts the connection while one is) --------
+
+    def _exchange_started(self) -> bool:
+        from matchlock.net.proxy import Tunnel  # proxy imports this module lazily
+
+        self._in_flight += 1
+        if self._in_flight == 1:
+            self.proxy.tunnel_opened(
+                self.guest, Tunnel(self.conn.target, self.conn.name, raw=False, upstream=None))
+        return True
+
+    def _exchange_ended(self) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self.proxy.tunnel_closed(self.guest)
+
     # -- one request ---------------------------------------------------------------------
 
     async def _request(
@@ -168,9 +185,11 @@ class H2Session:
         up: Connection | None = None
         method, path, status, up_bytes, down = "", "", 0, 0, 0
         name = self.conn.name or self.conn.target.address
+        entered = False
         try:
             built = self._build(headers, ended)
             if isinstance(built, tuple):
+                entered = self._exchange_started()  # no await since the admission
                 req, name, reason = built
                 method, path = req.method.decode("latin-1"), req.path()
                 up, resp, body_task = await self._send_upstream(st, req, name, ended)
@@ -230,6 +249,8 @@ class H2Session:
                 )
             )
         finally:
+            if entered:
+                self._exchange_ended()
             st.done = True
             if up is not None:
                 up.stream.abort()

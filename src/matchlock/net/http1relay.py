@@ -33,6 +33,7 @@ from matchlock.net.upstream import Connection, UpstreamError
 from matchlock.net.websocket import ServerFrameMask, WebSocketError
 
 if TYPE_CHECKING:
+    from matchlock.net.policy import Decision
     from matchlock.net.proxy import Conn, Proxy
 
 HEAD_TIMEOUT = 30.0  # to receive a whole request head once it has started
@@ -77,6 +78,14 @@ class Http1Relay:
             await proxy.answer(guest, conn, admitted, method=method, path=path)
             return False
         name, decision = admitted
+        # By name when the connection has one; else (open mode, by address) as admitted:
+        # by address, so that ending open mode cuts it.
+        with proxy.in_flight(guest, conn.target, conn.name):
+            return await self._forward(req, name, decision, started, path, method)
+
+    async def _forward(self, req: Request, name: str, decision: Decision, started: float,
+                       path: str, method: str) -> bool:
+        proxy, guest, conn = self.proxy, self.guest, self.conn
         head = proxy.secrets.inject(req.serialize(), name)
         if isinstance(head, SecretLeak):
             return await self._deny(403, head.reason, method, path, f"--secret {head.secret_name}")

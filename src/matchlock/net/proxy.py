@@ -30,7 +30,7 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from matchlock.net import http1
@@ -92,12 +92,14 @@ class Blocked:
 
 @dataclass(frozen=True, slots=True)
 class Tunnel:
-    """An open tunnel: where it goes, and whether it needs raw TCP there."""
+    """A guest connection that is carrying bytes to an origin right now: a tunnel (raw TCP,
+    a WebSocket), or an HTTP exchange in flight. Where it goes, and whether it needs raw TCP
+    there."""
 
     target: Target
     name: str | None  # the name it was admitted for; None: by address (open mode)
     raw: bool
-    upstream: Stream
+    upstream: Stream | None  # None: an HTTP exchange (its upstream may change on a retry)
 
 
 @dataclass(slots=True)
@@ -485,6 +487,18 @@ class Proxy:
     def tunnel_closed(self, guest: Stream) -> None:
         self._tunnels.pop(guest, None)
 
+    @contextlib.contextmanager
+    def in_flight(self, guest: Stream, target: Target, name: str | None) -> Iterator[None]:
+        """An HTTP exchange (request body and response) on `guest`, admitted just now (call
+        it with no await since the admission): an allow-list delete meanwhile cuts it, so
+        an endless request body or response cannot outlive its host's removal. An idle
+        kept-alive connection is not in flight: its next request gets the 403."""
+        self._tunnels[guest] = Tunnel(target, name, raw=False, upstream=None)
+        try:
+            yield
+        finally:
+            self._tunnels.pop(guest, None)
+
     def _revoked_because(self, t: Tunnel) -> str | None:
         if t.name is not None:
             decision = self.policy.check(t.name, t.target.port)
@@ -497,9 +511,9 @@ class Proxy:
         return None
 
     def revoke(self) -> int:
-        """Cut every open tunnel that the policy no longer allows (after `allow-list delete`);
-        runs on the loop thread. HTTP connections need nothing: each request is admitted on
-        its own. Returns how many were cut."""
+        """Cut every tunnel and HTTP exchange in flight that the policy no longer allows
+        (after `allow-list delete`); runs on the loop thread. Idle HTTP connections need
+        nothing: each request is admitted on its own. Returns how many were cut."""
         cut = 0
         for guest, t in list(self._tunnels.items()):
             why = self._revoked_because(t)
@@ -508,7 +522,8 @@ class Proxy:
             self._tunnels.pop(guest, None)
             self.block_event(t.target, Blocked(0, why), protocol="tcp" if t.raw else "websocket")
             guest.reset()
-            t.upstream.abort()
+            if t.upstream is not None:
+                t.upstream.abort()
             cut += 1
         return cut
 

@@ -441,7 +441,8 @@ class Sandbox:
     def allow_list_delete(self, hosts: Sequence[str]) -> list[str]:
         """Stop allowing entries; returns those that were present. New lookups, connections
         and requests (also on kept-alive connections) are refused from now on, and open
-        tunnels (raw TCP, WebSocket) to what is no longer allowed are cut."""
+        tunnels (raw TCP, WebSocket) and HTTP exchanges in flight to what is no longer
+        allowed are cut."""
         return self._egress().allow_list_delete(hosts)
 
     # --- ports -------------------------------------------------------------------------------

@@ -276,7 +276,8 @@ class Egress:
     def allow_list_delete(self, hosts: Sequence[str]) -> list[str]:
         """Stop allowing hosts; the ones that were present. New lookups, connections and
         requests (also on kept-alive connections) are refused at once; open tunnels (raw
-        TCP, WebSocket) to what is no longer allowed are cut."""
+        TCP, WebSocket) and HTTP exchanges in flight to what is no longer allowed are cut.
+        Not to be called from the network loop's own thread (it waits for that loop)."""
         try:
             removed = self.policy.remove(_nonempty(hosts))
         except ValueError as e:
