@@ -32,9 +32,13 @@ def test_protocol_errors(ml: Run) -> None:
     assert rpc.next() == {"jsonrpc": "2.0", "error": {"code": -32700, "message": "Parse error"}}
     rpc.send_raw(b"\n   \n")  # ignored
     assert error(rpc.call("nope", rid=19)) == (-32601, "Method not found")
-    # what the integrator wires later answers "method not found" for now
-    for i, m in enumerate(("allow_list_add", "port_forward")):
-        assert error(rpc.call(m, {"hosts": ["a.com"]}, rid=40 + i))[0] == -32601
+    # parameters first, then "is there a sandbox"
+    assert error(rpc.call("allow_list_add", {"hosts": [" ", ""]}, rid=40)) == (
+        -32602, "hosts is required")
+    assert error(rpc.call("port_forward", {"hosts": ["a.com"]}, rid=41)) == (
+        -32602, "forwards is required")
+    assert error(rpc.call("allow_list_delete", {"hosts": ["a.com"]}, rid=42)) == (
+        -32000, "VM not created")
     assert error(rpc.call("exec", {"command": "true"}, rid=20)) == (-32000, "VM not created")
     assert error(rpc.call("create", {"image": BUILTIN, "network": {
         "no_network": True, "allowed_hosts": ["a.com"]}}, rid=21)) == (
@@ -359,3 +363,54 @@ def test_upstream_ca_from_the_environment(ml: Run, tmp_path: Path) -> None:
     assert code == -32602 and "missing.pem" in msg
     assert rpc.finish() == 0
     assert _ls(ml) == {}
+
+
+def test_allow_list_and_port_forward(ml: Run, state_dir: Path) -> None:
+    """allow_list_add/delete answer as the reference (added/removed, the whole list, null when
+    empty; a bad pattern is -32602); port_forward binds, relays to the guest's port over the
+    agent (no NIC needed), and a second call replaces the first set of listeners."""
+    import socket
+
+    rpc = Rpc()
+    rpc.create({"network": {"allowed_hosts": ["a.test"]}})
+    ok = rpc.call("allow_list_add", {"hosts": ["b.test", " b.test ", "", "a.test"]}, rid=2)
+    assert ok["result"] == {"added": ["b.test"], "allowed_hosts": ["a.test", "b.test"]}
+    ok = rpc.call("allow_list_delete", {"hosts": ["a.test", "c.test"]}, rid=3)
+    assert ok["result"] == {"removed": ["a.test"], "allowed_hosts": ["b.test"]}
+    ok = rpc.call("allow_list_delete", {"hosts": ["b.test"]}, rid=4)
+    assert ok["result"] == {"removed": ["b.test"], "allowed_hosts": None}
+    code, _ = error(rpc.call("allow_list_add", {"hosts": ["bad host/x"]}, rid=5))
+    assert code == -32602
+
+    rpc.send("exec", {"command": "echo pong | nc -l -p 8080"}, rid=6)
+    bound = rpc.call("port_forward", {"forwards": [{"local_port": 0, "remote_port": 8080}]},
+                     rid=7)["result"]["bindings"]
+    assert len(bound) == 1 and bound[0]["address"] == "127.0.0.1"
+    assert bound[0]["remote_port"] == 8080 and bound[0]["local_port"] > 0
+    got = b""
+    deadline = time.monotonic() + 30
+    while not got and time.monotonic() < deadline:  # nc may not listen yet
+        with socket.create_connection(("127.0.0.1", bound[0]["local_port"]), 10) as c:
+            c.shutdown(socket.SHUT_WR)
+            got = c.recv(100)
+        time.sleep(0.1)
+    assert got == b"pong\n"
+    first = bound[0]["local_port"]
+    again = rpc.call("port_forward", {"forwards": [{"local_port": 0, "remote_port": 9}],
+                                      "addresses": ["127.0.0.1"]}, rid=8)["result"]["bindings"]
+    with pytest.raises(OSError):  # the first listener is gone
+        socket.create_connection(("127.0.0.1", first), 2).close()
+    assert rpc.call("close", {"timeout_seconds": 5}, rid=9)["result"] == {}
+    with pytest.raises(OSError):  # and the second with the sandbox
+        socket.create_connection(("127.0.0.1", again[0]["local_port"]), 2).close()
+    assert rpc.finish() == 0
+    ml("rm", *_ls(ml), check=True)
+    assert wait_no_leftovers(state_dir) == []
+
+    rpc = Rpc()
+    rpc.create({"network": {"no_network": True}})
+    assert error(rpc.call("allow_list_add", {"hosts": ["a.test"]}, rid=2)) == (
+        -32000, "allow-list updates unavailable: sandbox was started without network "
+        "interception")
+    assert rpc.finish() == 0
+    assert wait_no_leftovers(state_dir) == []

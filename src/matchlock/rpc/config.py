@@ -433,3 +433,44 @@ def parse_write(params: Any) -> WriteSpec:
 def parse_close_timeout(params: Any) -> float:
     p = _obj(params, "params")
     return _number(p, "timeout_seconds", "")
+
+
+def parse_hosts(params: Any) -> list[str]:
+    """`allow_list_add/delete`: `hosts`, trimmed, de-duplicated, empties dropped (as the
+    reference); the patterns themselves are checked by the policy's parser."""
+    p = _obj(params, "params")
+    raw = p.get("hosts")
+    if not isinstance(raw, list) or not all(isinstance(h, str) for h in raw):
+        raise _bad("hosts is required")
+    hosts = list(dict.fromkeys(h.strip() for h in raw if h.strip()))
+    if not hosts:
+        raise _bad("hosts is required")
+    return hosts
+
+
+@dataclass(frozen=True)
+class ForwardSpec:
+    forwards: tuple[tuple[int, int], ...]  # (local, remote); local 0 = any free port
+    addresses: tuple[str, ...]
+
+
+def parse_port_forward(params: Any) -> ForwardSpec:
+    p = _obj(params, "params")
+    raw = p.get("forwards")
+    if not isinstance(raw, list) or not raw:
+        raise _bad("forwards is required")
+    forwards = []
+    for i, f in enumerate(raw):
+        f = _obj(f, f"forwards[{i}]")
+        local = _int(f, "local_port", f"forwards[{i}].", 0, 65535)
+        remote = _int(f, "remote_port", f"forwards[{i}].", 0, 65535)
+        if not remote:
+            raise _bad(f"invalid params: forwards[{i}].remote_port must be 1-65535")
+        forwards.append((local, remote))
+    addresses = _strings(p, "addresses", "") or ["127.0.0.1"]
+    for a in addresses:
+        try:
+            ipaddress.ip_address("127.0.0.1" if a == "localhost" else a)
+        except ValueError:
+            raise _bad(f"invalid params: address {a!r} is not an IP address") from None
+    return ForwardSpec(tuple(forwards), tuple(addresses))

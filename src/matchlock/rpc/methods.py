@@ -193,7 +193,45 @@ def _log_stream(server: Server, ctx: Ctx) -> None:
     raise RpcError(proto.CANCELLED, proto.CANCELLED_MESSAGE)
 
 
+def _allow_list(server: Server, ctx: Ctx, add: bool) -> None:
+    hosts = cfg.parse_hosts(ctx.params)
+    sandbox = server.need_session().sandbox
+    if sandbox.opts.egress is None:
+        raise RpcError(proto.VM_FAILED, "allow-list updates unavailable: sandbox was started "
+                                        "without network interception")
+    try:
+        changed = sandbox.allow_list_add(hosts) if add else sandbox.allow_list_delete(hosts)
+    except MatchlockError as e:  # a pattern the policy's parser refuses
+        raise RpcError(proto.INVALID_PARAMS, str(e)) from None
+    _done(ctx, {"added" if add else "removed": changed,
+                "allowed_hosts": sandbox.allow_list() or None})
+
+
+def _port_forward(server: Server, ctx: Ctx) -> None:
+    """Listeners that replace the previous set and live until the next port_forward, close or
+    the end of the session (not of this request)."""
+    from matchlock.sandbox.ports import PortSpec
+
+    spec = cfg.parse_port_forward(ctx.params)
+    sess = server.need_session()
+    with sess.forward_lock:
+        if sess.forwarder is not None:
+            sess.forwarder.close()
+            sess.forwarder = None
+        addresses = ["127.0.0.1" if a == "localhost" else a for a in spec.addresses]
+        try:
+            fw = sess.sandbox.publish([PortSpec(lo, re) for lo, re in spec.forwards], addresses)
+        except MatchlockError as e:
+            raise RpcError(proto.VM_FAILED, str(e)) from None
+        sess.forwarder = fw
+    _done(ctx, {"bindings": [{"address": b.address, "local_port": b.local_port,
+                              "remote_port": b.remote_port} for b in fw.bindings]})
+
+
 HANDLERS: dict[str, Callable[[Server, Ctx], None]] = {
+    "allow_list_add": lambda s, c: _allow_list(s, c, True),
+    "allow_list_delete": lambda s, c: _allow_list(s, c, False),
+    "port_forward": _port_forward,
     "log": _log,
     "log_stream": _log_stream,
     "exec": lambda s, c: _exec_common(s, c, "exec"),

@@ -10,7 +10,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from matchlock.sandbox.disks import DiskSpec
     from matchlock.sandbox.mounts import MountSpec
     from matchlock.sandbox.network import Egress
+    from matchlock.sandbox.ports import PortForwarder
 
 ENTRYPOINT_PROBE_S = 0.5
 ENTRYPOINT_LOG = "entrypoint.log"
@@ -145,6 +146,9 @@ class Session:
     image: ImageConfig
     memory_mounts: tuple[str, ...] = ()
     entrypoint: Exec | None = None
+    # port_forward's listeners (closed with the sandbox, or by the next port_forward)
+    forwarder: PortForwarder | None = None
+    forward_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     def prepare(cls, spec: CreateSpec,
