@@ -7,7 +7,8 @@ import click
 
 @click.command()
 def gc() -> None:
-    """Kill orphaned VMs and remove the files of dead sandboxes."""
+    """Kill orphaned VMs, remove crashed sandboxes and stray directories, release VMM user
+    ids, and forget records of sandboxes removed long ago. Stopped sandboxes stay for `rm`."""
     from matchlock.state import registry
     from matchlock.vm import confine
 

@@ -214,16 +214,35 @@ def run(
         memory_mb=_parse_memory(memory), disk_size_mb=_parse_memory(disk_size),
         hostname=hostname, accel=accel, egress=egress, mounts=mounts, keep_dir=keep,
         disks=disks,
+        record=_record(argv, timeout, envs, env_files, workdir, user, privileged, detach),
     )
     req = RunRequest(
         argv=argv, image=cfg, env_files=env_files, env=envs, workdir=workdir, user=user,
         tty=tty, interactive=interactive, privileged=privileged, timeout=timeout,
         publish=tuple(ports), publish_address=addresses,
     )
-    if keep:
-        from matchlock.sandbox.supervisor import Supervisor
+    sandbox = Sandbox(opts)
+    try:
+        if keep:
+            from matchlock.sandbox.supervisor import Supervisor
 
-        sys.exit(Supervisor(Sandbox(opts), req, argv or None if detach else None, timeout,
-                            foreground=not detach).run())
-    code = run_attached(Sandbox(opts), req)
+            sys.exit(Supervisor(sandbox, req, argv or None if detach else None, timeout,
+                                foreground=not detach).run())
+        code = run_attached(sandbox, req)
+    except (MatchlockError, OSError) as e:
+        sandbox.record_end(e)  # why it ended, for `matchlock inspect`
+        raise
+    sandbox.record_end(code)
     sys.exit(code)
+
+
+def _record(argv: list[str], timeout: float | None, envs: tuple[str, ...],
+            env_files: tuple[str, ...], workdir: str | None, user: str | None,
+            privileged: bool, detach: bool) -> dict[str, object]:
+    """The run's choices as `inspect` shows them: environment *names* only (values may be
+    secrets)."""
+    from matchlock.state.config import env_names
+
+    return {"command": argv, "timeout": timeout, "env": env_names(envs),
+            "env_files": list(env_files), "workdir": workdir, "user": user,
+            "privileged": privileged, "detach": detach}

@@ -1,8 +1,10 @@
 """One sandbox: a microVM with its own writable layer, reached through the guest agent.
 
-Start-up order is chosen so that every resource is recorded (in the sandbox directory, whose
-owner.json `matchlock gc` reads) before it exists, and `close()` undoes everything on every
-path: success, error, signal, timeout or guest panic.
+Start-up order is chosen so that every resource is recorded (the sandbox's record in the
+state database, which `matchlock gc` reads) before it exists, and `close()` undoes everything
+on every path: success, error, signal, timeout or guest panic. Phases, cleanup steps and the
+end reason are recorded on the way (`state/registry.py`); a failure to record never stops a
+cleanup.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import secrets
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -24,12 +27,12 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from matchlock.errors import GuestError, MatchlockError
 from matchlock.guest import protocol as p
 from matchlock.guest.client import AgentConnection, AgentGone, Exec
-from matchlock.state import registry
+from matchlock.state import endings, registry
 from matchlock.vm import confine, qemu
 from matchlock.vm.qemu import Disk, VMConfig
 from matchlock.vm.qmp import Qmp
@@ -64,6 +67,7 @@ class SandboxOptions:
     mounts: tuple[MountSpec, ...] = ()  # sandbox.mounts.parse_mounts
     disks: tuple[DiskSpec, ...] = ()  # sandbox.disks.parse_disks
     keep_dir: bool = False  # close() keeps the directory (logs) for `matchlock rm`
+    record: dict[str, Any] = field(default_factory=dict)  # run's choices, for `inspect`
 
     def validate(self) -> None:
         if not (math.isfinite(self.cpus) and self.cpus > 0):
@@ -115,6 +119,7 @@ class Sandbox:
         self._disks: Disks | None = None
         self._forwarders: list[PortForwarder] = []
         self._fw_lock = threading.Lock()
+        self.console = endings.ConsoleFindings()  # read by close(), before the logs go
 
     def __enter__(self) -> Sandbox:
         return self
@@ -139,7 +144,10 @@ class Sandbox:
         arts = boot.artifacts()
         choice = boot.choose_accel(self.opts.accel, arts)
         self.accel, self.accel_reason = choice.accel, choice.reason
-        self.dir, self._owner = registry.create_dir(self.opts.image)
+        from matchlock.state.config import sandbox_config
+
+        self.dir, self._owner = registry.create_dir(
+            self.opts.image, sandbox_config(self.opts, self.opts.record))
         self.id = self._owner.id
         runas: tuple[int, int] | None = None
         chroot: Path | None = None
@@ -225,6 +233,7 @@ class Sandbox:
         if self.opts.rootfs is not None:
             self._setup()
         self.timings.add("agent_ready", time.perf_counter() - t2)
+        registry.set_phase(self.id, "running", "restored" if self.restored else "cold boot")
 
     def _spawn(self, base: VMConfig, ram_file: Path | None = None) -> None:
         """Start the VMM with a fresh control channel and QMP socket."""
@@ -247,7 +256,8 @@ class Sandbox:
                 qmp_guest.close()
             self._owner.vmm_pid = self._proc.pid
             self._owner.vmm_start = registry.proc_start_time(self._proc.pid)
-            self._owner.save(self.dir / "owner.json")
+            self._owner.save()
+            registry.set_phase(self.id, "booting", f"VMM pid {self._proc.pid}")
         self._conn = AgentConnection(host_sock, on_log=self._agent_log)
         self._check_abort()  # abort() may have run before the VMM or its connection existed
         try:
@@ -541,25 +551,75 @@ class Sandbox:
         t0 = time.perf_counter()
         for fw in forwarders:  # no new connection may reach a VM that is going away
             fw.close()
+        note = _Recorder(self.id)
+        note(registry.set_phase, "stopping")
         with _signals_deferred():
             # The writable layer is thrown away, so there is nothing to flush: kill the VMM
             # now rather than wait for a guest shutdown; unless a disk was written.
             if self._disks is not None and self._disks.writable:
                 self._flush_disks()
             self._discard_vm()
+            note(registry.cleanup_step, "vmm")
             if self._disks is not None:
                 self._disks.close()  # the locks: the VMM that shared them is gone
+                note(registry.cleanup_step, "disks")
             if self._shares is not None:
                 self._shares.close()
+                note(registry.cleanup_step, "mounts")
             if self._identity is not None:
                 self._identity.release()
+                note(registry.cleanup_step, "vmm-uid")
             if self.opts.egress is not None:
                 self.opts.egress.close()
+                note(registry.cleanup_step, "network")
+            if self.dir is not None:
+                self.console = registry.console_findings(self.dir)
             if self.dir is not None and self.opts.keep_dir:
                 (self.dir / "upper.ext4").unlink(missing_ok=True)
+                note(registry.cleanup_step, "disk")
+                note(registry.set_phase, "stopped")
             elif self.dir is not None and not os.environ.get("MATCHLOCK_KEEP_SANDBOX"):
                 registry.remove_dir(self.dir)
+                note(registry.cleanup_step, "directory")
+                note(registry.set_phase, "removed")
+            else:
+                note(registry.set_phase, "stopped")
         self.timings.add("teardown", time.perf_counter() - t0)
+
+    def record_end(self, outcome: int | BaseException) -> None:
+        """Record why the sandbox ended: the command's exit code, or the error the run ended
+        with (a timeout, a signal, a panic, a failure), read with the console's evidence."""
+        if not self.id:
+            return
+        if isinstance(outcome, int):
+            ending = endings.from_exit(outcome, self.console)
+        else:
+            code = outcome.exit_code if isinstance(outcome, MatchlockError) else 1
+            message = outcome.message if isinstance(outcome, MatchlockError) else str(outcome)
+            note = _Recorder(self.id)
+            kill = bool(note(registry.kill_requested))
+            ending = endings.from_error(message or type(outcome).__name__, code, self.console,
+                                        kill)
+        _Recorder(self.id)(registry.record_end, ending)
+
+
+class _Recorder:
+    """Best-effort writes to the state database from teardown paths: a locked or broken
+    database must never stop a cleanup (one warning on stderr, then no more attempts)."""
+
+    def __init__(self, sid: str) -> None:
+        self.sid = sid
+        self.failed = False
+
+    def __call__(self, fn: Any, *args: Any) -> Any:
+        if not self.sid or self.failed:
+            return None
+        try:
+            return fn(self.sid, *args)
+        except MatchlockError as e:
+            self.failed = True
+            print(f"matchlock: warning: not recorded: {e}", file=sys.stderr, flush=True)
+            return None
 
 
 _DEFERRED = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}

@@ -1,7 +1,7 @@
 """Detached sandboxes: the per-sandbox supervisor process and its clients.
 
 `matchlock run -d` starts a copy of itself in a new session (`launch`); that copy boots the
-sandbox, owns it (its pid is the owner in owner.json, so the VMM dies with it), listens on
+sandbox, owns it (its pid is the owner in its record, so the VMM dies with it), listens on
 `control.sock` in the sandbox's directory (0600, in a 0700 directory, peers checked by
 SO_PEERCRED) and serves exec, shutdown, allow-list changes and port-forward pipes (`serve`);
 it also owns the listeners of published ports (`run -d -p`). `run --rm=false` runs the same
@@ -254,7 +254,9 @@ class Supervisor:
                         os.write(1 if ev.stream == "stdout" else 2, ev.data)
                     elif ex.status is not None:
                         print(f"background command exited: {ex.status.code}", flush=True)
-            except (AgentGone, OSError):
+                        registry.add_event(self.sandbox.id, "command exited",
+                                           f"code {ex.status.code}")
+            except (AgentGone, OSError, MatchlockError):
                 pass
 
         threading.Thread(target=drain, name="background", daemon=True).start()

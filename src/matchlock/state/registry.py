@@ -1,8 +1,18 @@
-"""Per-sandbox state on disk, and garbage collection of sandboxes whose owner died.
+"""Sandboxes: their records in the state database and their directories on disk.
 
-Each sandbox lives in `state_dir()/sandboxes/<id>/` with `owner.json` naming the matchlock
-process that owns it and the VMM it started. Both are identified by pid *and* start time, so a
-recycled pid never makes gc kill an unrelated process or spare a dead sandbox.
+The record (`state.db`, see `state/db.py`) says what a sandbox is and was: image, config,
+owner and VMM (each by pid *and* start time, so a recycled pid is never mistaken for them),
+its phase, a lifecycle history, cleanup steps and why it ended. The directory
+`state_dir()/sandboxes/<id>/` holds its runtime files: writable disk, control socket, logs.
+
+Phases: creating → booting → running → stopping → stopped | removed, or crashed. The phase
+is what the owner last wrote; liveness is decided by the owner's pid and start time. A
+sandbox in an active phase whose owner is gone (SIGKILL, a host reboot) is `crashed`, never
+`running`: readers persist that, inside a write transaction that re-reads the phase, so an
+owner that just finished cleanly is never overwritten.
+
+Records of removed sandboxes stay (for `inspect`) until `gc`/`prune` drop those removed
+more than `KEEP_REMOVED_S` ago.
 """
 
 from __future__ import annotations
@@ -13,11 +23,24 @@ import re
 import secrets
 import shutil
 import signal
+import sqlite3
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from matchlock.errors import MatchlockError
 from matchlock.paths import state_dir
+from matchlock.state import endings
+from matchlock.state.db import database
+
+ACTIVE = ("creating", "booting", "running", "stopping")
+ENDED = ("stopped", "crashed", "removed")
+KEEP_REMOVED_S = 7 * 24 * 3600
+ORPHAN_DIR_AGE_S = 60.0
+SOCKET = "control.sock"  # a detached sandbox's supervisor listens here
+STOPPED = "stopped.json"  # the file-based layout's marker (read by the v1 migration only)
+_ID = re.compile(r"^(vm-)?[0-9a-f]{1,8}$")
 
 
 def sandboxes_root() -> Path:
@@ -57,32 +80,238 @@ class Owner:
     vmm_start: int | None = None
     created: float = 0.0
 
-    @classmethod
-    def load(cls, path: Path) -> Owner:
-        data = json.loads(path.read_text())
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
-
-    def save(self, path: Path) -> None:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self)))
-        tmp.replace(path)
+    def save(self, path: Path | None = None) -> None:
+        """Record the VMM (the only part that changes after creation)."""
+        set_vmm(self.id, self.vmm_pid, self.vmm_start)
 
 
-def create_dir(image: str) -> tuple[Path, Owner]:
+@dataclass(frozen=True)
+class Record:
+    id: str
+    image: str
+    phase: str
+    created: float
+    updated: float
+    owner_pid: int
+    owner_start: int | None
+    vmm_pid: int
+    vmm_start: int | None
+    config: dict[str, Any]
+    ended: float | None
+    end_reason: str | None
+    end_detail: str | None
+    exit_code: int | None
+
+    @property
+    def owner(self) -> Owner:
+        return Owner(self.id, self.image, self.owner_pid, self.owner_start, self.vmm_pid,
+                     self.vmm_start, self.created)
+
+
+@dataclass(frozen=True)
+class Entry:
+    path: Path
+    owner: Owner
+    status: str  # creating, booting, running, stopping, stopped, crashed or removed
+    record: Record | None = field(default=None, compare=False)
+
+
+_COLUMNS = ("id, image, phase, created, updated, owner_pid, owner_start, vmm_pid, vmm_start,"
+            " config, ended, end_reason, end_detail, exit_code")
+
+
+def _record(row: tuple[Any, ...]) -> Record:
+    try:
+        config = json.loads(row[9])
+    except ValueError:
+        config = {}
+    return Record(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8],
+                  config if isinstance(config, dict) else {}, row[10], row[11], row[12],
+                  row[13])
+
+
+def _event(c: sqlite3.Connection, sid: str, phase: str, detail: str = "") -> None:
+    c.execute("INSERT INTO lifecycle (sandbox_id, at, phase, detail) VALUES (?,?,?,?)",
+              (sid, time.time(), phase, detail))
+
+
+# --- writes by the owner -------------------------------------------------------------------
+
+
+def create_dir(image: str, config: dict[str, Any] | None = None) -> tuple[Path, Owner]:
+    """A new sandbox: its record (phase `creating`, owned by this process), then its
+    directory: a directory never exists without a record naming its owner."""
     root = sandboxes_root()
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    pid = os.getpid()
+    owner = Owner("", image, pid, proc_start_time(pid), created=time.time())
+    text = json.dumps(config or {}, sort_keys=True)
+    db = database()
     while True:
         sid = new_id()
+        with db.write() as c:
+            cur = c.execute(
+                "INSERT OR IGNORE INTO sandboxes (id, image, phase, created, updated, owner_pid,"
+                " owner_start, config) VALUES (?,?,?,?,?,?,?,?)",
+                (sid, image, "creating", owner.created, owner.created, pid, owner.pid_start,
+                 text))
+            if cur.rowcount != 1:
+                continue  # an id in use (or kept for inspect): draw another
+            _event(c, sid, "creating", f"owner pid {pid}")
         path = root / sid
         try:
             path.mkdir(mode=0o700)
-            break
         except FileExistsError:
-            continue
-    pid = os.getpid()
-    owner = Owner(sid, image, pid, proc_start_time(pid), created=time.time())
-    owner.save(path / "owner.json")
-    return path, owner
+            continue  # a stray directory of that name; the record stays as a removed one
+        owner.id = sid
+        return path, owner
+
+
+def set_phase(sid: str, phase: str, detail: str = "") -> None:
+    """Move an active sandbox to `phase` (an ended one only to `removed`)."""
+    now = time.time()
+    with database().write() as c:
+        row = c.execute("SELECT phase FROM sandboxes WHERE id = ?", (sid,)).fetchone()
+        if row is None or row[0] == phase or row[0] == "removed":
+            return
+        if row[0] in ENDED and phase != "removed":
+            return
+        ended = now if phase in ENDED else None
+        c.execute("UPDATE sandboxes SET phase = ?, updated = ?, ended = COALESCE(ended, ?)"
+                  " WHERE id = ?", (phase, now, ended, sid))
+        _event(c, sid, phase, detail)
+
+
+def set_vmm(sid: str, pid: int, start: int | None) -> None:
+    with database().write() as c:
+        c.execute("UPDATE sandboxes SET vmm_pid = ?, vmm_start = ?, updated = ? WHERE id = ?",
+                  (pid, start, time.time(), sid))
+
+
+def cleanup_step(sid: str, step: str, error: str = "") -> None:
+    with database().write() as c:
+        c.execute("INSERT INTO cleanup (sandbox_id, at, step, ok, error) VALUES (?,?,?,?,?)",
+                  (sid, time.time(), step, 0 if error else 1, endings.clean(error)))
+
+
+def add_event(sid: str, what: str, detail: str = "") -> None:
+    """A lifecycle note that is not a phase (`kill requested`, a background command's exit)."""
+    with database().write() as c:
+        _event(c, sid, what, endings.clean(detail))
+
+
+def record_end(sid: str, ending: endings.Ending, overwrite: bool = False) -> None:
+    """Why it ended; the first cause recorded wins unless `overwrite`."""
+    with database().write() as c:
+        c.execute(
+            "UPDATE sandboxes SET end_reason = ?, end_detail = ?, exit_code = ?,"
+            " ended = COALESCE(ended, ?), updated = ? WHERE id = ?"
+            + ("" if overwrite else " AND end_reason IS NULL"),
+            (ending.reason, endings.clean(ending.detail), ending.exit_code, time.time(),
+             time.time(), sid))
+
+
+def kill_requested(sid: str) -> bool:
+    with database().read() as c:
+        return c.execute("SELECT 1 FROM lifecycle WHERE sandbox_id = ? AND phase = ?",
+                         (sid, "kill requested")).fetchone() is not None
+
+
+def mark_stopped(path: Path, reason: str) -> None:
+    """A supervisor stopped its sandbox cleanly for `reason` (its own words)."""
+    sid = path.name
+    record_end(sid, endings.from_supervisor(reason, console_findings(path)))
+    set_phase(sid, "stopped", endings.clean(reason))
+
+
+def console_findings(path: Path, nbytes: int = 16384) -> endings.ConsoleFindings:
+    """OOM kills and panics in the tail of a sandbox's console log (guest text)."""
+    try:
+        with open(path / "console.log", "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - nbytes))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        lines = []
+    return endings.scan_console(lines)
+
+
+# --- reads ---------------------------------------------------------------------------------
+
+
+def _reconcile(records: list[Record]) -> list[Record]:
+    """Records whose owner is gone while the phase says active are crashed: persist that."""
+    dead = [r for r in records if r.phase in ACTIVE and not alive(r.owner_pid, r.owner_start)]
+    if not dead:
+        return records
+    now = time.time()
+    with database().write() as c:
+        for r in dead:
+            row = c.execute("SELECT phase FROM sandboxes WHERE id = ?", (r.id,)).fetchone()
+            if row is None or row[0] not in ACTIVE:
+                continue  # it finished (or was removed) meanwhile: not a crash
+            end = endings.owner_crash(r.owner_pid)
+            c.execute("UPDATE sandboxes SET phase = 'crashed', updated = ?,"
+                      " ended = COALESCE(ended, ?), end_reason = COALESCE(end_reason, ?),"
+                      " end_detail = COALESCE(end_detail, ?) WHERE id = ?",
+                      (now, now, end.reason, end.detail, r.id))
+            _event(c, r.id, "crashed", f"owner pid {r.owner_pid} is gone (was {row[0]})")
+        rows = c.execute(f"SELECT {_COLUMNS} FROM sandboxes WHERE id IN "
+                         f"({','.join('?' * len(records))})",
+                         [r.id for r in records]).fetchall()
+    fresh = {r.id: r for r in map(_record, rows)}
+    return [fresh.get(r.id, r) for r in records]
+
+
+def _entry(r: Record) -> Entry:
+    return Entry(sandboxes_root() / r.id, r.owner, r.phase, r)
+
+
+def entries(include_removed: bool = False) -> list[Entry]:
+    """Every sandbox, oldest first (removed ones only if asked)."""
+    where = "" if include_removed else " WHERE phase != 'removed'"
+    with database().read() as c:
+        rows = c.execute(f"SELECT {_COLUMNS} FROM sandboxes{where} ORDER BY created").fetchall()
+    return [_entry(r) for r in _reconcile([_record(row) for row in rows])]
+
+
+def lookup(sid: str, include_removed: bool = False) -> Entry:
+    """The sandbox `sid` names (its id, or an unambiguous prefix, `vm-` optional), or a
+    one-line MatchlockError."""
+    if not _ID.match(sid):
+        raise MatchlockError(f"invalid sandbox id {sid!r}", hint="ids look like vm-0123abcd")
+    full = sid if sid.startswith("vm-") else "vm-" + sid
+    where = "" if include_removed else " AND phase != 'removed'"
+    with database().read() as c:
+        rows = c.execute(f"SELECT {_COLUMNS} FROM sandboxes WHERE (id = ? OR substr(id, 1, ?)"
+                         f" = ?){where} ORDER BY created", (full, len(full), full)).fetchall()
+    exact = [row for row in rows if row[0] == full]
+    rows = exact or rows
+    if not rows:
+        raise MatchlockError(f"no such sandbox: {sid}", hint="see `matchlock ls`")
+    if len(rows) > 1:
+        ids = ", ".join(row[0] for row in rows[:5]) + (", …" if len(rows) > 5 else "")
+        raise MatchlockError(f"sandbox id prefix {sid} is ambiguous ({ids})",
+                             hint="give more of the id")
+    return _entry(_reconcile([_record(rows[0])])[0])
+
+
+def history(sid: str) -> list[dict[str, Any]]:
+    with database().read() as c:
+        rows = c.execute("SELECT at, phase, detail FROM lifecycle WHERE sandbox_id = ?"
+                         " ORDER BY seq", (sid,)).fetchall()
+    return [{"at": at, "phase": phase, "detail": detail} for at, phase, detail in rows]
+
+
+def cleanup_steps(sid: str) -> list[dict[str, Any]]:
+    with database().read() as c:
+        rows = c.execute("SELECT at, step, ok, error FROM cleanup WHERE sandbox_id = ?"
+                         " ORDER BY seq", (sid,)).fetchall()
+    return [{"at": at, "step": step, "ok": bool(ok), "error": error}
+            for at, step, ok, error in rows]
+
+
+# --- removal -------------------------------------------------------------------------------
 
 
 def remove_dir(path: Path) -> None:
@@ -95,33 +324,9 @@ class Collected:
     killed_vmm: bool
 
 
-def gc() -> list[Collected]:
-    """Remove every sandbox whose owner is dead, killing its VMM if one still runs."""
-    root = sandboxes_root()
-    out: list[Collected] = []
-    if not root.is_dir():
-        return out
-    for path in sorted(root.iterdir()):
-        if not path.is_dir():
-            continue
-        try:
-            owner = Owner.load(path / "owner.json")
-        except (OSError, ValueError, TypeError):
-            # No readable owner: a sandbox that died while being created. Old enough to be
-            # certain nobody is still writing it?
-            if time.time() - path.stat().st_mtime < 60:
-                continue
-            remove_dir(path)
-            out.append(Collected(path.name, False))
-            continue
-        if alive(owner.pid, owner.pid_start) or (path / STOPPED).exists():
-            continue  # running, or stopped cleanly and kept for `matchlock rm`
-        out.append(collect(path, owner))
-    return out
-
-
 def collect(path: Path, owner: Owner) -> Collected:
-    """Kill what a dead owner left running and remove its directory."""
+    """Remove an ended sandbox: kill a VMM its dead owner left running, delete its directory
+    (disk, socket, logs), record each step and the phase `removed`."""
     killed = False
     if alive(owner.vmm_pid, owner.vmm_start):
         try:
@@ -130,7 +335,14 @@ def collect(path: Path, owner: Owner) -> Collected:
         except ProcessLookupError:
             pass
         _wait_gone(owner.vmm_pid, owner.vmm_start)
+        if alive(owner.vmm_pid, owner.vmm_start):
+            cleanup_step(owner.id, "vmm", f"pid {owner.vmm_pid} survived SIGKILL")
+            raise MatchlockError(f"cannot remove {owner.id}: its VM process "
+                                 f"{owner.vmm_pid} does not die")
+        cleanup_step(owner.id, "vmm", "")
     remove_dir(path)
+    cleanup_step(owner.id, "directory", "" if not path.exists() else f"{path} remains")
+    set_phase(owner.id, "removed", "VM killed" if killed else "")
     return Collected(owner.id, killed)
 
 
@@ -140,57 +352,29 @@ def _wait_gone(pid: int, start: int | None, timeout: float = 5.0) -> None:
         time.sleep(0.02)
 
 
-STOPPED = "stopped.json"  # written by a supervisor that stopped its sandbox cleanly
-SOCKET = "control.sock"  # a detached sandbox's supervisor listens here
-_ID = re.compile(r"^vm-[0-9a-f]{8}$")
+def purge_removed(older_than: float = KEEP_REMOVED_S) -> int:
+    """Forget records of sandboxes removed more than `older_than` seconds ago."""
+    with database().write() as c:
+        cur = c.execute("DELETE FROM sandboxes WHERE phase = 'removed' AND updated < ?",
+                        (time.time() - older_than,))
+        return cur.rowcount
 
 
-@dataclass(frozen=True)
-class Entry:
-    path: Path
-    owner: Owner
-    status: str  # running, stopped or crashed
-
-
-def status_of(path: Path, owner: Owner) -> str:
-    if (path / STOPPED).exists():
-        return "stopped"
-    if alive(owner.pid, owner.pid_start):
-        return "running"
-    return "crashed"
-
-
-def entries() -> list[Entry]:
+def gc() -> list[Collected]:
+    """Remove every crashed sandbox (killing a VMM it left), and directories that have no
+    record (a crash between the two steps of `create_dir`, or a deleted database)."""
+    out = [collect(e.path, e.owner) for e in entries() if e.status == "crashed"]
     root = sandboxes_root()
-    out: list[Entry] = []
-    if not root.is_dir():
-        return out
-    for path in sorted(root.iterdir()):
-        try:
-            owner = Owner.load(path / "owner.json")
-        except (OSError, ValueError, TypeError):
-            continue
-        out.append(Entry(path, owner, status_of(path, owner)))
-    return sorted(out, key=lambda e: e.owner.created)
-
-
-def lookup(sid: str) -> Entry:
-    """The sandbox called `sid`, or a one-line MatchlockError."""
-    from matchlock.errors import MatchlockError
-
-    if not _ID.match(sid):
-        raise MatchlockError(f"invalid sandbox id {sid!r}", hint="ids look like vm-0123abcd")
-    path = sandboxes_root() / sid
-    try:
-        owner = Owner.load(path / "owner.json")
-    except FileNotFoundError:
-        raise MatchlockError(f"no such sandbox: {sid}", hint="see `matchlock ls`") from None
-    except (OSError, ValueError, TypeError):
-        raise MatchlockError(f"sandbox {sid} has no readable state") from None
-    return Entry(path, owner, status_of(path, owner))
-
-
-def mark_stopped(path: Path, reason: str) -> None:
-    tmp = path / (STOPPED + ".tmp")
-    tmp.write_text(json.dumps({"reason": reason, "stopped": time.time()}))
-    tmp.replace(path / STOPPED)
+    if root.is_dir():
+        with database().read() as c:
+            known = {row[0] for row in c.execute(
+                "SELECT id FROM sandboxes WHERE phase != 'removed'").fetchall()}
+        for path in sorted(root.iterdir()):
+            if path.name in known or not path.is_dir():
+                continue
+            if time.time() - path.stat().st_mtime < ORPHAN_DIR_AGE_S:
+                continue  # maybe being created right now
+            remove_dir(path)
+            out.append(Collected(path.name, False))
+    purge_removed()
+    return out
