@@ -136,8 +136,7 @@ def test_background_command_and_timeout_bound_the_lifetime(ml: Run, state_dir: P
 def test_kill_9_of_the_supervisor_shows_crashed_and_gc_cleans(ml: Run, state_dir: Path) -> None:
     sid = _start(ml)
     pid = int(str(_ls(ml)[sid]["pid"]))
-    owner = json.loads((state_dir / "sandboxes" / sid / "owner.json").read_text())
-    vmm = owner["vmm_pid"]
+    vmm = json.loads(ml("inspect", sid, check=True).stdout)["vmm"]["pid"]
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 30
     while _ls(ml)[sid]["status"] != "crashed":

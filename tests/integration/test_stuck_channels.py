@@ -123,14 +123,15 @@ def test_oversized_ca_bundle_without_timeout_is_one_line(ml: Run, big_bundle_ima
 
 
 def _vmm_pid(state_dir: Path, deadline: float) -> int:
-    import json
+    import sqlite3
 
     while time.monotonic() < deadline:
-        for owner in (state_dir / "sandboxes").glob("*/owner.json"):
-            with contextlib.suppress(OSError, ValueError, KeyError):
-                pid = json.loads(owner.read_text())["vmm_pid"]
-                if pid:
-                    return int(pid)
+        with contextlib.suppress(sqlite3.Error), \
+                contextlib.closing(sqlite3.connect(state_dir / "state.db", timeout=5)) as db:
+            row = db.execute("SELECT vmm_pid FROM sandboxes WHERE vmm_pid > 0"
+                             " AND phase NOT IN ('stopped', 'crashed', 'removed')").fetchone()
+            if row:
+                return int(row[0])
         time.sleep(0.05)
     raise AssertionError("no VMM appeared")
 

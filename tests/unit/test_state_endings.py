@@ -57,3 +57,8 @@ def test_supervisor_reasons() -> None:
     s = en.from_supervisor("stopped by SIGTERM", NONE)
     assert (s.reason, s.detail) == ("interrupted", "its supervisor received SIGTERM")
     assert en.owner_crash(42).reason == "owner-crash"
+
+
+def test_kill_of_a_run_whose_command_ended_on_the_signal() -> None:
+    e = en.from_exit(143, NONE, kill_requested=True)
+    assert e.reason == "kill" and "SIGTERM" in e.detail and e.exit_code == 143

@@ -591,13 +591,12 @@ class Sandbox:
         with (a timeout, a signal, a panic, a failure), read with the console's evidence."""
         if not self.id:
             return
+        kill = bool(_Recorder(self.id)(registry.kill_requested))
         if isinstance(outcome, int):
-            ending = endings.from_exit(outcome, self.console)
+            ending = endings.from_exit(outcome, self.console, kill)
         else:
             code = outcome.exit_code if isinstance(outcome, MatchlockError) else 1
             message = outcome.message if isinstance(outcome, MatchlockError) else str(outcome)
-            note = _Recorder(self.id)
-            kill = bool(note(registry.kill_requested))
             ending = endings.from_error(message or type(outcome).__name__, code, self.console,
                                         kill)
         _Recorder(self.id)(registry.record_end, ending)

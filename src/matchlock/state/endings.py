@@ -70,8 +70,12 @@ def _signame(n: int) -> str:
         return f"signal {n}"
 
 
-def from_exit(code: int, console: ConsoleFindings) -> Ending:
+def from_exit(code: int, console: ConsoleFindings, kill_requested: bool = False) -> Ending:
     """The command returned `code` (128+N: killed by signal N, as a shell reports it)."""
+    if kill_requested:
+        # `matchlock kill` of a `run`: its SIGTERM was forwarded and the command ended on it.
+        plain = from_exit(code, console)
+        return Ending("kill", f"stopped by `matchlock kill`; {plain.detail}", code)
     if console.panic:
         return Ending("panic", f"guest kernel panic: {console.panic}", code)
     oom = ", ".join(console.oom_kills)

@@ -1,0 +1,262 @@
+"""The state database with real VMs through the CLI: concurrent commands, crashes and a
+simulated host reboot, end reasons in `inspect`, `log -f`, and no secret value in the DB."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from .conftest import MATCHLOCK, leftovers
+
+pytestmark = pytest.mark.vm
+Run = Callable[..., subprocess.CompletedProcess[bytes]]
+
+
+def _json(r: subprocess.CompletedProcess[bytes]) -> object:
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def _start(ml: Run, *flags: str) -> str:
+    r = ml("run", "-d", *flags, check=True)
+    return r.stdout.decode().strip()
+
+
+def _inspect(ml: Run, sid: str) -> dict[str, object]:
+    data = _json(ml("inspect", sid))
+    assert isinstance(data, dict)
+    return data
+
+
+def _end(ml: Run, sid: str) -> dict[str, object]:
+    end = _inspect(ml, sid)["end"]
+    assert isinstance(end, dict), end
+    return end
+
+
+def _status(ml: Run, sid: str) -> str:
+    return str(_json(ml("get", sid))["status"])  # type: ignore[index]
+
+
+def _wait_status(ml: Run, sid: str, want: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while (status := _status(ml, sid)) != want:
+        assert time.monotonic() < deadline, f"{sid} still {status}, wanted {want}"
+        time.sleep(0.2)
+
+
+def _newest_id(ml: Run) -> str:
+    rows = _json(ml("ls", "-a", "--json"))
+    assert isinstance(rows, list) and rows
+    return str(rows[0]["id"])
+
+
+def _db_phase(state_dir: Path, sid: str) -> str:
+    with sqlite3.connect(state_dir / "state.db", timeout=15) as db:
+        return str(db.execute("SELECT phase FROM sandboxes WHERE id = ?", (sid,)).fetchone()[0])
+
+
+def _netns_users(inode: str) -> list[str]:
+    """Processes in, or descriptors on, a network namespace (`net:[N]`)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if os.readlink(proc / "ns" / "net") == inode:
+                found.append(f"pid {proc.name}")
+            for fd in (proc / "fd").iterdir():
+                if os.readlink(fd) == inode:
+                    found.append(f"fd {fd}")
+        except OSError:
+            continue
+    return found
+
+
+def _nothing_left(state_dir: Path, sid: str, vmm: int, netns: str | None) -> None:
+    assert not (state_dir / "sandboxes" / sid).exists()  # disk, socket, logs
+    assert not Path(f"/proc/{vmm}").exists(), "the VMM survived"
+    assert leftovers(state_dir) == []
+    assert str(state_dir) not in Path("/proc/self/mountinfo").read_text()
+    if netns is not None:
+        deadline = time.monotonic() + 10
+        while _netns_users(netns) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _netns_users(netns) == [], "the sandbox's network namespace (and nft table) lives"
+
+
+def test_parallel_run_d_and_rm_while_ls_loops(ml: Run) -> None:
+    stop = threading.Event()
+    listings: list[subprocess.CompletedProcess[bytes]] = []
+
+    def lister() -> None:
+        while not stop.is_set():
+            listings.append(subprocess.run([MATCHLOCK, "ls", "--json"], capture_output=True,
+                                           timeout=60))
+
+    t = threading.Thread(target=lister)
+    t.start()
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            started = list(pool.map(lambda _: ml("run", "-d"), range(4)))
+        ids = [r.stdout.decode().strip() for r in started]
+        assert all(r.returncode == 0 for r in started), [r.stderr for r in started]
+        assert len(set(ids)) == 4
+        running = {e["id"]: e["status"] for e in _json(ml("ls", "--json"))}  # type: ignore[union-attr]
+        assert all(running[i] == "running" for i in ids), running
+        with ThreadPoolExecutor(4) as pool:
+            removed = list(pool.map(lambda sid: ml("rm", "-f", sid), ids))
+        assert [r.stdout.decode() for r in removed] == [f"Removed {i}\n" for i in ids], \
+            [r.stderr for r in removed]
+    finally:
+        stop.set()
+        t.join()
+    assert len(listings) >= 5
+    for r in listings:
+        assert r.returncode == 0 and r.stderr == b"", r.stderr
+        json.loads(r.stdout)
+    every = {e["id"]: e for e in _json(ml("ls", "-a", "--json"))}  # type: ignore[union-attr]
+    for sid in ids:
+        assert every[sid]["status"] == "removed" and every[sid]["end_reason"] == "kill"
+
+
+def test_kill_9_of_the_supervisor_is_crashed_and_gc_leaves_nothing(ml: Run,
+                                                                  state_dir: Path) -> None:
+    sid = _start(ml)
+    info = _inspect(ml, sid)
+    owner, vmm = info["owner"], info["vmm"]
+    assert isinstance(owner, dict) and isinstance(vmm, dict)
+    assert owner["alive"] and vmm["alive"]
+    netns = os.readlink(f"/proc/{vmm['pid']}/ns/net")
+    os.kill(int(owner["pid"]), signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{vmm['pid']}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _db_phase(state_dir, sid) == "running"  # nobody has looked yet
+    assert _status(ml, sid) == "crashed"
+    assert _db_phase(state_dir, sid) == "crashed"  # and now it is recorded
+    end = _end(ml, sid)
+    assert end["reason"] == "owner-crash" and str(owner["pid"]) in str(end["detail"])
+    r = ml("gc", check=True)
+    assert f"removed {sid}" in r.stdout.decode()
+    _nothing_left(state_dir, sid, int(vmm["pid"]), netns)
+    history = [h["phase"] for h in _inspect(ml, sid)["history"]]  # type: ignore[union-attr]
+    assert history[-2:] == ["crashed", "removed"], history
+
+
+@pytest.mark.parametrize("command", ["gc", "prune"])
+def test_host_reboot_leaves_records_that_say_running(ml: Run, state_dir: Path,
+                                                     command: str) -> None:
+    # What a reboot leaves: a record saying running whose owner pid now belongs to another
+    # process (pid 1 here: alive, another start time), a VMM pid likewise, and the sandbox's
+    # directory with its disk and a socket file nobody listens on.
+    sid = "vm-0eb00700" if command == "gc" else "vm-0eb00701"
+    with sqlite3.connect(state_dir / "state.db", timeout=15) as db:
+        db.execute("INSERT INTO sandboxes (id, image, phase, created, updated, owner_pid,"
+                   " owner_start, vmm_pid, vmm_start) VALUES (?, 'busybox', 'running', ?, ?,"
+                   " 1, 12345678, 1, 12345679)", (sid, time.time(), time.time()))
+    path = state_dir / "sandboxes" / sid
+    path.mkdir(parents=True)
+    with open(path / "upper.ext4", "wb") as f:
+        f.truncate(1 << 30)
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(path / "control.sock"))
+    s.close()
+    assert _status(ml, sid) == "crashed"
+    r = ml("exec", sid, "--", "true")
+    assert r.returncode != 0 and b"crashed" in r.stderr
+    out = ml(command, check=True).stdout.decode()
+    assert (f"removed {sid}" if command == "gc" else f"Pruned {sid}") in out, out
+    assert not path.exists()
+    assert Path("/proc/1").exists()  # the recycled pids were not killed
+    assert _status(ml, sid) == "removed"
+    cleanup = _inspect(ml, sid)["cleanup"]
+    assert [c["step"] for c in cleanup] == ["directory"], cleanup  # type: ignore[index, union-attr]
+    assert leftovers(state_dir) == []
+
+
+def test_end_reasons(ml: Run, state_dir: Path) -> None:
+    # The command's exit code (one-shot run: the record outlives the sandbox).
+    r = ml("run", "--", "sh", "-c", "exit 7")
+    assert r.returncode == 7
+    sid = _newest_id(ml)
+    assert _end(ml, sid) == {"reason": "exit", "detail": "the command exited with code 7",
+                             "exit_code": 7}
+    assert _status(ml, sid) == "removed"
+    # A signal in the guest.
+    assert ml("run", "--", "sh", "-c", "kill -TERM $$").returncode == 143
+    end = _end(ml, _newest_id(ml))
+    assert end["reason"] == "signal" and "SIGTERM" in str(end["detail"])
+    # --timeout of a one-shot run.
+    r = ml("run", "--timeout", "2", "--", "sleep", "100")
+    assert r.returncode == 124
+    assert _end(ml, _newest_id(ml))["reason"] == "timeout"
+    # --timeout of a detached sandbox.
+    sid = _start(ml, "--timeout", "3")
+    _wait_status(ml, sid, "stopped")
+    assert _end(ml, sid) == {"reason": "timeout", "detail": "timed out after 3s",
+                             "exit_code": None}
+    ml("rm", sid, check=True)
+    # kill
+    sid = _start(ml)
+    ml("kill", sid, check=True)
+    end = _end(ml, sid)
+    assert end["reason"] == "kill", end
+    phases = [h["phase"] for h in _inspect(ml, sid)["history"]]  # type: ignore[union-attr]
+    assert phases == ["creating", "booting", "running", "kill requested", "stopping",
+                      "stopped"], phases
+    ml("rm", sid, check=True)
+    # kill of a one-shot run (its owner gets SIGTERM)
+    p = subprocess.Popen([MATCHLOCK, "run", "--", "sh", "-c", "echo up; sleep 100"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout is not None and p.stdout.readline() == b"up\n"
+    sid = _newest_id(ml)
+    ml("kill", sid, check=True)
+    p.communicate(timeout=60)
+    assert _end(ml, sid)["reason"] == "kill"
+
+
+def test_oom_in_the_guest(ml: Run, python_image: str) -> None:
+    grow = "a = []\nwhile True: a.append(b'x' * (8 << 20))\n"
+    r = ml("run", "--image", python_image, "--memory", "128", "--", "python3", "-c", grow,
+           timeout=300)
+    assert r.returncode == 137, r.stderr
+    end = _end(ml, _newest_id(ml))
+    assert end["reason"] == "oom" and "python3" in str(end["detail"]), end
+    assert end["exit_code"] == 137
+
+
+def test_get_log_follow_and_no_secret_value_in_the_db(ml: Run, state_dir: Path) -> None:
+    value = "sv-" + os.urandom(12).hex()
+    env_value = "ev-" + os.urandom(12).hex()
+    sid = _start(ml, "--timeout", "4", "--secret", f"API_TOKEN={value}@api.example.test",
+                 "-e", f"PLAIN={env_value}", "--",
+                 "sh", "-c", "for i in 1 2 3; do echo tick$i; sleep 0.3; done")
+    got = _json(ml("get", sid[:7]))  # a prefix will do
+    assert isinstance(got, dict) and got["id"] == sid and got["status"] == "running"
+    cfg = got["config"]
+    assert cfg["network"]["secrets"] == [{"name": "API_TOKEN", "hosts": ["api.example.test"]}]
+    assert cfg["env"] == ["PLAIN"]
+    # log -f follows until the sandbox ends (by its --timeout), then exits 0.
+    r = ml("log", "-f", sid, timeout=60)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.decode()
+    assert "tick1\ntick2\ntick3\n" in out and "timed out after 4s" in out, out
+    assert _status(ml, sid) == "stopped"
+    blob = b"".join(p.read_bytes() for p in state_dir.glob("state.db*"))
+    assert b"API_TOKEN" in blob and b"api.example.test" in blob  # the search is not vacuous
+    assert value.encode() not in blob and env_value.encode() not in blob
+    ml("rm", sid, check=True)
+    r = ml("log", sid)
+    assert r.returncode == 1 and b"removed" in r.stderr and len(r.stderr.splitlines()) == 1
