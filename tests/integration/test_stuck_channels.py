@@ -129,7 +129,8 @@ def _vmm_pid(state_dir: Path, deadline: float) -> int:
         with contextlib.suppress(sqlite3.Error), \
                 contextlib.closing(sqlite3.connect(state_dir / "state.db", timeout=5)) as db:
             row = db.execute("SELECT vmm_pid FROM sandboxes WHERE vmm_pid > 0"
-                             " AND phase NOT IN ('stopped', 'crashed', 'removed')").fetchone()
+                             " AND phase NOT IN ('stopped', 'crashed', 'removed')"
+                             " ORDER BY created DESC").fetchone()
             if row:
                 return int(row[0])
         time.sleep(0.05)
