@@ -158,32 +158,44 @@ def test_kill_9_of_the_supervisor_is_crashed_and_gc_leaves_nothing(ml: Run,
 @pytest.mark.parametrize("command", ["gc", "prune"])
 def test_host_reboot_leaves_records_that_say_running(ml: Run, state_dir: Path,
                                                      command: str) -> None:
-    # What a reboot leaves: a record saying running whose owner pid now belongs to another
-    # process (pid 1 here: alive, another start time), a VMM pid likewise, and the sandbox's
-    # directory with its disk and a socket file nobody listens on.
-    sid = "vm-0eb00700" if command == "gc" else "vm-0eb00701"
-    with sqlite3.connect(state_dir / "state.db", timeout=15) as db:
-        db.execute("INSERT INTO sandboxes (id, image, phase, created, updated, owner_pid,"
-                   " owner_start, vmm_pid, vmm_start) VALUES (?, 'busybox', 'running', ?, ?,"
-                   " 1, 12345678, 1, 12345679)", (sid, time.time(), time.time()))
-    path = state_dir / "sandboxes" / sid
-    path.mkdir(parents=True)
-    with open(path / "upper.ext4", "wb") as f:
-        f.truncate(1 << 30)
-    s = socket.socket(socket.AF_UNIX)
-    s.bind(str(path / "control.sock"))
-    s.close()
-    assert _status(ml, sid) == "crashed"
-    r = ml("exec", sid, "--", "true")
-    assert r.returncode != 0 and b"crashed" in r.stderr
-    out = ml(command, check=True).stdout.decode()
-    assert (f"removed {sid}" if command == "gc" else f"Pruned {sid}") in out, out
-    assert not path.exists()
-    assert Path("/proc/1").exists()  # the recycled pids were not killed
-    assert _status(ml, sid) == "removed"
-    cleanup = _inspect(ml, sid)["cleanup"]
-    assert [c["step"] for c in cleanup] == ["directory"], cleanup  # type: ignore[index, union-attr]
-    assert leftovers(state_dir) == []
+    # What a reboot leaves: a record saying running whose owner and VMM pids now belong to
+    # another process, one that even has the recorded start time (ticks since boot repeat
+    # across boots: pid 1 always matches), and the sandbox's directory with its disk and a
+    # socket file nobody listens on. Only the boot id tells them apart.
+    stranger = subprocess.Popen(["sleep", "600"])
+    try:
+        start = int(Path(f"/proc/{stranger.pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        sid = "vm-0eb00700" if command == "gc" else "vm-0eb00701"
+        ml("ls", check=True)  # the database exists (a fresh session may have none yet)
+        with sqlite3.connect(state_dir / "state.db", timeout=15) as db:
+            db.execute("INSERT INTO sandboxes (id, image, phase, created, updated, owner_pid,"
+                       " owner_start, vmm_pid, vmm_start, boot_id) VALUES (?, 'busybox',"
+                       " 'running', ?, ?, ?, ?, ?, ?, 'an-earlier-boot')",
+                       (sid, time.time(), time.time(), stranger.pid, start, stranger.pid,
+                        start))
+        path = state_dir / "sandboxes" / sid
+        path.mkdir(parents=True)
+        with open(path / "upper.ext4", "wb") as f:
+            f.truncate(1 << 30)
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(str(path / "control.sock"))
+        s.close()
+        assert _status(ml, sid) == "crashed"
+        info = _inspect(ml, sid)
+        assert info["owner"]["alive"] is False and info["vmm"]["alive"] is False  # type: ignore[index]
+        r = ml("exec", sid, "--", "true")
+        assert r.returncode != 0 and b"crashed" in r.stderr
+        out = ml(command, check=True).stdout.decode()
+        assert (f"removed {sid}" if command == "gc" else f"Pruned {sid}") in out, out
+        assert not path.exists()
+        assert stranger.poll() is None, "gc killed a process that only shares a pid"
+        assert _status(ml, sid) == "removed"
+        cleanup = _inspect(ml, sid)["cleanup"]
+        assert [c["step"] for c in cleanup] == ["directory"], cleanup  # type: ignore[index, union-attr]
+        assert leftovers(state_dir) == []
+    finally:
+        stranger.kill()
+        stranger.wait()
 
 
 def test_end_reasons(ml: Run, state_dir: Path) -> None:

@@ -162,6 +162,12 @@ def test_a_dead_owner_is_crashed_never_running(state: Path) -> None:
     with dbmod.database().write() as c:
         c.execute("UPDATE sandboxes SET owner_pid = 1, owner_start = -5 WHERE id = ?", (o.id,))
     assert registry.lookup(o.id).status == "crashed"
+    # Our own pid and start time, recorded in another boot: not us (start times repeat).
+    _, other = registry.create_dir("img")
+    registry.set_phase(other.id, "running")
+    with dbmod.database().write() as c:
+        c.execute("UPDATE sandboxes SET boot_id = 'earlier' WHERE id = ?", (other.id,))
+    assert registry.lookup(other.id).status == "crashed"
     # Our own sandbox (alive) stays as recorded.
     _, mine = registry.create_dir("img")
     registry.set_phase(mine.id, "running")

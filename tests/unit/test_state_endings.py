@@ -62,3 +62,12 @@ def test_supervisor_reasons() -> None:
 def test_kill_of_a_run_whose_command_ended_on_the_signal() -> None:
     e = en.from_exit(143, NONE, kill_requested=True)
     assert e.reason == "kill" and "SIGTERM" in e.detail and e.exit_code == 143
+
+
+def test_a_supervisor_stopped_while_booting() -> None:
+    e = en.from_error("the sandbox was stopped: timed out after 1s", 1, NONE)
+    assert (e.reason, e.detail) == ("timeout", "timed out after 1s")
+    e = en.from_error("the sandbox was stopped: stopped by SIGTERM", 1, NONE)
+    assert e.reason == "interrupted"
+    assert en.from_error("the sandbox was stopped: stopped by SIGTERM", 1, NONE,
+                         kill_requested=True).reason == "kill"

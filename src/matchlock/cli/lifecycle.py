@@ -7,10 +7,14 @@ import json
 import os
 import signal
 import time
+from typing import TYPE_CHECKING
 
 import click
 
 from matchlock.errors import MatchlockError
+
+if TYPE_CHECKING:
+    from matchlock.state.registry import Owner
 
 STOP_WAIT_S = 60.0
 
@@ -63,25 +67,22 @@ def _stop(sid: str) -> str:
         try:
             request(connect(sid), {"op": "shutdown"})
         except (MatchlockError, OSError):
-            _signal(owner.pid, owner.pid_start, signal.SIGTERM)
+            _signal(owner, signal.SIGTERM)
     else:
-        _signal(owner.pid, owner.pid_start, signal.SIGTERM)
+        _signal(owner, signal.SIGTERM)
     deadline = time.monotonic() + STOP_WAIT_S
-    while registry.alive(owner.pid, owner.pid_start):
+    while owner.alive:
         if time.monotonic() > deadline:
-            # The VMM dies with it; `gc` removes the rest.
-            _signal(owner.pid, owner.pid_start, signal.SIGKILL)
+            _signal(owner, signal.SIGKILL)  # the VMM dies with it; `gc` removes the rest
             break
         time.sleep(0.02)
     return sid
 
 
-def _signal(pid: int, start: int | None, signo: int) -> None:
-    from matchlock.state import registry
-
-    if registry.alive(pid, start):  # never a recycled pid
+def _signal(owner: Owner, signo: int) -> None:
+    if owner.alive:  # never a recycled pid, nor one of another boot
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signo)
+            os.kill(owner.pid, signo)
 
 
 @click.command()

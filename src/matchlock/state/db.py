@@ -45,6 +45,7 @@ def _v1(conn: sqlite3.Connection, db: Path) -> None:
             owner_start INTEGER,
             vmm_pid INTEGER NOT NULL DEFAULT 0,
             vmm_start INTEGER,
+            boot_id TEXT,
             config TEXT NOT NULL DEFAULT '{}',
             ended REAL,
             end_reason TEXT,

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 MAX_DETAIL = 300
 TIMEOUT_EXIT = 124  # sandbox/attach.py's exit code for --timeout
+STOPPED_WHILE_BOOTING = "the sandbox was stopped: "
 _OOM = re.compile(r"Out of memory: Killed process (\d+) \(([^)]{0,64})\)")
 _PANIC = re.compile(r"Kernel panic - not syncing: ?(.*)")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -97,6 +98,11 @@ def from_error(message: str, exit_code: int, console: ConsoleFindings,
     """The run raised a one-line error: a timeout, a signal to us, or a failure."""
     if console.panic:
         return Ending("panic", f"guest kernel panic: {console.panic}", None)
+    if message.startswith(STOPPED_WHILE_BOOTING):
+        # A supervisor stopped while its sandbox booted (sandbox/supervisor.py's words).
+        if kill_requested:
+            return Ending("kill", "stopped by `matchlock kill` while booting", None)
+        return from_supervisor(message[len(STOPPED_WHILE_BOOTING):], console)
     if exit_code == TIMEOUT_EXIT and message.startswith("timed out"):
         return Ending("timeout", clean(message), None)
     if 128 < exit_code <= 128 + 64 and (message == "interrupted"

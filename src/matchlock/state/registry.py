@@ -70,6 +70,25 @@ def alive(pid: int, start: int | None) -> bool:
     return pid > 0 and start is not None and proc_start_time(pid) == start
 
 
+_BOOT_ID: list[str] = []
+
+
+def boot_id() -> str:
+    """This boot of the host. Start times count from boot, so after a reboot a pid can come
+    back with the same start time (pid 1 always does): a record of another boot names no
+    live process."""
+    if not _BOOT_ID:
+        try:
+            _BOOT_ID.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+        except OSError:
+            _BOOT_ID.append("")
+    return _BOOT_ID[0]
+
+
+def same_boot(recorded: str | None) -> bool:
+    return recorded is None or recorded == boot_id()  # None: imported from the file layout
+
+
 @dataclass
 class Owner:
     id: str
@@ -79,6 +98,15 @@ class Owner:
     vmm_pid: int = 0
     vmm_start: int | None = None
     created: float = 0.0
+    boot_id: str | None = None
+
+    @property
+    def alive(self) -> bool:
+        return same_boot(self.boot_id) and alive(self.pid, self.pid_start)
+
+    @property
+    def vmm_alive(self) -> bool:
+        return same_boot(self.boot_id) and alive(self.vmm_pid, self.vmm_start)
 
     def save(self, path: Path | None = None) -> None:
         """Record the VMM (the only part that changes after creation)."""
@@ -96,6 +124,7 @@ class Record:
     owner_start: int | None
     vmm_pid: int
     vmm_start: int | None
+    boot_id: str | None
     config: dict[str, Any]
     ended: float | None
     end_reason: str | None
@@ -105,7 +134,7 @@ class Record:
     @property
     def owner(self) -> Owner:
         return Owner(self.id, self.image, self.owner_pid, self.owner_start, self.vmm_pid,
-                     self.vmm_start, self.created)
+                     self.vmm_start, self.created, self.boot_id)
 
 
 @dataclass(frozen=True)
@@ -117,17 +146,17 @@ class Entry:
 
 
 _COLUMNS = ("id, image, phase, created, updated, owner_pid, owner_start, vmm_pid, vmm_start,"
-            " config, ended, end_reason, end_detail, exit_code")
+            " boot_id, config, ended, end_reason, end_detail, exit_code")
 
 
 def _record(row: tuple[Any, ...]) -> Record:
     try:
-        config = json.loads(row[9])
+        config = json.loads(row[10])
     except ValueError:
         config = {}
     return Record(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8],
-                  config if isinstance(config, dict) else {}, row[10], row[11], row[12],
-                  row[13])
+                  row[9], config if isinstance(config, dict) else {}, row[11], row[12],
+                  row[13], row[14])
 
 
 def _event(c: sqlite3.Connection, sid: str, phase: str, detail: str = "") -> None:
@@ -144,7 +173,7 @@ def create_dir(image: str, config: dict[str, Any] | None = None) -> tuple[Path, 
     root = sandboxes_root()
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
     pid = os.getpid()
-    owner = Owner("", image, pid, proc_start_time(pid), created=time.time())
+    owner = Owner("", image, pid, proc_start_time(pid), created=time.time(), boot_id=boot_id())
     text = json.dumps(config or {}, sort_keys=True)
     db = database()
     while True:
@@ -152,9 +181,9 @@ def create_dir(image: str, config: dict[str, Any] | None = None) -> tuple[Path, 
         with db.write() as c:
             cur = c.execute(
                 "INSERT OR IGNORE INTO sandboxes (id, image, phase, created, updated, owner_pid,"
-                " owner_start, config) VALUES (?,?,?,?,?,?,?,?)",
+                " owner_start, boot_id, config) VALUES (?,?,?,?,?,?,?,?,?)",
                 (sid, image, "creating", owner.created, owner.created, pid, owner.pid_start,
-                 text))
+                 owner.boot_id, text))
             if cur.rowcount != 1:
                 continue  # an id in use (or kept for inspect): draw another
             _event(c, sid, "creating", f"owner pid {pid}")
@@ -241,7 +270,7 @@ def console_findings(path: Path, nbytes: int = 16384) -> endings.ConsoleFindings
 
 def _reconcile(records: list[Record]) -> list[Record]:
     """Records whose owner is gone while the phase says active are crashed: persist that."""
-    dead = [r for r in records if r.phase in ACTIVE and not alive(r.owner_pid, r.owner_start)]
+    dead = [r for r in records if r.phase in ACTIVE and not r.owner.alive]
     if not dead:
         return records
     now = time.time()
@@ -328,7 +357,7 @@ def collect(path: Path, owner: Owner) -> Collected:
     """Remove an ended sandbox: kill a VMM its dead owner left running, delete its directory
     (disk, socket, logs), record each step and the phase `removed`."""
     killed = False
-    if alive(owner.vmm_pid, owner.vmm_start):
+    if owner.vmm_alive:
         try:
             os.kill(owner.vmm_pid, signal.SIGKILL)
             killed = True
