@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -239,3 +240,15 @@ def test_secret_specs_keep_names_and_hosts_only() -> None:
         "name": "K", "hosts": ["a.test"], "file": "/run/k"}
     # A value holding '@' is still cut away (hosts come after the last '@').
     assert "v@l" not in json.dumps(secret_entry("K=v@lue@h.test"))
+
+
+def test_a_zombie_is_not_alive() -> None:
+    child = subprocess.Popen(["true"])
+    start = registry.proc_start_time(child.pid)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.monotonic() < deadline
+    assert start is not None and registry.proc_start_time(child.pid) == start
+    assert not registry.alive(child.pid, start)  # not reaped yet, but ended
+    child.wait()
+    assert registry.alive(os.getpid(), registry.proc_start_time(os.getpid()))

@@ -134,8 +134,10 @@ class Database:
             raise self.error(e) from None
 
     def error(self, e: sqlite3.Error) -> MatchlockError:
+        busy = "locked" in str(e) or "busy" in str(e)
         return MatchlockError(f"state database {self.path}: {e}",
-                              hint="another matchlock may hold it; retry, or check the file")
+                              hint="another matchlock process holds it; retry" if busy else
+                              "the file may be damaged; move it away to start afresh")
 
     def _version(self) -> int:
         return int(self.conn.execute("PRAGMA user_version").fetchone()[0])

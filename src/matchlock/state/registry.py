@@ -67,7 +67,16 @@ def proc_start_time(pid: int) -> int | None:
 
 
 def alive(pid: int, start: int | None) -> bool:
-    return pid > 0 and start is not None and proc_start_time(pid) == start
+    """The process that had this start time still runs (a zombie waiting for its parent to
+    reap it has ended: its parent may be the very process asking)."""
+    if pid <= 0 or start is None:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return fields[0] not in ("Z", "X") and int(fields[19]) == start
 
 
 _BOOT_ID: list[str] = []
