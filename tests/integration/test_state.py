@@ -259,6 +259,19 @@ def test_get_log_follow_and_no_secret_value_in_the_db(ml: Run, state_dir: Path) 
                  "-e", f"PLAIN={env_value}", "--",
                  "sh", "-c", "for i in 1 2 3; do echo tick$i; sleep 0.3; done")
     got = _json(ml("get", sid[:7]))  # a prefix will do
+    assert _json(ml("stat", sid[3:]))["id"] == sid  # type: ignore[index]
+    with sqlite3.connect(state_dir / "state.db", timeout=15) as db:
+        for twin in ("vm-abab0001", "vm-abab0002"):
+            db.execute("INSERT OR IGNORE INTO sandboxes (id, image, phase, created, updated,"
+                       " owner_pid) VALUES (?, 'x', 'removed', 0, 0, 0)", (twin,))
+    for bad, words in ((["get", "vm-"], "invalid sandbox id"),
+                       (["inspect", "abab"], "ambiguous (vm-abab0001, vm-abab0002)"),
+                       (["inspect", "vm-fffffff0"], "no such sandbox"),
+                       (["log", "zz"], "invalid sandbox id")):
+        r = ml(*bad)
+        err = r.stderr.decode()
+        assert r.returncode == 1 and err.startswith("matchlock: ") and words in err, err
+        assert len(err.splitlines()) == 1, err
     assert isinstance(got, dict) and got["id"] == sid and got["status"] == "running"
     cfg = got["config"]
     assert cfg["network"]["secrets"] == [{"name": "API_TOKEN", "hosts": ["api.example.test"]}]

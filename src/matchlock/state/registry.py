@@ -117,6 +117,11 @@ class Owner:
     def vmm_alive(self) -> bool:
         return same_boot(self.boot_id) and alive(self.vmm_pid, self.vmm_start)
 
+    @classmethod
+    def load(cls, path: Path) -> Owner:
+        """The owner of the sandbox in `path` (kept from the file-based registry)."""
+        return lookup(path.name, include_removed=True).owner
+
     def save(self, path: Path | None = None) -> None:
         """Record the VMM (the only part that changes after creation)."""
         set_vmm(self.id, self.vmm_pid, self.vmm_start)
@@ -332,6 +337,11 @@ def lookup(sid: str, include_removed: bool = False) -> Entry:
         raise MatchlockError(f"sandbox id prefix {sid} is ambiguous ({ids})",
                              hint="give more of the id")
     return _entry(_reconcile([_record(rows[0])])[0])
+
+
+def status_of(path: Path, owner: Owner) -> str:
+    """The status of the sandbox in `path` (kept from the file-based registry)."""
+    return lookup(path.name, include_removed=True).status
 
 
 def history(sid: str) -> list[dict[str, Any]]:
