@@ -210,6 +210,11 @@ def test_end_reasons(ml: Run, state_dir: Path) -> None:
     assert ml("run", "--", "sh", "-c", "kill -TERM $$").returncode == 143
     end = _end(ml, _newest_id(ml))
     assert end["reason"] == "signal" and "SIGTERM" in str(end["detail"])
+    # A guest kernel panic.
+    r = ml("run", "--privileged", "--", "sh", "-c", "echo c > /proc/sysrq-trigger; sleep 60")
+    assert r.returncode != 0
+    end = _end(ml, _newest_id(ml))
+    assert end["reason"] == "panic" and "sysrq triggered crash" in str(end["detail"]), end
     # --timeout of a one-shot run.
     r = ml("run", "--timeout", "2", "--", "sleep", "100")
     assert r.returncode == 124
