@@ -230,6 +230,7 @@ def test_gc_removes_stray_directories_and_old_records(state: Path) -> None:
     assert [c.id for c in collected] == ["vm-deadbeef"] and not stray.exists()
     with pytest.raises(MatchlockError):
         registry.lookup(o.id, include_removed=True)
+    assert registry.history(o.id) == []  # its lifecycle rows went with it
 
 
 def test_secret_specs_keep_names_and_hosts_only() -> None:
