@@ -253,3 +253,18 @@ def test_a_zombie_is_not_alive() -> None:
     assert not registry.alive(child.pid, start)  # not reaped yet, but ended
     child.wait()
     assert registry.alive(os.getpid(), registry.proc_start_time(os.getpid()))
+
+
+def test_an_old_supervisor_that_stopped_after_the_upgrade(state: Path) -> None:
+    # Imported as running (owner.json only); then its old code stops it: stopped.json.
+    old = state / "sandboxes" / "vm-0000abce"
+    old.mkdir(parents=True)
+    (old / "owner.json").write_text(json.dumps({
+        "id": "vm-0000abce", "image": "alpine", "pid": os.getpid(),
+        "pid_start": registry.proc_start_time(os.getpid()), "created": 5.0}))
+    assert registry.lookup("vm-0000abce").status == "running"
+    (old / "stopped.json").write_text(json.dumps({"reason": "kill", "stopped": 9.0}))
+    with dbmod.database().write() as c:  # its owner has gone since
+        c.execute("UPDATE sandboxes SET owner_pid = 1, owner_start = -5")
+    e = registry.lookup("vm-0000abce")
+    assert e.status == "stopped" and e.record is not None and e.record.end_reason == "kill"

@@ -293,6 +293,8 @@ def _reconcile(records: list[Record]) -> list[Record]:
             row = c.execute("SELECT phase FROM sandboxes WHERE id = ?", (r.id,)).fetchone()
             if row is None or row[0] not in ACTIVE:
                 continue  # it finished (or was removed) meanwhile: not a crash
+            if _stopped_by_old_owner(c, r.id):
+                continue
             end = endings.owner_crash(r.owner_pid)
             c.execute("UPDATE sandboxes SET phase = 'crashed', updated = ?,"
                       " ended = COALESCE(ended, ?), end_reason = COALESCE(end_reason, ?),"
@@ -304,6 +306,23 @@ def _reconcile(records: list[Record]) -> list[Record]:
                          [r.id for r in records]).fetchall()
     fresh = {r.id: r for r in map(_record, rows)}
     return [fresh.get(r.id, r) for r in records]
+
+
+def _stopped_by_old_owner(c: sqlite3.Connection, sid: str) -> bool:
+    """A supervisor of the file-based layout (running across the upgrade) that stopped
+    cleanly wrote `stopped.json`, not the database."""
+    try:
+        stop = json.loads((sandboxes_root() / sid / STOPPED).read_text())
+        when, reason = float(stop["stopped"]), endings.clean(str(stop["reason"]))
+    except (OSError, ValueError, TypeError, KeyError):
+        return False
+    c.execute("UPDATE sandboxes SET phase = 'stopped', updated = ?, ended = ?,"
+              " end_reason = COALESCE(end_reason, ?), end_detail = COALESCE(end_detail, ?)"
+              " WHERE id = ?", (time.time(), when,
+                                endings.from_supervisor(reason, endings.ConsoleFindings()).reason,
+                                reason, sid))
+    _event(c, sid, "stopped", f"{STOPPED} of a supervisor from before the database")
+    return True
 
 
 def _entry(r: Record) -> Entry:
