@@ -1,7 +1,7 @@
 """The configuration a sandbox is recorded with (`matchlock inspect`): what it was started
 with, minus every value that could be secret.
 
-Kept: image, resources, hostname, mounts, network policy (hosts, private-host exceptions,
+Kept: image, resources, hostname, mounts, disks (volumes), network policy (hosts, private-host exceptions,
 pinned addresses, upstream resolvers), secret *names and hosts*, the command's argv, timeout,
 and the *names* of the environment variables given with -e/--env-file. Dropped: secret values
 (`--secret NAME=VALUE@…` is cut at the `=`; `--secret-file` keeps its path, which is not the
@@ -41,6 +41,8 @@ def sandbox_config(opts: SandboxOptions, run: dict[str, Any]) -> dict[str, Any]:
         "mounts": [{"host": str(m.host), "guest": m.guest, "mode": m.mode}
                    for m in opts.mounts],
         "extra_hosts": list(opts.extra_hosts),
+        "disks": [{"path": str(d.path), "guest": d.guest, "readonly": d.readonly,
+                   "volume": d.volume} for d in opts.disks],
     }
     egress = opts.egress
     if egress is None:
