@@ -1,9 +1,10 @@
 """The configuration a sandbox is recorded with (`matchlock inspect`): what it was started
 with, minus every value that could be secret.
 
-Kept: image, resources, hostname, mounts, disks (volumes), network policy (hosts, private-host exceptions,
-pinned addresses, upstream resolvers), secret *names and hosts*, the command's argv, timeout,
-and the *names* of the environment variables given with -e/--env-file. Dropped: secret values
+Kept: image, resources, hostname, mounts, disks (volumes), network policy (hosts,
+private-host exceptions, pinned addresses, upstream resolvers), secret *names and hosts*, the
+command's argv, timeout, and the *names* of the environment variables given with
+-e/--env-file. Dropped: secret values
 (`--secret NAME=VALUE@…` is cut at the `=`; `--secret-file` keeps its path, which is not the
 value), environment values (`-e TOKEN=…` is common), and the CA file's contents.
 """
