@@ -205,7 +205,9 @@ def create_dir(image: str, config: dict[str, Any] | None = None) -> tuple[Path, 
         try:
             path.mkdir(mode=0o700)
         except FileExistsError:
-            continue  # a stray directory of that name; the record stays as a removed one
+            # A stray directory of that name (gc's): never ours, so never removed with ours.
+            set_phase(sid, "removed", "directory name taken")
+            continue
         owner.id = sid
         return path, owner
 
