@@ -268,3 +268,19 @@ def test_an_old_supervisor_that_stopped_after_the_upgrade(state: Path) -> None:
         c.execute("UPDATE sandboxes SET owner_pid = 1, owner_start = -5")
     e = registry.lookup("vm-0000abce")
     assert e.status == "stopped" and e.record is not None and e.record.end_reason == "kill"
+
+
+def test_log_prints_console_then_supervisor_log_and_escapes_for_terminals(
+        state: Path) -> None:
+    from click.testing import CliRunner
+
+    from matchlock.cli.log import _escape, log
+
+    path, o = registry.create_dir("img")
+    (path / "console.log").write_bytes(b"[ 1.0] kernel line\n")
+    (path / "supervisor.log").write_bytes(b"out \x1b]0;title\x07\n")
+    registry.set_phase(o.id, "stopped")
+    r = CliRunner().invoke(log, ["-f", o.id])  # ended: -f returns at once
+    assert r.exit_code == 0, r.output
+    assert r.stdout_bytes == b"[ 1.0] kernel line\nout \x1b]0;title\x07\n"  # piped: as is
+    assert _escape(b"a\x1b[2Jb\tc\n\x7f") == b"a\\x1b[2Jb\tc\n\\x7f"
