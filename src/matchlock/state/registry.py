@@ -333,9 +333,12 @@ def _entry(r: Record) -> Entry:
 
 def entries(include_removed: bool = False) -> list[Entry]:
     """Every sandbox, oldest first (removed ones only if asked)."""
-    where = "" if include_removed else " WHERE phase != 'removed'"
+    # Removed records can pile up (a week of one-shot runs): the phase index skips them.
+    phases = (*ACTIVE, *ENDED) if include_removed else (*ACTIVE, "stopped", "crashed")
     with database().read() as c:
-        rows = c.execute(f"SELECT {_COLUMNS} FROM sandboxes{where} ORDER BY created").fetchall()
+        rows = c.execute(f"SELECT {_COLUMNS} FROM sandboxes WHERE phase IN "
+                         f"({','.join('?' * len(phases))}) ORDER BY created",
+                         phases).fetchall()
     return [_entry(r) for r in _reconcile([_record(row) for row in rows])]
 
 
@@ -347,8 +350,9 @@ def lookup(sid: str, include_removed: bool = False) -> Entry:
     full = sid if sid.startswith("vm-") else "vm-" + sid
     where = "" if include_removed else " AND phase != 'removed'"
     with database().read() as c:
-        rows = c.execute(f"SELECT {_COLUMNS} FROM sandboxes WHERE (id = ? OR substr(id, 1, ?)"
-                         f" = ?){where} ORDER BY created", (full, len(full), full)).fetchall()
+        # A range on the primary key: ids are [0-9a-z-], all below '~'.
+        rows = c.execute(f"SELECT {_COLUMNS} FROM sandboxes WHERE id >= ? AND id < ?{where}"
+                         " ORDER BY created", (full, full + "~")).fetchall()
     exact = [row for row in rows if row[0] == full]
     rows = exact or rows
     if not rows:
