@@ -215,6 +215,13 @@ def test_end_reasons(ml: Run, state_dir: Path) -> None:
     assert r.returncode != 0
     end = _end(ml, _newest_id(ml))
     assert end["reason"] == "panic" and "sysrq triggered crash" in str(end["detail"]), end
+    # A detached sandbox whose guest panics stops (it is not `running` any more).
+    sid = _start(ml, "--privileged")
+    ml("exec", sid, "--", "sh", "-c", "echo c > /proc/sysrq-trigger; sleep 60")
+    _wait_status(ml, sid, "stopped")
+    end = _end(ml, sid)
+    assert end["reason"] == "panic" and "sysrq triggered crash" in str(end["detail"]), end
+    ml("rm", sid, check=True)
     # --timeout of a one-shot run.
     r = ml("run", "--timeout", "2", "--", "sleep", "100")
     assert r.returncode == 124

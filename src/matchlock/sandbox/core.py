@@ -524,6 +524,11 @@ class Sandbox:
             self.abort(self._abort_reason)
             raise GuestError(f"the sandbox was stopped: {self._abort_reason}")
 
+    def vm_exited(self) -> bool:
+        """The VMM has exited (a guest panic, a crash); safe from any thread."""
+        proc = self._proc
+        return proc is not None and proc.poll() is not None
+
     def kill_vm(self) -> None:
         proc = self._proc  # read once: another thread (a timeout) may call this during close()
         if proc is not None and proc.poll() is None:

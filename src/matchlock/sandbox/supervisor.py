@@ -130,6 +130,10 @@ class Supervisor:
                 self.timed_out = True
                 self.stop(f"timed out after {self.timeout:g}s")
                 break
+            if self._ready and self.sandbox.vm_exited():
+                # A guest panic or power-off: not `running` any more (the reason says which).
+                self.stop(self.sandbox.vm_died().message)
+                break
             self._stop.wait(0.1)
         if not self._ready:
             self.sandbox.abort(self.reason or "stopped")
