@@ -300,3 +300,23 @@ def test_get_log_follow_and_no_secret_value_in_the_db(ml: Run, state_dir: Path) 
     ml("rm", sid, check=True)
     r = ml("log", sid)
     assert r.returncode == 1 and b"removed" in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+def test_a_locked_database_never_stops_a_cleanup(ml: Run, state_dir: Path) -> None:
+    ml("run", "--", "true", check=True)  # the image's rootfs is built (its lines on stderr)
+    p = subprocess.Popen([MATCHLOCK, "run", "-i", "--", "sh", "-c", "echo up; read x; exit 3"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout is not None and p.stdin is not None
+    assert p.stdout.readline() == b"up\n"
+    # Another process holds the write lock for longer than the owner waits (15 s).
+    db = sqlite3.connect(state_dir / "state.db", isolation_level=None)
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        _, err = p.communicate(b"go\n", timeout=120)
+    finally:
+        db.execute("ROLLBACK")
+        db.close()
+    assert p.returncode == 3, err  # the command's code, as always
+    lines = err.decode().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("matchlock: warning: not recorded"), err
+    assert leftovers(state_dir) == []  # VMM, directory, disk: all gone regardless

@@ -120,6 +120,7 @@ class Sandbox:
         self._forwarders: list[PortForwarder] = []
         self._fw_lock = threading.Lock()
         self.console = endings.ConsoleFindings()  # read by close(), before the logs go
+        self._recorder = _Recorder("")  # close()'s; record_end() gives up when it did
 
     def __enter__(self) -> Sandbox:
         return self
@@ -556,7 +557,7 @@ class Sandbox:
         t0 = time.perf_counter()
         for fw in forwarders:  # no new connection may reach a VM that is going away
             fw.close()
-        note = _Recorder(self.id)
+        note = self._recorder = _Recorder(self.id)
         note(registry.set_phase, "stopping")
         with _signals_deferred():
             # The writable layer is thrown away, so there is nothing to flush: kill the VMM
@@ -596,7 +597,8 @@ class Sandbox:
         with (a timeout, a signal, a panic, a failure), read with the console's evidence."""
         if not self.id:
             return
-        kill = bool(_Recorder(self.id)(registry.kill_requested))
+        note = self._recorder if self._recorder.sid == self.id else _Recorder(self.id)
+        kill = bool(note(registry.kill_requested))
         if isinstance(outcome, int):
             ending = endings.from_exit(outcome, self.console, kill)
         else:
@@ -604,7 +606,7 @@ class Sandbox:
             message = outcome.message if isinstance(outcome, MatchlockError) else str(outcome)
             ending = endings.from_error(message or type(outcome).__name__, code, self.console,
                                         kill)
-        _Recorder(self.id)(registry.record_end, ending)
+        note(registry.record_end, ending)
 
 
 class _Recorder:
