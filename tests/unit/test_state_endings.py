@@ -57,6 +57,9 @@ def test_supervisor_reasons() -> None:
     s = en.from_supervisor("stopped by SIGTERM", NONE)
     assert (s.reason, s.detail) == ("interrupted", "its supervisor received SIGTERM")
     assert en.owner_crash(42).reason == "owner-crash"
+    assert en.from_supervisor("closed", NONE).reason == "closed"
+    rpc = en.from_supervisor("timed out after 5s (resources.timeout_seconds)", NONE)
+    assert rpc.reason == "timeout"
 
 
 def test_kill_of_a_run_whose_command_ended_on_the_signal() -> None:

@@ -7,6 +7,7 @@ Kinds, as `inspect` shows them in `end.reason`:
   panic        the guest kernel panicked
   timeout      `--timeout` expired
   kill         `matchlock kill` (or `rm -f`) stopped it
+  closed       the SDK closed it (`matchlock rpc`'s `close`)
   interrupted  the owning matchlock process got SIGINT/SIGTERM/SIGHUP
   owner-crash  the owning process died without stopping it (SIGKILL, a host reboot)
   error        anything else (the VM died, the agent was lost, a boot failure): the message
@@ -122,6 +123,8 @@ def from_supervisor(reason: str, console: ConsoleFindings) -> Ending:
         return Ending("panic", f"guest kernel panic: {console.panic}", None)
     if reason == "kill":
         return Ending("kill", "stopped by `matchlock kill`", None)
+    if reason == "closed":  # `matchlock rpc`: the SDK's close
+        return Ending("closed", "closed by its client (rpc `close`)", None)
     if reason.startswith("timed out"):
         return Ending("timeout", clean(reason), None)
     if reason.startswith("stopped by SIG"):
