@@ -3,12 +3,14 @@ simulated host reboot, end reasons in `inspect`, `log -f`, and no secret value i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -63,7 +65,7 @@ def _newest_id(ml: Run) -> str:
 
 
 def _db_phase(state_dir: Path, sid: str) -> str:
-    with sqlite3.connect(state_dir / "state.db", timeout=15) as db:
+    with contextlib.closing(sqlite3.connect(state_dir / "state.db", timeout=15)) as db, db:
         return str(db.execute("SELECT phase FROM sandboxes WHERE id = ?", (sid,)).fetchone()[0])
 
 
@@ -167,7 +169,7 @@ def test_host_reboot_leaves_records_that_say_running(ml: Run, state_dir: Path,
         start = int(Path(f"/proc/{stranger.pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
         sid = "vm-0eb00700" if command == "gc" else "vm-0eb00701"
         ml("ls", check=True)  # the database exists (a fresh session may have none yet)
-        with sqlite3.connect(state_dir / "state.db", timeout=15) as db:
+        with contextlib.closing(sqlite3.connect(state_dir / "state.db", timeout=15)) as db, db:
             db.execute("INSERT INTO sandboxes (id, image, phase, created, updated, owner_pid,"
                        " owner_start, vmm_pid, vmm_start, boot_id) VALUES (?, 'busybox',"
                        " 'running', ?, ?, ?, ?, ?, ?, 'an-earlier-boot')",
@@ -272,7 +274,7 @@ def test_get_log_follow_and_no_secret_value_in_the_db(ml: Run, state_dir: Path) 
                  "sh", "-c", "for i in 1 2 3; do echo tick$i; sleep 0.3; done")
     got = _json(ml("get", sid[:7]))  # a prefix will do
     assert _json(ml("stat", sid[3:]))["id"] == sid  # type: ignore[index]
-    with sqlite3.connect(state_dir / "state.db", timeout=15) as db:
+    with contextlib.closing(sqlite3.connect(state_dir / "state.db", timeout=15)) as db, db:
         for twin in ("vm-abab0001", "vm-abab0002"):
             db.execute("INSERT OR IGNORE INTO sandboxes (id, image, phase, created, updated,"
                        " owner_pid) VALUES (?, 'x', 'removed', 0, 0, 0)", (twin,))
@@ -302,6 +304,15 @@ def test_get_log_follow_and_no_secret_value_in_the_db(ml: Run, state_dir: Path) 
     assert r.returncode == 1 and b"removed" in r.stderr and len(r.stderr.splitlines()) == 1
 
 
+HOLD_LOCK = """
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
 def test_a_locked_database_never_stops_a_cleanup(ml: Run, state_dir: Path) -> None:
     ml("run", "--", "true", check=True)  # the image's rootfs is built (its lines on stderr)
     p = subprocess.Popen([MATCHLOCK, "run", "-i", "--", "sh", "-c", "echo up; read x; exit 3"],
@@ -309,13 +320,13 @@ def test_a_locked_database_never_stops_a_cleanup(ml: Run, state_dir: Path) -> No
     assert p.stdout is not None and p.stdin is not None
     assert p.stdout.readline() == b"up\n"
     # Another process holds the write lock for longer than the owner waits (15 s).
-    db = sqlite3.connect(state_dir / "state.db", isolation_level=None)
-    db.execute("BEGIN IMMEDIATE")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(state_dir / "state.db")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
         _, err = p.communicate(b"go\n", timeout=120)
     finally:
-        db.execute("ROLLBACK")
-        db.close()
+        holder.communicate(b"", timeout=30)
     assert p.returncode == 3, err  # the command's code, as always
     lines = err.decode().splitlines()
     assert len(lines) == 1 and lines[0].startswith("matchlock: warning: not recorded"), err
