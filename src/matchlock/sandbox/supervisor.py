@@ -221,6 +221,8 @@ class Supervisor:
             exit_code = (TIMEOUT_EXIT if self.timed_out else
                          128 + self.signo if self.signo else code)
             raise MatchlockError(f"the sandbox was stopped: {self.reason}", exit_code=exit_code)
+        with contextlib.suppress(MatchlockError):
+            registry.add_event(sid, "command exited", f"code {code}")
         sys.stderr.write(f"matchlock: the command exited with {code}; sandbox {sid} stays "
                          f"up until `matchlock kill {sid}`\n")
         sys.stderr.flush()
