@@ -243,6 +243,21 @@ def test_end_reasons(ml: Run, state_dir: Path) -> None:
     assert phases == ["creating", "booting", "running", "kill requested", "stopping",
                       "stopped"], phases
     ml("rm", sid, check=True)
+    # run --rm=false: the command's exit is noted; the sandbox ends by kill.
+    p = subprocess.Popen([MATCHLOCK, "run", "--rm=false", "--", "sh", "-c", "exit 4"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stderr is not None
+    while b"stays up" not in (line := p.stderr.readline()):
+        assert line, "run --rm=false ended early"
+    sid = _newest_id(ml)
+    ml("kill", sid, check=True)
+    p.communicate(timeout=60)
+    assert p.returncode == 4
+    info = _inspect(ml, sid)
+    assert info["end"]["reason"] == "kill", info["end"]  # type: ignore[index]
+    notes = [(h["phase"], h["detail"]) for h in info["history"]]  # type: ignore[union-attr]
+    assert ("command exited", "code 4") in notes, notes
+    ml("rm", sid, check=True)
     # kill of a one-shot run (its owner gets SIGTERM)
     p = subprocess.Popen([MATCHLOCK, "run", "--", "sh", "-c", "echo up; sleep 100"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
