@@ -34,7 +34,17 @@ import h2.settings
 
 from matchlock.net import http1
 from matchlock.net.audit import AuditEvent
+from matchlock.net.hookrun import (
+    BodyTooLarge,
+    hook_reason,
+    response_headers,
+    streamed_body,
+    whole_body,
+)
+from matchlock.net.hooks import MAX_BODY, HookError, ResponsePlan
 from matchlock.net.http1 import Framing, HttpError, Response
+from matchlock.net.masking import ValueMask
+from matchlock.net.proxy import Blocked  # proxy imports this module lazily: no cycle
 from matchlock.net.secrets import SecretLeak
 from matchlock.net.streams import READ_HIGH, IncompleteBody, Stream, read_response
 from matchlock.net.upstream import Connection, UpstreamError
@@ -192,9 +202,33 @@ class H2Session:
                 entered = self._exchange_started()  # no await since the admission
                 req, name, reason = built
                 method, path = req.method.decode("latin-1"), req.path()
+                hooks, view, after_rules = self.proxy.hooks, None, []
+                if hooks is not None:
+                    # After the allow-list, before the secrets (as HTTP/1.1).
+                    viewed = await hooks.before(req, name)
+                    if isinstance(viewed, Blocked):
+                        await self._block(st, name, viewed.status, viewed.reason, viewed.rule,
+                                          method, path)
+                        return
+                    view = viewed
+                    after_rules = hooks.prepare_after(view, req)
                 up, resp, body_task = await self._send_upstream(st, req, name, ended)
                 status = resp.status
-                down = await self._respond(st, up, resp)
+                mask = self.proxy.secrets.mask()
+                plan: ResponsePlan | None = None
+                if hooks is not None and view is not None and after_rules:
+                    planned = await hooks.after(view, after_rules, resp, mask)
+                    if isinstance(planned, Blocked):
+                        if body_task is not None:
+                            body_task.cancel()
+                        await self._block(st, name, planned.status, planned.reason,
+                                          planned.rule, method, path)
+                        return
+                    plan = planned
+                    reason = hook_reason(reason, view, plan)
+                elif view is not None:
+                    reason = hook_reason(reason, view)
+                down = await self._respond(st, up, resp, mask, plan)
                 if body_task is not None:
                     if not body_task.done():
                         await asyncio.wait((body_task,), timeout=1.0)
@@ -230,9 +264,13 @@ class H2Session:
         except UpstreamError as exc:
             code = 403 if exc.blocked else 502
             await self._block(st, name, code, exc.message, None, method, path)
+        except BodyTooLarge as exc:
+            reason = (f"a network hook needs the whole response body and it exceeds "
+                      f"{MAX_BODY} bytes ({exc} bytes so far)")
+            await self._block(st, name, 502, reason, None, method, path)
         except _StreamGone:
             pass
-        except (HttpError, IncompleteBody, ConnectionError, OSError) as exc:
+        except (HttpError, IncompleteBody, ConnectionError, OSError, HookError) as exc:
             self._reset(st, h2.errors.ErrorCodes.INTERNAL_ERROR)
             self.proxy.audit(
                 AuditEvent(
@@ -363,15 +401,45 @@ class H2Session:
             up.write(b"0\r\n\r\n")
         return total
 
-    async def _respond(self, st: _H2Stream, up: Connection, resp: Response) -> int:
-        mask = self.proxy.secrets.mask()
+    async def _respond(self, st: _H2Stream, up: Connection, resp: Response,
+                       mask: ValueMask | None, plan: ResponsePlan | None = None) -> int:
         headers = [(b":status", b"%d" % resp.status)]
-        headers += [
-            (key.lower(), mask.all(value) if mask is not None else value)
-            for key, value in resp.headers
-            if key.lower() not in _DROP_RESPONSE
-        ]
+        body: bytes | None = None  # a body the hooks made whole (buffered or set)
+        chunks: AsyncIterator[bytes] = _body(up.stream, resp)
+        if plan is not None and plan.changed:
+            fields = response_headers(plan, mask)
+            if plan.body_changes and resp.framing is not Framing.NONE:
+                if plan.buffered or plan.set_body is not None:
+                    body = await whole_body(up.stream, resp, plan)
+                    if mask is not None:
+                        body = mask.all(body)
+                    fields.append((b"content-length", b"%d" % len(body)))
+                    if plan.set_body is not None:
+                        resp.keep_alive = False  # the origin's body was not read
+                else:
+                    chunks = streamed_body(up.stream, resp, plan)
+            else:
+                fields += [(k, v) for k, v in resp.headers if k.lower() == b"content-length"]
+        else:
+            fields = [(key, mask.all(value) if mask is not None else value)
+                      for key, value in resp.headers]
+        headers += [(key.lower(), value) for key, value in fields
+                    if key.lower() not in _DROP_RESPONSE]
         no_body = resp.framing is Framing.NONE
+        if body is not None:
+            try:
+                self.h2.send_headers(st.id, headers, end_stream=not body)
+            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+                raise _StreamGone() from None
+            self.flush()
+            if body:
+                await self._send(st, body)
+                try:
+                    self.h2.end_stream(st.id)
+                except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+                    raise _StreamGone() from None
+                self.flush()
+            return len(body)
         try:
             self.h2.send_headers(st.id, headers, end_stream=no_body)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
@@ -380,7 +448,7 @@ class H2Session:
         if no_body:
             return 0
         total = 0
-        async for data in _body(up.stream, resp):
+        async for data in chunks:
             total += len(data)
             out = mask.feed(data) if mask is not None else data
             if out:

@@ -16,6 +16,14 @@ from typing import TYPE_CHECKING
 
 from matchlock.net import http1
 from matchlock.net.audit import AuditEvent
+from matchlock.net.hookrun import (
+    BodyTooLarge,
+    hook_reason,
+    response_headers,
+    streamed_body,
+    whole_body,
+)
+from matchlock.net.hooks import MAX_BODY, HookError, RequestView, ResponsePlan, Rule
 from matchlock.net.http1 import ChunkedReader, Framing, HttpError, Request, Response
 from matchlock.net.masking import ValueMask
 from matchlock.net.proxy import Blocked, Tunnel  # proxy imports this module lazily: no cycle
@@ -86,6 +94,17 @@ class Http1Relay:
     async def _forward(self, req: Request, name: str, decision: Decision, started: float,
                        path: str, method: str) -> bool:
         proxy, guest, conn = self.proxy, self.guest, self.conn
+        view: RequestView | None = None
+        after_rules: list[Rule] = []
+        if proxy.hooks is not None:
+            # After the allow-list, before the secrets: hooks see placeholders only, and the
+            # mutated request meets the same secret scoping as the guest's own.
+            viewed = await proxy.hooks.before(req, name)
+            if isinstance(viewed, Blocked):
+                await proxy.answer(guest, conn, viewed, method=method, path=path)
+                return False
+            view = viewed
+            after_rules = proxy.hooks.prepare_after(view, req)
         head = proxy.secrets.inject(req.serialize(), name)
         if isinstance(head, SecretLeak):
             return await self._deny(403, head.reason, method, path, f"--secret {head.secret_name}")
@@ -121,13 +140,29 @@ class Http1Relay:
         assert up is not None and resp is not None
         if resp.status == 101:
             return await self._upgrade(up, req, resp, name, started, mask)
+        plan: ResponsePlan | None = None
+        if after_rules and proxy.hooks is not None and view is not None:
+            planned = await proxy.hooks.after(view, after_rules, resp, mask)
+            if isinstance(planned, Blocked):
+                _cancel(body_task)
+                up.stream.abort()
+                return await self._deny(planned.status, planned.reason, method, path,
+                                        planned.rule)
+            plan = planned
         close = not req.keep_alive or resp.framing is Framing.UNTIL_CLOSE
+        if plan is not None and plan.body_changes and resp.framing is not Framing.NONE:
+            # A streamed, rewritten body is re-chunked; an HTTP/1.0 guest gets it until close.
+            close = close or (not plan.buffered and plan.set_body is None
+                              and req.version != b"HTTP/1.1")
         down = 0
         event = AuditEvent(host=name, port=conn.target.port, action="allow",
-                           reason=decision.reason, method=method, path=path, status=resp.status,
-                           protocol=conn.protocol)
+                           reason=hook_reason(decision.reason, view, plan), method=method,
+                           path=path, status=resp.status, protocol=conn.protocol)
         try:
-            down = await send_response(guest, up.stream, resp, close, mask)
+            if plan is not None and plan.changed:
+                down = await send_planned(guest, up.stream, resp, close, mask, plan)
+            else:
+                down = await send_response(guest, up.stream, resp, close, mask)
             if body_task is not None:
                 if not body_task.done():  # the last write may still be draining
                     await asyncio.wait((body_task,), timeout=1.0)
@@ -136,14 +171,22 @@ class Http1Relay:
                     # refused Expect: 100-continue): neither connection is in a known state.
                     raise IncompleteBody("response sent before the request body ended")
                 event.bytes_up = body_task.result()
-        except (HttpError, IncompleteBody, ConnectionError, OSError) as exc:
+        except BodyTooLarge as exc:
+            _cancel(body_task)
+            up.stream.abort()
+            reason = (f"a network hook needs the whole response body and it exceeds "
+                      f"{MAX_BODY} bytes ({exc} bytes so far)")
+            return await self._deny(502, reason, method, path)
+        except (HttpError, IncompleteBody, ConnectionError, OSError, HookError) as exc:
             _cancel(body_task)
             up.stream.abort()
             guest.abort()
             event.reason = f"aborted: {exc}"
             close = True
         else:
-            if resp.keep_alive:
+            if plan is not None and plan.set_body is not None:
+                up.stream.abort()  # the origin's body was not read
+            elif resp.keep_alive:
                 proxy.upstream.put_idle(up)
             else:
                 up.stream.abort()
@@ -341,6 +384,52 @@ async def send_response(
     if isinstance(dst, _Masked):
         dst.finish()
     return n
+
+
+async def send_planned(
+    guest: Stream, up: Stream, resp: Response, close: bool, mask: ValueMask | None,
+    plan: ResponsePlan,
+) -> int:
+    """A response the `after` hooks changed. Headers only: relayed as usual under the new
+    head. A whole new body (set_body, replacements in a non-SSE body): buffered, with its
+    Content-Length. Event-stream replacements: streamed line by line, re-chunked."""
+    framing = [(k, v) for k, v in resp.headers
+               if k.lower() in (b"content-length", b"transfer-encoding")]
+    if not plan.body_changes or resp.framing is Framing.NONE:
+        resp.headers = response_headers(plan, mask) + framing
+        resp.has_hop_by_hop = True  # the head is rebuilt from `headers`
+        return await send_response(guest, up, resp, close, mask)
+    status_line = resp.raw[: resp.raw.index(b"\r\n") + 2]
+    head = [status_line] + [b"%s: %s\r\n" % kv for kv in response_headers(plan, mask)]
+    if close:
+        head.append(b"Connection: close\r\n")
+    if plan.buffered or plan.set_body is not None:
+        body = await whole_body(up, resp, plan)
+        if mask is not None:
+            body = mask.all(body)
+        head.append(b"Content-Length: %d\r\n\r\n" % len(body))
+        guest.write(b"".join(head) + body)
+        await guest.drain()
+        return len(body)
+    chunked = not close
+    if chunked:
+        head.append(b"Transfer-Encoding: chunked\r\n")
+    guest.write(b"".join(head) + b"\r\n")
+    await guest.drain()
+    total = 0
+    async for data in streamed_body(up, resp, plan):
+        total += len(data)
+        out = mask.feed(data) if mask is not None else data
+        if out:
+            guest.write(b"%x\r\n%s\r\n" % (len(out), out) if chunked else out)
+            await guest.drain()
+    tail = mask.flush() if mask is not None else b""
+    if tail:
+        guest.write(b"%x\r\n%s\r\n" % (len(tail), tail) if chunked else tail)
+    if chunked:
+        guest.write(b"0\r\n\r\n")
+    await guest.drain()
+    return total
 
 
 async def _rechunk_masked(up: Stream, guest: Stream, mask: ValueMask) -> int:

@@ -32,6 +32,7 @@ import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from matchlock.net import http1
 from matchlock.net.audit import AuditEvent, AuditSink
@@ -47,6 +48,9 @@ from matchlock.net.streams import Stream
 from matchlock.net.target import Target
 from matchlock.net.tls_sniff import AlertDescription, ClientHello, Invalid, Sniff, alert, sniff
 from matchlock.net.upstream import Connection, Upstream
+
+if TYPE_CHECKING:
+    from matchlock.net.hookrun import Hooks
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +144,10 @@ class Proxy:
         sniff_wait: float = SNIFF_WAIT,
         idle_timeout: float = IDLE_TIMEOUT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        hooks: Hooks | None = None,
     ) -> None:
         self.policy = policy
+        self.hooks = hooks  # network hook rules (net/hookrun.py), applied per HTTP request
         self.secrets = secrets
         self.ca = ca
         self.upstream = upstream

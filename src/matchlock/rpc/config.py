@@ -2,8 +2,8 @@
 
 Pure (no I/O). `create` takes the reference's `api.Config` (what SDK 0.2.17 sends, Appendix A
 of the spec). Unknown fields are ignored, as the reference's decoder does, except those that
-ask for behaviour this server does not have (network and VFS interception hooks, a custom
-kernel, ownership overrides): those are refused with -32602 naming the field, so
+ask for behaviour this server does not have (VFS interception hooks, a custom kernel,
+ownership overrides): those are refused with -32602 naming the field, so
 that a policy the caller relies on is never silently dropped.
 """
 
@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from matchlock.net.hooks import HookConfig, HookError, compile_rules
 from matchlock.rpc.protocol import INVALID_PARAMS, RpcError
 
 MOUNT_TYPES = ("memory", "host_fs", "overlay")
@@ -128,6 +129,7 @@ class NetworkSpec:
     secrets: tuple[SecretSpec, ...] = ()
     dns_servers: tuple[str, ...] = ()
     hostname: str = ""
+    hooks: HookConfig | None = None  # network.interception, compiled (net/hooks.py)
 
 
 @dataclass(frozen=True)
@@ -237,12 +239,7 @@ def _parse_network(value: Any) -> NetworkSpec:
                              ("interception", interception is not None)):
             if present:
                 raise _invalid(f"network.no_network cannot be combined with network.{key}")
-    if interception is not None:
-        inter = _obj(interception, "network.interception")
-        if _present(inter.get("rules")):
-            raise _unsupported("network.interception.rules", "network hook rules")
-        if _present(inter.get("callback_socket")):
-            raise _unsupported("network.interception.callback_socket", "network hook callbacks")
+    hooks = _parse_interception(interception)
     if _str(n, "policy_script", w):
         raise _unsupported("network.policy_script", "policies are allow-lists")
     mtu = _int(n, "mtu", w)
@@ -276,8 +273,22 @@ def _parse_network(value: Any) -> NetworkSpec:
         # Absent means blocked: a network block that forgets it must not open private ranges.
         block_private_ips=block is not False, no_network=no_network, secrets=secrets,
         dns_servers=tuple(dns),
-        hostname=_str(n, "hostname", w),
+        hostname=_str(n, "hostname", w), hooks=hooks,
     )
+
+
+def _parse_interception(value: Any) -> HookConfig | None:
+    """`network.interception`: rules checked and compiled now, so that a rule that cannot be
+    applied safely is a -32602 at `create`, never a surprise per request."""
+    if value is None:
+        return None
+    inter = _obj(value, "network.interception")
+    socket_path = _str(inter, "callback_socket", "network.interception.")
+    try:
+        config = compile_rules(inter.get("rules"), socket_path)
+    except HookError as e:
+        raise _invalid(str(e)) from None
+    return config if config.active else None
 
 
 def _parse_secrets(value: Any) -> tuple[SecretSpec, ...]:

@@ -115,7 +115,7 @@ def build_egress(spec: CreateSpec, on_event: Callable[[AuditEvent], None] | None
         allow_hosts=list(net.allowed_hosts),
         allow_private=[] if net.block_private_ips else ["*"],
         add_hosts=list(net.add_hosts), upstream_dns=list(net.dns_servers),
-        extra_secrets=secrets, on_event=on_event,
+        extra_secrets=secrets, on_event=on_event, hooks=net.hooks,
         # An SDK has no --upstream-ca: the environment of `matchlock rpc` names it (the
         # standard SSL_CERT_FILE is honoured by the default trust store already).
         upstream_ca=os.environ.get("MATCHLOCK_UPSTREAM_CA") or None,

@@ -29,6 +29,7 @@ from matchlock.net.limits import (
 if TYPE_CHECKING:
     from matchlock.net.addressing import GuestConfig
     from matchlock.net.audit import AuditEvent
+    from matchlock.net.hooks import HookConfig
     from matchlock.net.nic import Nic
     from matchlock.net.proxy import Proxy
     from matchlock.net.secrets import Secret
@@ -63,6 +64,7 @@ class NetworkOptions:
     # Secrets given as values (the rpc server's `create`), with their placeholders.
     extra_secrets: list[Secret] = field(default_factory=list)
     on_event: Callable[[AuditEvent], None] | None = None  # also gets every audit event
+    hooks: HookConfig | None = None  # network hook rules (the rpc server's `create`)
 
 
 def _fail(flag: str, e: ValueError) -> MatchlockError:
@@ -205,8 +207,14 @@ class Egress:
             sinks.append(self.opts.on_event)
         upstream = Upstream(self.policy, upstream_dns=self.opts.upstream_dns,
                             upstream_ca=self.opts.upstream_ca)
+        hooks = None
+        if self.opts.hooks is not None and self.opts.hooks.active:
+            from matchlock.net.hookrun import Hooks
+
+            hooks = Hooks(self.opts.hooks)
         self.proxy = Proxy(self.policy, self.secrets, ca, fan_out(*sinks), upstream,
-                           sandbox=sandbox_id, max_connections=self.max_connections)
+                           sandbox=sandbox_id, max_connections=self.max_connections,
+                           hooks=hooks)
         return self.proxy
 
     async def _handle(self, sock: socket.socket, target: Target) -> None:
