@@ -33,6 +33,7 @@ from cryptography.x509.oid import NameOID
 
 from matchlock.net.audit import MemorySink
 from matchlock.net.certs import CertificateAuthority
+from matchlock.net.hookrun import Hooks
 from matchlock.net.policy import Policy
 from matchlock.net.proxy import Proxy, serve
 from matchlock.net.secrets import SecretSet
@@ -413,6 +414,7 @@ class Rig:
         upstream_dns: bool = False,
         sniff_wait: float = 0.25,
         max_connections: int | None = None,
+        hooks: Hooks | None = None,
     ) -> Proxy:
         """(Re)start the proxy with a new policy."""
         self.policy = Policy(allow, allow_private=private or (), add_hosts=pins or ())
@@ -433,6 +435,7 @@ class Rig:
             upstream,
             sandbox="test",
             sniff_wait=sniff_wait,
+            hooks=hooks,
             **({} if max_connections is None else {"max_connections": max_connections}),
         )
         if self.serve_task is not None:

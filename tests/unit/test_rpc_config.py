@@ -101,10 +101,6 @@ def test_create_errors(params: Any, message: str) -> None:
     ({"vfs": {"workspace": "/w", "mounts": {"/w": {"type": "memory"}},
               "interception": {"emit_events": True}}}, "vfs.interception"),
     ({"vfs": {"interception": {"rules": [{"action": "block"}]}}}, "vfs.interception"),
-    ({"network": {"intercept": True, "interception": {"rules": [{"action": "block"}]}}},
-     "network.interception.rules"),
-    ({"network": {"interception": {"callback_socket": "/tmp/h.sock"}}},
-     "network.interception.callback_socket"),
     ({"kernel": {"ref": "file:///k"}}, "kernel.ref"),
     ({"network": {"mtu": 9000}}, "network.mtu"),
     ({"network": {"policy_script": "x"}}, "network.policy_script"),
@@ -201,3 +197,49 @@ def test_network_event_shape() -> None:
     net = network_event(ok)["network"]
     assert net["url"] == "http://h.com/" and "block_reason" not in net
     assert net["duration_ms"] == 3 and not net["blocked"]
+
+
+def test_network_interception_is_compiled() -> None:
+    spec = c.parse_create({"image": "a", "network": {
+        "allowed_hosts": ["a.test"], "intercept": True,
+        "interception": {"callback_socket": "/tmp/x/hook.sock", "rules": [
+            {"name": "tag", "phase": "before", "hosts": ["a.test"],
+             "set_headers": {"x-tag": "1"}},
+            {"name": "cb", "phase": "after", "action": "allow", "callback_id": "network_hook_2",
+             "timeout_ms": 500},
+            {"name": "noop", "action": "allow"}]}}})
+    hooks = spec.network.hooks
+    assert hooks is not None and hooks.callback_socket == "/tmp/x/hook.sock"
+    assert [(r.name, r.phase, r.action) for r in hooks.rules] == [
+        ("tag", "before", "mutate"), ("cb", "after", "allow")]
+    assert hooks.rules[0].set_headers == (("X-Tag", "1"),)
+    assert hooks.rules[1].timeout_ms == 500
+    # Rules that can do nothing leave no hooks at all.
+    spec = c.parse_create({"image": "a", "network": {"interception": {"rules": [{}]}}})
+    assert spec.network.hooks is None
+
+
+@pytest.mark.parametrize(("rules", "socket", "message"), [
+    ([{"name": "r", "callback_id": "network_hook_1"}], "",
+     "rule 'r' has callback_id 'network_hook_1' but no network.interception.callback_socket"),
+    ([{"action": "blok"}], "", "action 'blok' must be 'allow', 'block' or 'mutate'"),
+    ([{"phase": "during", "action": "block"}], "", "phase 'during' must be"),
+    ([{"set_headers": {"Host": "evil.test"}}], "", "header Host cannot be changed by a hook"),
+    ([{"set_headers": {"X-A": "1\r\nX-B: 2"}}], "", "contains CR, LF, NUL"),
+    ([{"delete_headers": ["content-length"]}], "", "header Content-Length cannot be changed"),
+    ([{"phase": "after", "set_response_headers": {"Transfer-Encoding": "chunked"}}], "",
+     "header Transfer-Encoding cannot be changed"),
+    ([{"rewrite_path": "v1/x"}], "", "rewrite path 'v1/x' must start with a single '/'"),
+    ([{"rewrite_path": "//evil.test/x"}], "", "must start with a single '/'"),
+    ([{"hosts": ["10.0.0.1"], "action": "block"}], "", "hosts:"),
+    ([{"path": "/a[", "action": "block"}], "", "unclosed '['"),
+    ([{"action": "block", "timeout_ms": -1}], "", "timeout_ms must be an integer"),
+    ([], "relative.sock", "callback_socket must be an absolute path"),
+    ({"action": "block"}, "", "rules must be a list"),
+])
+def test_network_interception_errors(rules: Any, socket: str, message: str) -> None:
+    inter: dict[str, Any] = {"rules": rules}
+    if socket:
+        inter["callback_socket"] = socket
+    got = _err({"image": "a", "network": {"interception": inter}})
+    assert got.startswith("invalid configuration: ") and message in got, got

@@ -319,7 +319,7 @@ def compile_rules(rules: Any, callback_socket: str = "") -> HookConfig:
         if r.callback_id and not callback_socket:
             # The reference skips such a callback: a policy the caller relies on would be
             # silently off.
-            raise HookError(f"network.interception rule {r.label} has callback_id "
+            raise HookError(f"network.interception rule {r.label!r} has callback_id "
                             f"{r.callback_id!r} but no network.interception.callback_socket")
     if callback_socket and not callback_socket.startswith("/"):
         raise HookError("network.interception.callback_socket must be an absolute path")
