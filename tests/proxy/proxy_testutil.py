@@ -194,6 +194,12 @@ class Origin:
             writer.write(b"HTTP/1.1 200 OK\r\n\r\nuntil close")
             await writer.drain()
             return False
+        if path == "/echo-header":  # the Authorization value back as a response header
+            value = headers.get("authorization", "").encode("latin-1")
+            writer.write(b"HTTP/1.1 200 OK\r\nX-Echo: %s\r\nContent-Length: 2\r\n\r\nok"
+                         % value)
+            await writer.drain()
+            return True
         if path.startswith("/status/"):
             code = int(path.split("/")[2])
             writer.write(b"HTTP/1.1 %d X\r\nContent-Length: 0\r\n\r\n" % code)
