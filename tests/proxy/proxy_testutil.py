@@ -194,6 +194,14 @@ class Origin:
             writer.write(b"HTTP/1.1 200 OK\r\n\r\nuntil close")
             await writer.drain()
             return False
+        if path == "/gzip":  # compressed whatever the request asked for
+            import gzip
+
+            data = gzip.compress(b"a secret body")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+            await writer.drain()
+            return True
         if path == "/echo-header":  # the Authorization value back as a response header
             value = headers.get("authorization", "").encode("latin-1")
             writer.write(b"HTTP/1.1 200 OK\r\nX-Echo: %s\r\nContent-Length: 2\r\n\r\nok"

@@ -212,6 +212,20 @@ def test_body_beyond_the_limit_fails_closed(rig: Rig, proto: str) -> None:
     assert status == 200 and len(body) == MAX_BODY + 1
 
 
+@pytest.mark.parametrize("proto", PROTOCOLS)
+def test_encoded_bodies_are_not_rewritten_blindly(rig: Rig, proto: str) -> None:
+    """A redaction rule cannot be skipped by an origin that compresses: 502."""
+    setup(rig, [{"name": "redact", "phase": "after",
+                 "body_replacements": [{"find": "secret", "replace": "xxxxxx"}]}])
+    status, _, body = fetch(rig, proto, "/gzip")
+    assert status == 502 and b"Content-Encoding: gzip" in body
+    assert events(rig, "block")[-1].status == 502
+    # Headers-only rules leave it alone.
+    setup(rig, [{"phase": "after", "set_response_headers": {"X-A": "1"}}])
+    status, headers, body = fetch(rig, proto, "/gzip")
+    assert status == 200 and headers["x-a"] == "1"
+
+
 def test_sse_replacement_is_streamed_http1(rig: Rig) -> None:
     setup(rig, [{"phase": "after", "path": "/sse",
                  "body_replacements": [{"find": "event", "replace": "EVT"}]}])
@@ -227,6 +241,7 @@ def test_sse_replacement_is_streamed_http1(rig: Rig) -> None:
             got.append((time.monotonic(), chunk))
     head, _, body = data.partition(b"\r\n\r\n")
     assert b"content-length" not in head.lower() and b"Transfer-Encoding: chunked" in head
+    assert b"data: EVT 0\n\n" in body
     assert b"data: event" not in data and data.count(b"data: EVT ") == 4
     arrivals = [t for t, c in got if b"data: EVT" in c]
     assert len(arrivals) == 4

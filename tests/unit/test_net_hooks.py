@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from matchlock.net import http1
+from matchlock.net.hookrun import Hooks
 from matchlock.net.hooks import (
     MAX_SSE_LINE,
     HookError,
@@ -24,9 +25,9 @@ from matchlock.net.hooks import (
     compile_rule,
     compile_rules,
     parse_answer,
+    path_forms,
     replace_all,
 )
-from matchlock.net.hookrun import Hooks
 
 
 def rule(**kw: Any) -> Any:
@@ -74,6 +75,26 @@ def test_matching() -> None:
 ])
 def test_path_glob(pattern: str, path: str, ok: bool) -> None:
     assert PathGlob(pattern).matches(path) is ok
+
+
+@pytest.mark.parametrize(("path", "forms"), [
+    ("/admin/x", ("/admin/x",)),
+    ("//admin//x", ("//admin//x", "/admin/x")),
+    ("/v1/../admin/x", ("/v1/../admin/x", "/admin/x")),
+    ("/./admin/./x/", ("/./admin/./x/", "/admin/x/")),
+    ("/../..", ("/../..", "/")),
+    ("", ("/",)),
+])
+def test_path_forms(path: str, forms: tuple[str, ...]) -> None:
+    assert path_forms(path) == forms
+
+
+def test_block_rules_see_through_path_tricks() -> None:
+    r = rule(action="block", path="/admin/*")
+    for path in ("/admin/x", "//admin/x", "/v1/../admin/x", "/./admin//x"):
+        assert r.matches("h.test", "GET", path), path
+    v = view("/v1/%2e%2e/admin/x")
+    assert v.path == "/v1/../admin/x" and r.matches("h.test", "GET", v.path)
 
 
 def test_request_mutations_byte_for_byte() -> None:

@@ -124,6 +124,9 @@ class Hooks:
                 if answer.action == "block":
                     return _blocked(rule, "after", by_callback=True)
                 apply_answer_to_response(answer, plan)
+        encoded = encoded_body(resp, plan)
+        if encoded is not None:
+            return Blocked(502, encoded, f"network hook {plan.rules[-1]}")
         return plan
 
     # -- callbacks ------------------------------------------------------------------------
@@ -209,6 +212,19 @@ async def body_chunks(up: Stream, resp: Response) -> AsyncIterator[bytes]:
 
 class BodyTooLarge(Exception):
     pass
+
+
+def encoded_body(resp: Response, plan: ResponsePlan) -> str | None:
+    """Why replacements cannot be applied to this body (it is compressed), or None. A
+    redaction rule must not be skipped because the origin compressed: the caller fails
+    closed (502)."""
+    if not plan.replacements or plan.set_body is not None or resp.framing is Framing.NONE:
+        return None
+    coding = (resp.header(b"content-encoding") or b"").strip().lower()
+    if coding in (b"", b"identity"):
+        return None
+    return (f"a network hook rewrites the response body, but the origin sent it encoded "
+            f"(Content-Encoding: {coding.decode('latin-1')[:40]})")
 
 
 async def whole_body(up: Stream, resp: Response, plan: ResponsePlan) -> bytes:

@@ -151,7 +151,27 @@ class Rule:
             return False
         if self.methods and method.upper() not in self.methods:
             return False
-        return self.path is None or self.path.matches(path or "/")
+        if self.path is None:
+            return True
+        glob = self.path
+        return any(glob.matches(form) for form in path_forms(path))
+
+
+def path_forms(path: str) -> tuple[str, ...]:
+    """The decoded path, and the path an origin that normalises would serve (`//` collapsed,
+    `.` and `..` resolved): a rule matches either, so `/admin//x` or `/v1/../admin/x` do not
+    slip past a rule written for `/admin/*`."""
+    path = path or "/"
+    segments: list[str] = []
+    for seg in re.sub("/+", "/", path).split("/")[1:]:
+        if seg == "..":
+            if segments:
+                segments.pop()
+        elif seg not in (".", ""):
+            segments.append(seg)
+    trailing = path.endswith("/") or path.endswith("/.") or path.endswith("/..")
+    normal = "/" + "/".join(segments) + ("/" if trailing and segments else "")
+    return (path,) if normal == path else (path, normal)
 
 
 # -- compilation (what `create` sends) ------------------------------------------------------
