@@ -25,7 +25,9 @@ VALUE = "tok-real-value-0123456789"
 @pytest.mark.parametrize("which", ["official", "ours"])
 def test_hook_rules_through_the_sdk(sdk_python: Path, tmp_path: Path,  # noqa: F811
                                     upstream: Upstream, state_dir: Path,  # noqa: F811
-                                    which: str) -> None:
+                                    which: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The SDK has no --upstream-ca: `matchlock rpc` takes it from its environment.
+    monkeypatch.setenv("MATCHLOCK_UPSTREAM_CA", str(upstream.ca))
     python = sdk_python if which == "official" else Path(sys.executable)
     marker = f"{which}-{os.getpid()}"
     out = sdk(python, tmp_path, f"""
@@ -48,10 +50,12 @@ def test_hook_rules_through_the_sdk(sdk_python: Path, tmp_path: Path,  # noqa: F
     with Client() as c:
         c.launch(sb)
         r = c.exec('wget -q -O - --header "Authorization: Bearer $TOKEN" '
-                   'http://api.test/tagged-{marker}; echo " rc=$?"')
+                   'https://api.test/tagged-{marker}; echo " rc=$?"')
         out["tagged"] = r.stdout
         r = c.exec('wget -O - http://api.test/forbidden-{marker} 2>&1; echo " rc=$?"')
         out["forbidden"] = r.stdout
+        r = c.exec('wget -q -O - http://api.test/plain-{marker}; echo " rc=$?"')
+        out["plain"] = r.stdout
     out["seen"] = seen
     c.remove()
     """)
@@ -65,10 +69,14 @@ def test_hook_rules_through_the_sdk(sdk_python: Path, tmp_path: Path,  # noqa: F
     # The callback blocked: the guest got a 403 and the origin never saw the request.
     assert "403" in out["forbidden"] and out["forbidden"].strip().endswith("rc=1")
     assert f"/forbidden-{marker}" not in heads
+    # Plain HTTP gets the rule too.
+    body, _, rc = out["plain"].rpartition(" rc=")
+    assert rc.strip() == "0" and dict(json.loads(body)["headers"])["X-Hooked"] == marker
     # The callback saw the placeholder, never the value.
     assert [s[:4] for s in out["seen"]] == [
         ["before", "api.test", "GET", f"/tagged-{marker}"],
-        ["before", "api.test", "GET", f"/forbidden-{marker}"]]
+        ["before", "api.test", "GET", f"/forbidden-{marker}"],
+        ["before", "api.test", "GET", f"/plain-{marker}"]]
     auth = out["seen"][0][4]
     assert auth and auth[0].startswith("Bearer SANDBOX_SECRET_")
     assert VALUE not in json.dumps(out["seen"])
