@@ -202,6 +202,18 @@ class Origin:
                          b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
             await writer.drain()
             return True
+        if path == "/sse-echo":  # the Authorization value in a data line, split mid-value
+            value = headers.get("authorization", "").encode("latin-1")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n")
+            half = len(value) // 2
+            for piece in (b"data: " + value[:half], value[half:] + b"\n\n"):
+                writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                await writer.drain()
+                await asyncio.sleep(0.05)
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+            return True
         if path == "/echo-header":  # the Authorization value back as a response header
             value = headers.get("authorization", "").encode("latin-1")
             writer.write(b"HTTP/1.1 200 OK\r\nX-Echo: %s\r\nContent-Length: 2\r\n\r\nok"

@@ -191,6 +191,20 @@ def test_http1_keep_alive_survives_rewritten_responses(rig: Rig) -> None:
 
 
 @pytest.mark.parametrize("proto", PROTOCOLS)
+def test_rewrites_cannot_unmask_an_echoed_value(rig: Rig, proto: str) -> None:
+    """An innocent replacement (`-` → `_`) applied to an echoed value would produce a form
+    the mask no longer knows: values are masked before the replacements too."""
+    tok = make_secret("TOK", "value-of-tok-1234", ["origin.test"])
+    setup(rig, [{"phase": "after", "body_replacements": [{"find": "-", "replace": "_"},
+                                                         {"find": "*", "replace": "#"}]}],
+          secrets=SecretSet([tok]))
+    for path in ("/echo", "/sse-echo"):
+        status, _, body = fetch(rig, proto, path, Authorization=tok.placeholder)
+        assert status == 200 and rig.https.seen[-1].headers["authorization"] == tok.value
+        assert b"value" not in body and b"#################" in body, body
+
+
+@pytest.mark.parametrize("proto", PROTOCOLS)
 def test_after_block(rig: Rig, proto: str) -> None:
     setup(rig, [{"name": "hide", "phase": "after", "path": "/echo", "action": "block"}])
     status, _, body = fetch(rig, proto, "/echo")

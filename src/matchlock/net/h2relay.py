@@ -410,14 +410,13 @@ class H2Session:
             fields = response_headers(plan, mask)
             if plan.body_changes and resp.framing is not Framing.NONE:
                 if plan.buffered or plan.set_body is not None:
-                    body = await whole_body(up.stream, resp, plan)
-                    if mask is not None:
-                        body = mask.all(body)
+                    body = await whole_body(up.stream, resp, plan, mask)
                     fields.append((b"content-length", b"%d" % len(body)))
                     if plan.set_body is not None:
                         resp.keep_alive = False  # the origin's body was not read
                 else:
-                    chunks = streamed_body(up.stream, resp, plan)
+                    pre = None if mask is None else mask.fresh()
+                    chunks = streamed_body(up.stream, resp, plan, pre)
             else:
                 fields += [(k, v) for k, v in resp.headers if k.lower() == b"content-length"]
         else:

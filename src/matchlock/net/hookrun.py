@@ -227,10 +227,18 @@ def encoded_body(resp: Response, plan: ResponsePlan) -> str | None:
             f"(Content-Encoding: {coding.decode('latin-1')[:40]})")
 
 
-async def whole_body(up: Stream, resp: Response, plan: ResponsePlan) -> bytes:
-    """The new body of a buffered plan (set_body, or replacements on a non-SSE body)."""
+def _mask_all(mask: ValueMask | None, data: bytes) -> bytes:
+    return mask.all(data) if mask is not None else data
+
+
+async def whole_body(up: Stream, resp: Response, plan: ResponsePlan,
+                     mask: ValueMask | None) -> bytes:
+    """The new body of a buffered plan (set_body, or replacements on a non-SSE body), masked.
+
+    Values are masked before the replacements too: an innocent rule (`-` → `_`) must not turn
+    an echoed value into a form the mask no longer recognises."""
     if plan.set_body is not None:
-        return replace_all(plan.set_body, plan.replacements)
+        return _mask_all(mask, replace_all(plan.set_body, plan.replacements))
     if resp.framing is Framing.LENGTH and resp.content_length > MAX_BODY:
         raise BodyTooLarge(resp.content_length)
     parts, size = [], 0
@@ -239,19 +247,22 @@ async def whole_body(up: Stream, resp: Response, plan: ResponsePlan) -> bytes:
         if size > MAX_BODY:
             raise BodyTooLarge(size)
         parts.append(data)
-    return replace_all(b"".join(parts), plan.replacements)
+    raw = _mask_all(mask, b"".join(parts))
+    return _mask_all(mask, replace_all(raw, plan.replacements))
 
 
-async def streamed_body(up: Stream, resp: Response, plan: ResponsePlan
-                        ) -> AsyncIterator[bytes]:
-    """The body of a streamed plan: event-stream `data:` lines rewritten as they come, or
-    (headers only changed) the payload as is."""
-    rewriter = SseRewriter(plan.replacements) if plan.replacements else None
+async def streamed_body(up: Stream, resp: Response, plan: ResponsePlan,
+                        pre: ValueMask | None) -> AsyncIterator[bytes]:
+    """The body of a streamed plan: event-stream `data:` lines rewritten as they come, after
+    `pre` masked the values in the origin's form (the caller masks the result again)."""
+    rewriter = SseRewriter(plan.replacements)
     async for data in body_chunks(up, resp):
-        out = rewriter.feed(data) if rewriter is not None else data
+        out = rewriter.feed(pre.feed(data) if pre is not None else data)
         if out:
             yield out
-    if rewriter is not None and (tail := rewriter.finish()):
+    tail = rewriter.feed(pre.flush()) if pre is not None else b""
+    tail += rewriter.finish()
+    if tail:
         yield tail
 
 

@@ -404,9 +404,7 @@ async def send_planned(
     if close:
         head.append(b"Connection: close\r\n")
     if plan.buffered or plan.set_body is not None:
-        body = await whole_body(up, resp, plan)
-        if mask is not None:
-            body = mask.all(body)
+        body = await whole_body(up, resp, plan, mask)
         head.append(b"Content-Length: %d\r\n\r\n" % len(body))
         guest.write(b"".join(head) + body)
         await guest.drain()
@@ -417,7 +415,8 @@ async def send_planned(
     guest.write(b"".join(head) + b"\r\n")
     await guest.drain()
     total = 0
-    async for data in streamed_body(up, resp, plan):
+    pre = None if mask is None else mask.fresh()
+    async for data in streamed_body(up, resp, plan, pre):
         total += len(data)
         out = mask.feed(data) if mask is not None else data
         if out:

@@ -45,6 +45,12 @@ class ValueMask:
         self._held = buf[len(buf) - hold :] if hold else b""
         return buf[: len(buf) - hold] if hold else buf
 
+    def fresh(self) -> ValueMask:
+        """Another mask for the same values, with nothing held (a second stream)."""
+        other = ValueMask(())
+        other._values = self._values
+        return other
+
     @property
     def holding(self) -> int:
         return len(self._held)
