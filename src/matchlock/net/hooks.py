@@ -15,9 +15,11 @@ itself could not.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 from urllib.parse import parse_qsl, quote, unquote, urlencode
 
@@ -299,8 +301,6 @@ def compile_rule(d: Any, index: int) -> Rule | None:
 
 
 def _with_action(rule: Rule, action: Action) -> Rule:
-    from dataclasses import replace
-
     return replace(rule, action=action)
 
 
@@ -400,7 +400,7 @@ def apply_request_rule(rule: Rule, view: RequestView) -> None:
     if headers != view.headers:
         view.headers, view.changed = headers, True
     if rule.set_query or rule.delete_query:
-        query = dict(_first_values(view.query, multi=True))
+        query = _grouped(view.query)
         for k, v in rule.set_query:
             query[k] = [v]
         for k in rule.delete_query:
@@ -412,12 +412,12 @@ def apply_request_rule(rule: Rule, view: RequestView) -> None:
         view.changed = True
 
 
-def _first_values(pairs: list[tuple[str, str]], multi: bool = False
-                  ) -> dict[str, list[str]]:
+def _grouped(pairs: list[tuple[str, str]]) -> dict[str, list[str]]:
+    """Query pairs by key, in first-seen order."""
     out: dict[str, list[str]] = {}
     for k, v in pairs:
         out.setdefault(k, []).append(v)
-    return out if multi else {k: vs[:1] for k, vs in out.items()}
+    return out
 
 
 # -- callbacks: the exact JSON both ways (reference §3.5) ------------------------------------
@@ -432,7 +432,7 @@ def callback_request(rule: Rule, phase: Phase, view: RequestView, status: int = 
     if view.method:
         out["method"] = view.method
     out["path"] = view.path
-    query = {k: vs[0] for k, vs in _first_values(view.query).items()}
+    query = {k: vs[0] for k, vs in _grouped(view.query).items()}
     if query:
         out["query"] = query
     if view.headers:
@@ -479,8 +479,6 @@ def _multi(raw: Any, where: str) -> list[tuple[str, str]]:
 def parse_answer(payload: Any, phase: Phase, label: str) -> CallbackAnswer:
     """A callback's reply, checked as strictly as a rule. HookError for anything that cannot
     be applied safely, including the callback's own `error` (fail closed)."""
-    import base64
-    import binascii
 
     where = f"network hook {label}"
     if not isinstance(payload, dict):
