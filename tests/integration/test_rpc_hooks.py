@@ -4,14 +4,16 @@ upstream server in its namespace (test_network.py). Run under `flock /tmp/ml-net
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from .rpc_util import wait_no_leftovers
+from .rpc_util import BUILTIN, Rpc, wait_no_leftovers
 from .test_network import Upstream, upstream  # noqa: F401 - the module's fixture
 from .test_rpc_sdk import sdk, sdk_python  # noqa: F401 - the session's fixture
 
@@ -80,4 +82,36 @@ def test_hook_rules_through_the_sdk(sdk_python: Path, tmp_path: Path,  # noqa: F
     auth = out["seen"][0][4]
     assert auth and auth[0].startswith("Bearer SANDBOX_SECRET_")
     assert VALUE not in json.dumps(out["seen"])
+    assert wait_no_leftovers(state_dir) == []
+
+
+def test_hook_block_is_an_event_and_bad_rules_are_refused(state_dir: Path) -> None:
+    """Raw JSON lines: a static block rule answers the guest's request with 403 before any
+    dial (no upstream needed) and is an `event` notification; an unsafe rule is -32602."""
+    rpc = Rpc()
+    rpc.send("create", {"image": BUILTIN, "network": {
+        "allowed_hosts": ["allowed.test"],
+        "interception": {"rules": [{"set_headers": {"Host": "evil.test"}}]}}}, 1)
+    answer, _ = rpc.until(1)
+    assert answer["error"]["code"] == -32602
+    assert "header Host cannot be changed by a hook" in answer["error"]["message"]
+    rpc.create({"network": {"allowed_hosts": ["allowed.test"], "interception": {"rules": [
+        {"name": "no-admin", "hosts": ["allowed.test"], "path": "/admin/*",
+         "action": "block"}]}}}, rid=2)
+    request = "GET //admin/x?tok=1 HTTP/1.1\\r\\nHost: allowed.test\\r\\n\\r\\n"
+    rpc.send("exec", {"command": f"printf '{request}' | nc -w 5 allowed.test 80"}, 3)
+    answer, before = rpc.until(3)
+    stdout = base64.b64decode(answer["result"]["stdout"])
+    assert b"403 Forbidden" in stdout and b"network hook no-admin" in stdout
+    events = [m["params"] for m in before if m.get("method") == "event"]
+    deadline = time.monotonic() + 5
+    while not events and time.monotonic() < deadline:
+        msg = rpc.next(5)
+        if msg.get("method") == "event":
+            events.append(msg["params"])
+    assert events, "no event notification"
+    net = events[0]["network"]
+    assert net["blocked"] is True and net["status_code"] == 403
+    assert net["host"] == "allowed.test" and "no-admin" in net["block_reason"]
+    rpc.finish()
     assert wait_no_leftovers(state_dir) == []
