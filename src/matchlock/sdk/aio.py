@@ -33,7 +33,6 @@ from matchlock.sdk.types import (
 T = TypeVar("T")
 
 
-
 class AsyncClient:
     def __init__(self, config: Config | None = None, *,
                  on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
@@ -103,6 +102,10 @@ class AsyncClient:
 
     async def log(self, timeout: float | None = None) -> str:
         return await self._run(self.sync.log, timeout)
+
+    async def log_stream(self, stdout: IO[Any] | None = None, timeout: float | None = None
+                         ) -> None:
+        await self._run(self.sync.log_stream, stdout, timeout)
 
     async def port_forward(self, *specs: str) -> list[PortForwardBinding]:
         return await self._run(self.sync.port_forward, *specs)
