@@ -175,3 +175,36 @@ def test_timeout_seconds_closes_the_sandbox(ml: Run, state_dir: Path) -> None:
     c.remove()
     assert late.value.is_vm_error() and "timed out" in late.value.message
     assert wait_no_leftovers(state_dir) == []
+
+
+def test_sandbox_killed_from_outside(ml: Run, state_dir: Path) -> None:
+    """`matchlock kill ID` while a command runs: the call in flight fails with RPCError
+    -32003 (cancelled), later calls with MatchlockError (the rpc process is gone)."""
+    c = Client(CONFIG)
+    c.start()
+    try:
+        vm = c.launch(Sandbox(BUILTIN))
+        failure: list[BaseException] = []
+
+        def long_exec() -> None:
+            try:
+                c.exec("sleep 60")
+            except BaseException as e:
+                failure.append(e)
+
+        t = threading.Thread(target=long_exec)
+        t.start()
+        time.sleep(0.5)
+        k = subprocess.run([MATCHLOCK, "kill", vm], capture_output=True, text=True, timeout=60)
+        assert k.returncode == 0, k.stderr
+        t.join(30)
+        assert not t.is_alive()
+        # the server cancels what is in flight, then exits: the sandbox is gone with it
+        assert len(failure) == 1 and isinstance(failure[0], RPCError), failure
+        assert (failure[0].code, failure[0].message) == (-32003, "context canceled")
+        with pytest.raises(MatchlockError, match="not running"):
+            c.exec("true")
+    finally:
+        c.close()
+    subprocess.run([MATCHLOCK, "rm", "-f", vm], capture_output=True)
+    assert wait_no_leftovers(state_dir) == []
