@@ -60,3 +60,23 @@ def test_code_interpreter_failing_program(python_image: str, tmp_path: Path, ml:
     assert "ValueError: could not convert string to float: 'cold'" in r.stderr
     assert not result.exists()
     assert wait_no_leftovers(state_dir) == []
+
+
+def test_the_docs_snippets_run(python_image: str, tmp_path: Path, ml: Run,
+                               state_dir: Path) -> None:
+    """The quick starts in docs/sdk.md, run as written."""
+    doc = (EXAMPLES.parent / "docs" / "sdk.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in doc.split("```python\n")[1:]]
+    assert len(blocks) == 2
+    outputs = []
+    for i, code in enumerate(blocks):
+        script = tmp_path / f"snippet{i}.py"
+        script.write_text(code)
+        r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                           cwd=tmp_path, timeout=300,
+                           env={**os.environ, "MATCHLOCK_BIN": MATCHLOCK})
+        assert r.returncode == 0, r.stderr
+        outputs.append(r.stdout)
+    assert outputs[0] == "0 42\n\nb'data'\n"
+    assert outputs[1] == "a\n b\n\n"
+    assert wait_no_leftovers(state_dir) == []
