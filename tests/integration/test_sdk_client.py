@@ -208,3 +208,29 @@ def test_sandbox_killed_from_outside(ml: Run, state_dir: Path) -> None:
         c.close()
     subprocess.run([MATCHLOCK, "rm", "-f", vm], capture_output=True)
     assert wait_no_leftovers(state_dir) == []
+
+
+def test_async_cancellation_cancels_in_the_sandbox(ml: Run, state_dir: Path) -> None:
+    """A task that gives up on an exec (asyncio.wait_for) cancels it in the sandbox: the
+    command stops (its heartbeat file stops changing), the sandbox goes on. (Each exec has a
+    PID namespace of its own, so the heartbeat is how another exec can tell.)"""
+    beat = "i=0; while true; do i=$((i+1)); echo $i > /tmp/beat; sleep 0.2; done"
+
+    async def main() -> tuple[list[str], str]:
+        async with AsyncClient(CONFIG) as c:
+            await c.launch(Sandbox(BUILTIN))
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(c.exec(beat), 1.5)
+            await asyncio.sleep(0.5)
+            beats = []
+            for _ in range(3):
+                beats.append((await c.read_file("/tmp/beat")).decode())
+                await asyncio.sleep(0.6)
+            after = (await c.exec("echo still here")).stdout
+        await c.remove()
+        return beats, after
+
+    beats, after = asyncio.run(main())
+    assert int(beats[0]) > 1 and len(set(beats)) == 1, beats  # it ran, then stopped
+    assert after == "still here\n"
+    assert wait_no_leftovers(state_dir) == []

@@ -18,6 +18,7 @@ from typing import IO, Any, TypeVar
 
 from matchlock.sdk.builder import Sandbox
 from matchlock.sdk.client import Client
+from matchlock.sdk.transport import SENT
 from matchlock.sdk.types import (
     Config,
     CreateOptions,
@@ -43,7 +44,20 @@ class AsyncClient:
         return self.sync.vm_id
 
     async def _run(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
-        return await asyncio.to_thread(functools.partial(fn, *args, **kw))
+        """Run a call of the sync client on a worker thread. When the awaiting task is
+        cancelled (`asyncio.wait_for`, `TaskGroup` failure), the call's requests are cancelled
+        in the sandbox too (an exec is killed), not left running."""
+        sent: list[int] = []
+        token = SENT.set(sent)  # to_thread runs fn in a copy of this context
+        try:
+            return await asyncio.to_thread(functools.partial(fn, *args, **kw))
+        except asyncio.CancelledError:
+            rpc = self.sync._rpc
+            if rpc is not None:
+                rpc.cancel_pending(sent)
+            raise
+        finally:
+            SENT.reset(token)
 
     async def start(self) -> None:
         await self._run(self.sync.start)

@@ -4,6 +4,7 @@ notifications routed to the request they belong to, timeouts that cancel."""
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import itertools
 import json
 import subprocess
@@ -15,6 +16,12 @@ from matchlock.errors import MatchlockError
 from matchlock.sdk.types import RPCError
 
 Notification = Callable[[str, dict[str, Any]], None]
+
+# The ids of the requests a caller sent, so that a caller that gives up (an asyncio task
+# cancelled while its call runs on a worker thread, which inherits this context) can cancel
+# them in the sandbox instead of leaving them running.
+SENT: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("matchlock_sent",
+                                                                        default=None)
 
 
 class _Pending:
@@ -111,6 +118,9 @@ class RPCProcess:
         msg: dict[str, Any] = {"jsonrpc": "2.0", "method": method, "id": req_id}
         if params:
             msg["params"] = params
+        sent = SENT.get()
+        if sent is not None:
+            sent.append(req_id)
         try:
             self._write(msg)
         except BaseException:
@@ -118,6 +128,14 @@ class RPCProcess:
                 self._pending.pop(req_id, None)
             raise
         return req_id, p
+
+    def cancel_pending(self, ids: list[int]) -> None:
+        """Cancel those of `ids` still waiting for their answer."""
+        for req_id in ids:
+            with self._lock:
+                waiting = req_id in self._pending
+            if waiting:
+                self.send("cancel", {"id": req_id})
 
     def finish(self, method: str, req_id: int, p: _Pending, timeout: float | None) -> Any:
         try:
