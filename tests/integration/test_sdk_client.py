@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -233,4 +235,43 @@ def test_async_cancellation_cancels_in_the_sandbox(ml: Run, state_dir: Path) -> 
     beats, after = asyncio.run(main())
     assert int(beats[0]) > 1 and len(set(beats)) == 1, beats  # it ran, then stopped
     assert after == "still here\n"
+    assert wait_no_leftovers(state_dir) == []
+
+
+CTRL_C = """
+import sys, time
+from matchlock import Client, Config, Sandbox
+c = Client(Config(binary_path=sys.argv[1]))
+c.start()
+c.launch(Sandbox("matchlock-builtin:busybox"))
+print("ready", flush=True)
+try:
+    c.exec("i=0; while true; do i=$((i+1)); echo $i > /tmp/beat; sleep 0.2; done")
+except KeyboardInterrupt:
+    time.sleep(0.5)
+    beats = []
+    for _ in range(3):
+        beats.append(c.read_file("/tmp/beat").decode())
+        time.sleep(0.6)
+    print(" ".join(beats), flush=True)
+c.close()
+c.remove()
+"""
+
+
+def test_ctrl_c_cancels_the_running_exec(ml: Run, state_dir: Path, tmp_path: Path) -> None:
+    """Ctrl-C in a program waiting on exec: the command is cancelled in the sandbox (its
+    heartbeat stops), and the program can go on using and close the sandbox."""
+    script = tmp_path / "ctrl_c.py"
+    script.write_text(CTRL_C)
+    p = subprocess.Popen([sys.executable, str(script), MATCHLOCK], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    assert p.stdout is not None
+    assert p.stdout.readline() == "ready\n"
+    time.sleep(1.5)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    beats = out.split()
+    assert int(beats[0]) > 1 and len(set(beats)) == 1, beats
     assert wait_no_leftovers(state_dir) == []

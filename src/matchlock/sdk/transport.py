@@ -139,7 +139,12 @@ class RPCProcess:
 
     def finish(self, method: str, req_id: int, p: _Pending, timeout: float | None) -> Any:
         try:
-            if not p.done.wait(timeout):
+            try:
+                done = p.done.wait(timeout)
+            except KeyboardInterrupt:  # Ctrl-C: the caller gave up; so does the sandbox
+                self.send("cancel", {"id": req_id})
+                raise
+            if not done:
                 self.send("cancel", {"id": req_id})
                 raise TimeoutError(f"request {method} (id={req_id}) timed out after {timeout}s")
             if p.error is not None:
