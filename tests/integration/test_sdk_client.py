@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +23,7 @@ from matchlock import (
     Client,
     Config,
     MatchlockError,
+    PortForwardBinding,
     RPCError,
     Sandbox,
 )
@@ -274,4 +277,41 @@ def test_ctrl_c_cancels_the_running_exec(ml: Run, state_dir: Path, tmp_path: Pat
     assert p.returncode == 0, err
     beats = out.split()
     assert int(beats[0]) > 1 and len(set(beats)) == 1, beats
+    assert wait_no_leftovers(state_dir) == []
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_allow_list_and_port_forward(ml: Run, state_dir: Path) -> None:
+    """This SDK's allow_list_add/delete (not in the official SDK) and port_forward."""
+    if os.geteuid() != 0:
+        pytest.skip("the sandbox network needs root")
+    port = _free_port()
+    with Client(CONFIG) as c:
+        c.launch(Sandbox(BUILTIN).allow_host("a.test"))
+        assert c.allow_list_add("b.test", "*.c.test") == ["a.test", "b.test", "*.c.test"]
+        assert c.allow_list_delete("a.test") == ["b.test", "*.c.test"]
+        with pytest.raises(RPCError) as bad:
+            c.allow_list_add("bad host/x")
+        assert bad.value.code == RPCError.INVALID_PARAMS
+
+        server = threading.Thread(target=c.exec, args=("echo pong | nc -l -p 8080",))
+        server.start()
+        assert c.port_forward(f"{port}:8080") == [PortForwardBinding("127.0.0.1", port, 8080)]
+        got = b""
+        deadline = time.monotonic() + 30
+        while not got and time.monotonic() < deadline:  # nc may not listen yet
+            with socket.create_connection(("127.0.0.1", port), 10) as s:
+                s.shutdown(socket.SHUT_WR)
+                got = s.recv(100)
+            time.sleep(0.1)
+        server.join(30)
+    c.remove()
+    assert got == b"pong\n"
+    with pytest.raises(OSError):  # the listener closed with the sandbox
+        socket.create_connection(("127.0.0.1", port), 2).close()
     assert wait_no_leftovers(state_dir) == []
