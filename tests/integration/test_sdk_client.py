@@ -315,3 +315,30 @@ def test_allow_list_and_port_forward(ml: Run, state_dir: Path) -> None:
     with pytest.raises(OSError):  # the listener closed with the sandbox
         socket.create_connection(("127.0.0.1", port), 2).close()
     assert wait_no_leftovers(state_dir) == []
+
+
+def test_on_event_sees_network_decisions(ml: Run, state_dir: Path) -> None:
+    """on_event= (not in the official SDK) gets the proxy's decisions as they happen."""
+    if os.geteuid() != 0:
+        pytest.skip("the sandbox network needs root")
+    events: list[dict[str, Any]] = []
+    seen = threading.Event()
+
+    def on_event(ev: dict[str, Any]) -> None:
+        events.append(ev)
+        seen.set()
+
+    with Client(CONFIG, on_event=on_event) as c:
+        c.launch(Sandbox(BUILTIN).allow_host("allowed.test").block_private_ips())
+        # TEST-NET-1 is never routed; the proxy refuses it by policy before any dial.
+        request = "GET /x?tok=1 HTTP/1.1\\r\\nHost: 192.0.2.1\\r\\n\\r\\n"
+        r = c.exec(f"printf '{request}' | nc -w 5 192.0.2.1 80")
+        seen.wait(10)
+    c.remove()
+    assert "403 Forbidden" in r.stdout
+    assert len(events) == 1, events
+    net = events[0]["network"]
+    assert events[0]["type"] == "network" and net["blocked"] is True
+    assert (net["host"], net["url"], net["status_code"]) == ("192.0.2.1", "http://192.0.2.1/x",
+                                                             403)
+    assert wait_no_leftovers(state_dir) == []
