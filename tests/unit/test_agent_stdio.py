@@ -517,20 +517,128 @@ def test_environment_is_exactly_what_was_given_plus_home(agent: Agent) -> None:
 
 
 def test_pid_namespace(agent: Agent) -> None:
-    r = agent.run(["sh", "-c", "echo $$; ls /proc"])
+    r = agent.run(["sh", "-c", "echo $$; ls /proc; cat /proc/1/comm"])
     lines = r.stdout.decode().split()
-    assert lines[0] == "2"  # pid 1 is the exec's init
-    pids = sorted(int(x) for x in lines[1:] if x.isdigit())
+    assert lines[0] == "2"  # pid 1 is the sandbox's init
+    assert lines[-1] == "matchlock-init"
+    pids = sorted(int(x) for x in lines[1:-1] if x.isdigit())
     assert pids[0] == 1 and len(pids) <= 4, pids
 
 
-def test_execs_do_not_see_each_other(agent: Agent) -> None:
+def _comms(agent: Agent) -> list[str]:
+    r = agent.run(["sh", "-c", "cat /proc/[0-9]*/comm"])
+    assert r.code == 0, r.stderr
+    return r.stdout.decode().split()
+
+
+def test_execs_share_the_sandbox_but_never_see_the_agent(agent: Agent) -> None:
     sleeper = agent.start(ExecRequest(["sleep", "60"], env=[PATH]))
     assert agent.on(sleeper).type == T.STARTED
-    r = agent.run(["sh", "-c", "cat /proc/[0-9]*/comm"])
-    assert b"sleep" not in r.stdout
+    deadline = time.monotonic() + 10
+    while "sleep" not in (comms := _comms(agent)):  # STARTED comes before its execve
+        assert time.monotonic() < deadline, comms
+    assert sorted(comms) == ["matchlock-init", "sh", "sleep"], comms  # (sh globbed before cat)
+    agent_comm = Path(f"/proc/{agent.proc.pid}/comm").read_text().strip()
+    assert agent_comm not in comms
     agent.send(T.KILL, sleeper)
     assert agent.collect(sleeper).code == 137
+
+
+def _alive(agent: Agent, pid: int) -> str:
+    """The comm of pid in the sandbox, or "" when it is gone (or a zombie)."""
+    r = agent.run(["sh", "-c", f"grep -q '^State:.*Z' /proc/{pid}/status || cat /proc/{pid}/comm"])
+    return r.stdout.decode().strip()
+
+
+def test_a_background_process_outlives_its_exec(agent: Agent) -> None:
+    r = agent.run(["sh", "-c", "sleep 1000 >/dev/null 2>&1 & echo $!"])
+    assert r.code == 0
+    pid = int(r.stdout)
+    for _ in range(3):
+        assert _alive(agent, pid) == "sleep"
+    # It is still the sandbox's: a signal from a later exec reaches it, and the init reaps it.
+    assert agent.run(["kill", str(pid)]).code == 0
+    deadline = time.monotonic() + 10
+    while _alive(agent, pid):
+        assert time.monotonic() < deadline, "the killed orphan was not reaped"
+        time.sleep(0.05)
+
+
+def test_background_child_holding_stdout_ends_the_exec_after_the_grace(agent: Agent) -> None:
+    # Output written before the command exits arrives whole (more than a pipe holds), the
+    # exit code is the command's, and EXIT waits for the holder only a bounded time.
+    t0 = time.monotonic()
+    r = agent.run(["sh", "-c", "sleep 1000 & echo $!; head -c 300000 /dev/zero; exit 3"])
+    took = time.monotonic() - t0
+    assert r.code == 3 and r.signal == 0
+    pid_line, _, zeros = r.stdout.partition(b"\n")
+    assert zeros == b"\0" * 300000
+    assert 0.4 < took < 5, took
+    # Its later output is read and dropped: it neither blocks nor dies of SIGPIPE.
+    r = agent.run(["sh", "-c", "(sleep 1; head -c 1000000 /dev/zero; sleep 1000) & echo $!"])
+    writer = int(r.stdout)
+    time.sleep(2)
+    assert _alive(agent, writer) == "sleep"
+    assert _alive(agent, int(pid_line)) == "sleep"
+
+
+def test_output_of_a_background_child_before_the_grace_ends_arrives(agent: Agent) -> None:
+    r = agent.run(["sh", "-c", "(sleep 0.1; echo late; exec sleep 1000) & echo early"])
+    assert r.stdout == b"early\nlate\n" and r.code == 0
+
+
+def test_kill_during_the_grace_ends_the_exec_at_once(agent: Agent) -> None:
+    chan = agent.start(ExecRequest(["sh", "-c", "sleep 1000 & echo $!"], env=[PATH]))
+    pid = int(agent.wait_output(chan, b"\n"))
+    agent.send(T.KILL, chan)
+    r = agent.collect(chan, timeout=10)
+    assert r.code == 0  # the command had exited on its own
+    assert _alive(agent, pid) == "sleep"  # KILL is for the command's group; it was done
+
+
+def test_execs_cannot_signal_the_sandbox_init(agent: Agent) -> None:
+    r = agent.run(["sh", "-c", "sleep 1000 >/dev/null 2>&1 & echo $!"])
+    bg = int(r.stdout)
+    r = agent.run(["sh", "-c", "kill -9 1; kill -TERM 1; kill -INT 1; echo sent"])
+    assert r.stdout == b"sent\n"
+    assert _alive(agent, 1) == "matchlock-init"
+    assert _alive(agent, bg) == "sleep"
+
+
+def test_signals_reach_only_their_own_exec(agent: Agent) -> None:
+    a = agent.start(ExecRequest(["sh", "-c", "sleep 100 & wait"], env=[PATH]))
+    b = agent.start(ExecRequest(["sleep", "100"], env=[PATH]))
+    assert agent.on(a).type == T.STARTED and agent.on(b).type == T.STARTED
+    time.sleep(0.3)
+    agent.send(T.SIGNAL, a, encode_signal(signal.SIGTERM))
+    assert agent.collect(a, timeout=10).code == 143
+    comms = _comms(agent)
+    assert comms.count("sleep") == 1, comms  # a's background sleep was in its group too
+    agent.send(T.KILL, b)
+    assert agent.collect(b, timeout=10).code == 137
+
+
+def test_background_processes_die_with_the_agent(agent_binary: Path) -> None:
+    a = Agent(agent_binary)
+    try:
+        assert a.next_frame(timeout=10).type == T.HELLO
+        r = a.run(["sh", "-c", "exec sleep 4242 >/dev/null 2>&1 &"])
+        assert r.code == 0
+    finally:
+        a.close()
+    deadline = time.monotonic() + 10
+    while any(_host_cmdline(p) == b"sleep\x004242\x00" for p in os.listdir("/proc")):
+        assert time.monotonic() < deadline, "a sandbox process outlived the agent"
+        time.sleep(0.05)
+
+
+def _host_cmdline(pid: str) -> bytes:
+    if not pid.isdigit():
+        return b""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 # --- hardening ------------------------------------------------------------------------------
@@ -643,13 +751,6 @@ def test_kill_ends_a_process_that_ignores_sigterm(agent: Agent) -> None:
     agent.send(T.KILL, chan)
     r = agent.collect(chan, timeout=10)
     assert (r.code, r.signal) == (137, 9)
-
-
-def test_background_child_does_not_keep_the_exec_alive(agent: Agent) -> None:
-    t0 = time.monotonic()
-    r = agent.run(["sh", "-c", "sleep 100 & echo started"])
-    assert r.stdout == b"started\n" and r.code == 0
-    assert time.monotonic() - t0 < 5
 
 
 def test_frames_for_unknown_channels_are_ignored(agent: Agent) -> None:

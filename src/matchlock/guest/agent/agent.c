@@ -19,7 +19,7 @@ bool g_stdio;
 uint64_t g_nofile_soft;
 
 static int g_in = -1, g_out = -1; /* the port (one fd in a VM), or fds 0 and 1 with --stdio */
-static int g_sigfd = -1;          /* signalfd for SIGCHLD: exec inits to reap */
+static int g_sigfd = -1;          /* signalfd for SIGCHLD: commands and the sandbox init */
 /* In a VM the port reports a hang-up until the host connects; that only means "end of
  * session" once the host has spoken. g_port_wait parks the port for one short poll timeout. */
 static bool g_host_seen;
@@ -161,11 +161,12 @@ bool send_frame(uint8_t type, uint32_t chan, const void *a, size_t alen, const v
     return true;
 }
 
-ssize_t send_from_fd(uint8_t type, uint32_t chan, int fd)
+ssize_t send_from_fd(uint8_t type, uint32_t chan, int fd, size_t max)
 {
     uint8_t *h = out_tail_space(HDR_SIZE + MAX_DATA);
     ssize_t n;
-    do n = read(fd, h + HDR_SIZE, MAX_DATA);
+    if (max > MAX_DATA) max = MAX_DATA;
+    do n = read(fd, h + HDR_SIZE, max);
     while (n < 0 && errno == EINTR);
     if (n > 0) {
         put_header(h, type, chan, (uint32_t)n);
@@ -388,6 +389,8 @@ static __attribute__((noreturn)) void serve(void)
         n += port_poll_fill(pfd + n);
 
         int timeout = busy ? 0 : parked ? 50 : -1;
+        int grace = exec_poll_timeout();
+        if (grace >= 0 && (timeout < 0 || grace < timeout)) timeout = grace;
         if (poll(pfd, n, timeout) < 0) {
             if (errno != EINTR) agent_log("poll: %s", strerror(errno));
             continue;
@@ -423,7 +426,7 @@ int main(int argc, char **argv)
     /* A process that closes its stdin must not kill the agent: EPIPE is handled instead. */
     signal(SIGPIPE, SIG_IGN);
 
-    /* Exec inits are reaped from the poll loop through a signalfd. */
+    /* Commands and the sandbox init are reaped from the poll loop through a signalfd. */
     sigset_t chld;
     sigemptyset(&chld);
     sigaddset(&chld, SIGCHLD);

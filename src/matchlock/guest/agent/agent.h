@@ -4,7 +4,7 @@
  * virtio-serial port and runs everything from a single poll loop (no threads):
  *   agent.c  frames in and out, the poll loop, shutdown
  *   setup.c  PID-1 boot mounts and the SETUP request (root switch, hostname, clock, entropy)
- *   exec.c   EXEC: per-exec PID+mount namespace, hardening, user switch, stdio plumbing
+ *   exec.c   EXEC: the sandbox's PID+mount namespace, hardening, user switch, stdio plumbing
  *   files.c  FILE_WRITE / FILE_READ / FILE_LIST
  *   ports.c  CONNECT: relays a host connection to a TCP port on the guest's loopback
  */
@@ -138,9 +138,9 @@ bool out_data_room(void);
 /* Queue a frame made of up to two payload parts; false (frame dropped) if it does not fit. */
 bool send_frame(uint8_t type, uint32_t chan, const void *a, size_t alen, const void *b,
                 size_t blen);
-/* Read up to MAX_DATA bytes of fd straight into a queued data frame; returns read()'s result.
- * Only call when out_data_room(). */
-ssize_t send_from_fd(uint8_t type, uint32_t chan, int fd);
+/* Read up to max (<= MAX_DATA) bytes of fd straight into a queued data frame; returns read()'s
+ * result. Only call when out_data_room(). */
+ssize_t send_from_fd(uint8_t type, uint32_t chan, int fd, size_t max);
 void send_result(uint32_t chan, int err, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 void agent_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -165,6 +165,8 @@ bool exec_exists(uint32_t chan);
 size_t exec_poll_count(void);
 size_t exec_poll_fill(struct pollfd *pfd);
 void exec_poll_handle(const struct pollfd *pfd);
+/* Milliseconds until an exec needs attention without any fd event (a drain grace), or -1. */
+int exec_poll_timeout(void);
 void exec_reap(void);
 void exec_kill_all(void);
 

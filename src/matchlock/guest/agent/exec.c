@@ -1,11 +1,22 @@
 /* matchlock guest agent: EXEC.
  *
- * Process tree of one exec:
- *   agent ── init (PID 1 of a new PID + mount namespace) ── command (setsid) ── its children
- * The init mounts the namespace's /proc, forwards signals to the command's process group, reaps
- * orphans, and when the command exits writes its raw wait status to a pipe and exits, which makes
- * the kernel kill everything left in the namespace. The agent sends EXIT once it has reaped the
- * init and the command's output reached EOF, so no output can follow EXIT.
+ * Process tree of a sandbox:
+ *   agent (PID 1 of the VM) ── sandbox init (PID 1 of the sandbox's PID + mount namespace)
+ *                          └─ command of exec A (setsid) ── its children
+ *                          └─ command of exec B ...
+ * Every exec's command is a child of the agent (which reaps it and reports its status) living
+ * in one PID namespace shared by all execs of the sandbox, so a process started in the
+ * background by one exec outlives it and is seen by the next (`ps`, its ports, its files).
+ * The sandbox init, made at the first EXEC, owns that namespace: orphans re-parent to it and
+ * it reaps them; execs cannot see the agent nor signal the init (the kernel drops signals
+ * from inside a namespace to its init that has no handler). It also owns the namespace's
+ * mounts: its own /proc, and /sys, /proc/sys, /proc/sysrq-trigger read-only. A privileged
+ * exec gets a private copy of that mount namespace with those three writable again.
+ *
+ * An exec is over (EXIT) once its command was reaped and its stdout/stderr reached EOF, or,
+ * when a background process still holds them, DRAIN_GRACE_MS after the command exited plus
+ * whatever was already written into the pipes then. Later output is read and discarded, so
+ * such a process never blocks on (or dies of) a pipe nobody reads.
  */
 #include "agent.h"
 
@@ -25,11 +36,15 @@
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <termios.h>
+#include <time.h>
 #include <unistd.h>
 
 #define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #define MAX_GROUPS 256
 #define NOFILE_HARD (1u << 20)
+/* How long an exec's EXIT waits, after its command exited, for a background process that
+ * still holds its stdout/stderr. Output already in the pipes is always delivered. */
+#define DRAIN_GRACE_MS 500
 
 struct exec_req {
     char **argv;
@@ -44,14 +59,14 @@ struct exec_req {
 struct exec {
     struct exec *next;
     uint32_t chan;
-    pid_t init;
+    pid_t pid; /* the command, in the agent's PID namespace */
     bool tty;
     /* Agent ends, -1 once closed. In TTY mode out_fd and in_fd are duplicates of the PTY
      * master (err_fd is unused) and pty holds the master itself until the exec is over:
      * closing the last master reference hangs the terminal up, and a command that closed
      * its stdio just before exiting would die of that SIGHUP. */
-    int out_fd, err_fd, in_fd, status_fd, pty;
-    int pfd_out, pfd_err, pfd_in, pfd_status; /* slots in this round's poll set, or -1 */
+    int out_fd, err_fd, in_fd, pty;
+    int pfd_out, pfd_err, pfd_in; /* slots in this round's poll set, or -1 */
     /* STDIN bytes not yet written (and so not yet acknowledged): in_buf[in_off, in_off+in_len) */
     uint8_t *in_buf;
     size_t in_off, in_len, in_cap;
@@ -59,13 +74,35 @@ struct exec {
     uint8_t last_in;  /* last byte written to the PTY */
     uint8_t veof[2];  /* VEOF characters still to write to the PTY */
     size_t veof_len;
-    uint8_t status[4]; /* the command's raw wait status, from the init */
-    size_t status_got;
     bool reaped;
-    int init_status;
+    int status;        /* the command's wait status, once reaped */
+    uint64_t deadline; /* reaped: end of the drain grace (CLOCK_MONOTONIC ms) */
+    bool final;        /* grace over: only the bytes owed are still read */
+    size_t owed_out, owed_err; /* bytes that were in the pipes when the grace ended */
 };
 
 static struct exec *g_execs;
+
+/* The sandbox init and handles on its namespaces (the agent's own PID namespace too, to
+ * return to after forking a command into the sandbox's). */
+static pid_t g_init = -1;
+static int g_pidns = -1, g_mntns = -1, g_own_pidns = -1;
+
+/* Output fds of finished execs still held by background processes: read and discarded until
+ * EOF. Each entry may carry a second fd to close with it (a PTY master). */
+struct drain {
+    int fd, extra;
+};
+static struct drain *g_drains;
+static size_t g_ndrains, g_drain_cap;
+static size_t g_drain_pfd, g_drain_polled; /* this round's poll slots: [pfd, pfd + polled) */
+
+static uint64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
 
 static struct exec *exec_find(uint32_t chan)
 {
@@ -107,8 +144,8 @@ static __attribute__((noreturn, format(printf, 2, 3))) void die(int code, const 
     _exit(code);
 }
 
-/* Leave exactly fds 0-2 (the command's stdio) and 3 (the status pipe, close-on-exec). The init
- * is a copy of the agent and holds copies of all its fds; another exec's stdin pipe kept open
+/* Leave exactly fds 0-2 (the command's stdio) and 3 (extra, close-on-exec). The child is a
+ * copy of the agent and holds copies of all its fds; another exec's stdin pipe kept open
  * here would never reach EOF. */
 static int arrange_fds(const int stdio[3], int status)
 {
@@ -366,18 +403,32 @@ struct mount_attr {
  * process of every exec). Read-only in this exec's mount namespace only (PID 1 and privileged
  * execs keep them writable); without CAP_SYS_ADMIN the command cannot remount or unmount
  * them. Recursive, so /sys/fs/cgroup and whatever gets mounted below later are covered. */
-static void protect_kernel_files(void)
+static const char *const kernel_files[] = {"/sys", "/proc/sys", "/proc/sysrq-trigger"};
+#define N_KERNEL_FILES (sizeof kernel_files / sizeof *kernel_files)
+
+/* Returns NULL, or the path that failed (errno set). */
+static const char *protect_kernel_files(void)
 {
-    static const char *const paths[] = {"/sys", "/proc/sys", "/proc/sysrq-trigger"};
     struct mount_attr ro = {.attr_set = MOUNT_ATTR_RDONLY};
-    for (size_t i = 0; i < sizeof paths / sizeof *paths; i++) {
-        const char *p = paths[i];
+    for (size_t i = 0; i < N_KERNEL_FILES; i++) {
+        const char *p = kernel_files[i];
         if (mount(p, p, NULL, MS_BIND | MS_REC, NULL)) {
             if (errno == ENOENT) continue; /* nothing there to protect */
-            die(126, "matchlock: make %s read-only: %s", p, strerror(errno));
+            return p;
         }
-        if (syscall(SYS_mount_setattr, AT_FDCWD, p, AT_RECURSIVE, &ro, sizeof ro))
-            die(126, "matchlock: make %s read-only: %s", p, strerror(errno));
+        if (syscall(SYS_mount_setattr, AT_FDCWD, p, AT_RECURSIVE, &ro, sizeof ro)) return p;
+    }
+    return NULL;
+}
+
+/* A privileged exec, in its own copy of the sandbox's mount namespace: drop the read-only
+ * binds (innermost first), which uncovers the writable originals beneath. */
+static void unprotect_kernel_files(void)
+{
+    for (size_t i = N_KERNEL_FILES; i-- > 0;) {
+        const char *p = kernel_files[i];
+        if (umount2(p, MNT_DETACH) && errno != ENOENT && errno != EINVAL)
+            die(126, "matchlock: make %s writable: %s", p, strerror(errno));
     }
 }
 
@@ -440,13 +491,13 @@ static __attribute__((noreturn)) void exec_command(char **argv, char **envp)
 static __attribute__((noreturn)) void run_command(struct exec_req *r)
 {
     /* execve keeps ignored signals ignored (the agent ignores SIGPIPE) and the signal mask
-     * (the init blocks everything): give the command the usual clean slate. */
+     * (blocked while forking, so that a SIGNAL sent before this point waits instead of being
+     * lost): give the command the usual clean slate. A pending signal hits it right here. */
     for (int s = 1; s < 65; s++)
         if (s != SIGKILL && s != SIGSTOP) signal(s, SIG_DFL);
     sigset_t none;
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
-    close(3); /* the status pipe is the init's business */
     /* The kernel's soft limit back; the hard one up to the kernel's default nr_open, as a
      * default exec's root can no longer raise it itself (no CAP_SYS_RESOURCE). */
     struct rlimit rl;
@@ -486,48 +537,78 @@ static __attribute__((noreturn)) void run_command(struct exec_req *r)
     exec_command(r->argv, r->envp);
 }
 
-static __attribute__((noreturn)) void exec_init(struct exec_req *r, const int stdio[3],
-                                                int status)
+/* The command's process, forked by the agent into the sandbox's PID namespace: fd 3 is the
+ * sandbox's mount namespace, which it joins (a privileged exec then takes a private copy). */
+static __attribute__((noreturn)) void exec_child(struct exec_req *r, const int stdio[3],
+                                                 int mntns)
 {
-    if (arrange_fds(stdio, status) < 0) _exit(126);
-    prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
-    /* Our own /proc shows only this exec's processes. Private propagation first: on a host
-     * with shared mounts (--stdio tests) the unmount and the new /proc would otherwise
-     * propagate to the host's namespace. */
+    if (arrange_fds(stdio, mntns) < 0) _exit(126);
+    if (setns(3, CLONE_NEWNS))
+        die(126, "matchlock: join the sandbox's mounts: %s", strerror(errno));
+    close(3);
+    if (r->flags & EXEC_FLAG_PRIVILEGED) {
+        if (unshare(CLONE_NEWNS))
+            die(126, "matchlock: private mounts for a privileged exec: %s", strerror(errno));
+        unprotect_kernel_files();
+    }
+    run_command(r);
+}
+
+/* Tell the agent how the init's start went, on fd 3: "R" ready, or an error message. */
+static __attribute__((noreturn, format(printf, 1, 2))) void init_fail(const char *fmt, ...)
+{
+    char msg[300];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    ssize_t w = write(3, msg, n < 0 ? 0 : (size_t)n < sizeof msg ? (size_t)n : sizeof msg - 1);
+    (void)w;
+    _exit(1);
+}
+
+/* The sandbox init: PID 1 of the sandbox's namespaces. Sets up the mounts every exec shares,
+ * then only reaps orphans until the agent kills it (which kills the whole namespace). */
+static __attribute__((noreturn)) void sandbox_init(int ready)
+{
+    int null = open("/dev/null", O_RDWR | O_CLOEXEC);
+    int keep[3] = {null, null, 2};
+    if (null < 0 || arrange_fds(keep, ready) < 0) _exit(1);
+    prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0); /* --stdio: the namespace dies with the agent */
+    prctl(PR_SET_NAME, "matchlock-init", 0, 0, 0);
+    /* The OOM killer would take every process of the sandbox with it. */
+    int oom = open("/proc/self/oom_score_adj", O_WRONLY | O_CLOEXEC);
+    if (oom >= 0) {
+        ssize_t w = write(oom, "-1000", 5);
+        (void)w;
+        close(oom);
+    }
+    /* Private propagation first: on a host with shared mounts (--stdio tests) the unmount and
+     * the new /proc would otherwise propagate to the host's namespace. */
     if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL))
-        die(126, "matchlock: make the exec's mounts private: %s", strerror(errno));
+        init_fail("make the sandbox's mounts private: %s", strerror(errno));
     umount2("/proc", MNT_DETACH);
     if (mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL))
-        die(126, "matchlock: mount /proc for the exec: %s", strerror(errno));
-    if (!(r->flags & EXEC_FLAG_PRIVILEGED)) protect_kernel_files();
+        init_fail("mount /proc for the sandbox: %s", strerror(errno));
+    const char *bad = protect_kernel_files();
+    if (bad) init_fail("make %s read-only: %s", bad, strerror(errno));
+    if (chdir("/")) init_fail("chdir /: %s", strerror(errno));
+    ssize_t w = write(3, "R", 1);
+    (void)w;
+    close(3);
 
-    /* Every signal stays blocked (the agent blocked them before clone): a namespace init
-     * drops signals it has no handler for, and sigwaitinfo below collects them instead. */
-    pid_t cmd = fork();
-    if (cmd < 0) die(126, "matchlock: fork: %s", strerror(errno));
-    if (cmd == 0) run_command(r);
-    /* Keep no copy of the command's stdio: its EOF must mean its processes are done. */
-    close(0);
-    close(1);
-    close(2);
-
-    sigset_t all;
-    sigfillset(&all);
+    /* Only SIGCHLD is blocked (and collected): every other signal keeps its default action,
+     * which the kernel drops for a namespace init when sent from inside the namespace. */
+    for (int s = 1; s < 65; s++)
+        if (s != SIGKILL && s != SIGSTOP) signal(s, SIG_DFL);
+    sigset_t chld;
+    sigemptyset(&chld);
+    sigaddset(&chld, SIGCHLD);
+    sigprocmask(SIG_SETMASK, &chld, NULL);
     for (;;) {
-        int sig = sigwaitinfo(&all, NULL);
-        if (sig == SIGCHLD) {
-            int st;
-            pid_t pid;
-            while ((pid = waitpid(-1, &st, WNOHANG)) > 0) {
-                if (pid != cmd) continue; /* an orphan of the exec */
-                ssize_t w = write(3, &st, sizeof st);
-                (void)w;
-                _exit(0); /* the kernel now kills what is left in the namespace */
-            }
-        } else if (sig > 0) {
-            /* The command's group; before its setsid() the group does not exist yet. */
-            if (kill(-cmd, sig) < 0) kill(cmd, sig);
+        while (waitpid(-1, NULL, WNOHANG) > 0) {
         }
+        sigwaitinfo(&chld, NULL);
     }
 }
 
@@ -682,10 +763,81 @@ static void exec_free(struct exec *e)
     close_fd(&e->out_fd);
     close_fd(&e->err_fd);
     close_fd(&e->in_fd);
-    close_fd(&e->status_fd);
     close_fd(&e->pty);
     free(e->in_buf);
     free(e);
+}
+
+static void sandbox_forget(void)
+{
+    g_init = -1;
+    close_fd(&g_pidns);
+    close_fd(&g_mntns);
+}
+
+/* Start the sandbox init unless it runs; 0, or -1 with a reason in why. The first EXEC pays
+ * for it (a few ms), so an agent that never ran a command has no such process (snapshots). */
+static int sandbox_ensure(char *why, size_t wsz)
+{
+    if (g_init > 0) return 0;
+    if (g_own_pidns < 0 && (g_own_pidns = open("/proc/self/ns/pid", O_RDONLY | O_CLOEXEC)) < 0) {
+        snprintf(why, wsz, "cannot start the sandbox: /proc/self/ns/pid: %s", strerror(errno));
+        return -1;
+    }
+    int ready[2];
+    if (pipe2(ready, O_CLOEXEC)) {
+        snprintf(why, wsz, "cannot start the sandbox: pipe: %s", strerror(errno));
+        return -1;
+    }
+    long pid = syscall(SYS_clone, CLONE_NEWPID | CLONE_NEWNS | SIGCHLD, NULL, NULL, NULL, NULL);
+    if (pid == 0) sandbox_init(ready[1]);
+    int err = errno;
+    close(ready[1]);
+    if (pid < 0) {
+        close(ready[0]);
+        snprintf(why, wsz, "cannot start the sandbox: %s", strerror(err));
+        return -1;
+    }
+    g_init = (pid_t)pid;
+    /* Blocking, once: the init only makes a few mounts before it answers (or exits). */
+    char msg[300];
+    size_t got = 0;
+    ssize_t n;
+    while (got < sizeof msg - 1 &&
+           ((n = read(ready[0], msg + got, sizeof msg - 1 - got)) > 0 || (n < 0 && errno == EINTR)))
+        if (n > 0) got += (size_t)n;
+    close(ready[0]);
+    msg[got] = 0;
+    char path[64];
+    if (got == 1 && msg[0] == 'R') {
+        snprintf(path, sizeof path, "/proc/%ld/ns/pid", pid);
+        g_pidns = open(path, O_RDONLY | O_CLOEXEC);
+        snprintf(path, sizeof path, "/proc/%ld/ns/mnt", pid);
+        g_mntns = open(path, O_RDONLY | O_CLOEXEC);
+        if (g_pidns >= 0 && g_mntns >= 0) return 0;
+        snprintf(msg, sizeof msg, "%s: %s", path, strerror(errno));
+    }
+    snprintf(why, wsz, "cannot start the sandbox: %.150s", got ? msg : "its init died");
+    kill(g_init, SIGKILL); /* reaped by exec_reap */
+    sandbox_forget();
+    return -1;
+}
+
+/* fork() into the sandbox's PID namespace: setns changes where the agent's next children go,
+ * so it points back at the agent's own namespace right after. */
+static long fork_into_sandbox(void)
+{
+    if (setns(g_pidns, CLONE_NEWPID)) return -1;
+    long pid = syscall(SYS_clone, SIGCHLD, NULL, NULL, NULL, NULL);
+    if (pid == 0) return 0;
+    int err = errno;
+    if (setns(g_own_pidns, CLONE_NEWPID)) {
+        /* Cannot happen (our own namespace is always a valid target); if it did, later
+         * children would land in the sandbox: say so loudly. */
+        agent_log("cannot return to the agent's PID namespace: %s", strerror(errno));
+    }
+    errno = err;
+    return pid;
 }
 
 void exec_start(uint32_t chan, const uint8_t *p, size_t n)
@@ -700,8 +852,13 @@ void exec_start(uint32_t chan, const uint8_t *p, size_t n)
         exec_refuse(chan, why);
         return;
     }
+    if (sandbox_ensure(why, sizeof why) < 0) {
+        req_free(&r);
+        exec_refuse(chan, why);
+        return;
+    }
     struct exec *e = calloc(1, sizeof *e);
-    int child[3] = {-1, -1, -1}, status[2] = {-1, -1};
+    int child[3] = {-1, -1, -1};
     if (!e) {
         req_free(&r);
         exec_refuse(chan, "cannot start the process: out of memory");
@@ -709,23 +866,20 @@ void exec_start(uint32_t chan, const uint8_t *p, size_t n)
     }
     e->chan = chan;
     e->tty = r.flags & EXEC_FLAG_TTY;
-    e->out_fd = e->err_fd = e->in_fd = e->status_fd = e->pty = -1;
-    e->pfd_out = e->pfd_err = e->pfd_in = e->pfd_status = -1;
-    if (open_stdio(e, &r, child) < 0 || pipe2(status, O_CLOEXEC) < 0) {
+    e->out_fd = e->err_fd = e->in_fd = e->pty = -1;
+    e->pfd_out = e->pfd_err = e->pfd_in = -1;
+    if (open_stdio(e, &r, child) < 0) {
         snprintf(why, sizeof why, "cannot create the process's stdio: %s", strerror(errno));
         goto refuse;
     }
-    e->status_fd = status[0];
-    set_nonblock(e->status_fd);
 
     /* The child starts with every signal blocked, so a SIGNAL arriving before it is ready
-     * waits for it instead of being dropped (see exec_init). */
+     * waits for it instead of being dropped (see run_command). */
     sigset_t all, old;
     sigfillset(&all);
     sigprocmask(SIG_BLOCK, &all, &old);
-    /* Raw clone with a NULL stack behaves like fork, in a new PID and mount namespace. */
-    long pid = syscall(SYS_clone, CLONE_NEWPID | CLONE_NEWNS | SIGCHLD, NULL, NULL, NULL, NULL);
-    if (pid == 0) exec_init(&r, child, status[1]);
+    long pid = fork_into_sandbox();
+    if (pid == 0) exec_child(&r, child, g_mntns);
     int clone_err = errno;
     sigprocmask(SIG_SETMASK, &old, NULL);
     if (pid < 0) {
@@ -733,9 +887,8 @@ void exec_start(uint32_t chan, const uint8_t *p, size_t n)
         goto refuse;
     }
     close_child_ends(child);
-    close(status[1]);
     req_free(&r);
-    e->init = (pid_t)pid;
+    e->pid = (pid_t)pid;
     e->next = g_execs;
     g_execs = e;
     uint8_t b[4];
@@ -745,7 +898,6 @@ void exec_start(uint32_t chan, const uint8_t *p, size_t n)
 
 refuse:
     close_child_ends(child);
-    if (status[1] >= 0) close(status[1]);
     exec_free(e);
     req_free(&r);
     exec_refuse(chan, why);
@@ -801,7 +953,7 @@ static void exec_abort(struct exec *e, const char *why)
     e->in_eof = true;
     e->in_len = 0;
     close_fd(&e->in_fd);
-    if (!e->reaped) kill(e->init, SIGKILL);
+    exec_kill(e->chan);
 }
 
 void exec_stdin(uint32_t chan, const uint8_t *p, size_t n)
@@ -857,6 +1009,14 @@ void exec_stdin(uint32_t chan, const uint8_t *p, size_t n)
 
 /* ---- control ---------------------------------------------------------------------------- */
 
+/* sig to the command's process group (it called setsid), or to the command alone while that
+ * group does not exist yet. Nothing once the command was reaped: its number may be reused. */
+static void exec_send_signal(struct exec *e, int sig)
+{
+    if (e->reaped) return;
+    if (kill(-e->pid, sig) < 0) kill(e->pid, sig);
+}
+
 void exec_signal(uint32_t chan, const uint8_t *p, size_t n)
 {
     struct exec *e = exec_find(chan);
@@ -866,13 +1026,7 @@ void exec_signal(uint32_t chan, const uint8_t *p, size_t n)
         agent_log("channel %u: ignoring malformed SIGNAL", chan);
         return;
     }
-    /* The init forwards what it receives; SIGSTOP would stop the init itself (it cannot be
-     * caught), and SIGKILL kills the init and with it the whole exec, which is what it means. */
-    if (sig == SIGSTOP) {
-        agent_log("channel %u: SIGSTOP cannot be forwarded; use SIGTSTP", chan);
-        return;
-    }
-    if (!e->reaped) kill(e->init, (int)sig);
+    exec_send_signal(e, (int)sig);
 }
 
 void exec_resize(uint32_t chan, const uint8_t *p, size_t n)
@@ -887,36 +1041,47 @@ void exec_resize(uint32_t chan, const uint8_t *p, size_t n)
     ioctl(e->pty, TIOCSWINSZ, &ws); /* the kernel sends SIGWINCH */
 }
 
+/* SIGKILL to the command's process group; once the command is gone, stop waiting for
+ * background processes that hold its output (they are the sandbox's, not the exec's). */
 void exec_kill(uint32_t chan)
 {
     struct exec *e = exec_find(chan);
-    if (e && !e->reaped) kill(e->init, SIGKILL);
+    if (!e) return;
+    exec_send_signal(e, SIGKILL);
+    if (e->reaped) e->deadline = 0;
 }
 
 void exec_kill_all(void)
 {
-    for (struct exec *e = g_execs; e; e = e->next)
-        if (!e->reaped) kill(e->init, SIGKILL);
+    for (struct exec *e = g_execs; e; e = e->next) exec_send_signal(e, SIGKILL);
+    if (g_init > 0) kill(g_init, SIGKILL); /* and with it everything in the sandbox */
 }
 
 void exec_reap(void)
 {
     int st;
     pid_t pid;
-    while ((pid = waitpid(-1, &st, WNOHANG)) > 0)
+    while ((pid = waitpid(-1, &st, WNOHANG)) > 0) {
+        if (pid == g_init) {
+            agent_log("the sandbox init ended (status 0x%x); the next exec starts a new one", st);
+            sandbox_forget();
+            continue;
+        }
         for (struct exec *e = g_execs; e; e = e->next)
-            if (e->init == pid && !e->reaped) {
+            if (e->pid == pid && !e->reaped) {
                 e->reaped = true;
-                e->init_status = st;
+                e->status = st;
+                e->deadline = now_ms() + DRAIN_GRACE_MS;
             }
+    }
 }
 
 /* ---- polling ---------------------------------------------------------------------------- */
 
 size_t exec_poll_count(void)
 {
-    size_t n = 0;
-    for (struct exec *e = g_execs; e; e = e->next) n += 4;
+    size_t n = g_ndrains;
+    for (struct exec *e = g_execs; e; e = e->next) n += 3;
     return n;
 }
 
@@ -930,43 +1095,85 @@ size_t exec_poll_fill(struct pollfd *pfd)
         pfd[n++] = (struct pollfd){.fd = (fd_), .events = (ev)};                               \
     } while (0)
     for (struct exec *e = g_execs; e; e = e->next) {
-        e->pfd_out = e->pfd_err = e->pfd_in = e->pfd_status = -1;
-        if (e->out_fd >= 0 && room) ADD(e->pfd_out, e->out_fd, POLLIN);
-        if (e->err_fd >= 0 && room) ADD(e->pfd_err, e->err_fd, POLLIN);
-        if (e->status_fd >= 0) ADD(e->pfd_status, e->status_fd, POLLIN);
+        e->pfd_out = e->pfd_err = e->pfd_in = -1;
+        if (e->out_fd >= 0 && room && (!e->final || e->owed_out))
+            ADD(e->pfd_out, e->out_fd, POLLIN);
+        if (e->err_fd >= 0 && room && (!e->final || e->owed_err))
+            ADD(e->pfd_err, e->err_fd, POLLIN);
         if (e->in_fd >= 0 && (e->in_len || e->in_eof) && out_free() >= CTRL_RESERVE)
             ADD(e->pfd_in, e->in_fd, POLLOUT);
     }
 #undef ADD
+    g_drain_pfd = n;
+    for (size_t i = 0; i < g_ndrains; i++)
+        pfd[n++] = (struct pollfd){.fd = g_drains[i].fd, .events = POLLIN};
+    g_drain_polled = g_ndrains;
     return n;
 }
 
-/* One read of process output into a frame; EOF (or EIO: a PTY without slave) closes it. */
-static void pump_output(struct exec *e, int *fd, uint8_t type)
+/* Milliseconds until the next drain grace ends, or -1 when none is running. */
+int exec_poll_timeout(void)
 {
-    if (!out_data_room()) return;
-    ssize_t n = send_from_fd(type, e->chan, *fd);
+    uint64_t now = now_ms(), next = UINT64_MAX;
+    for (struct exec *e = g_execs; e; e = e->next)
+        if (e->reaped && !e->final && e->deadline < next) next = e->deadline;
+    if (next == UINT64_MAX) return -1;
+    return next <= now ? 0 : next - now > 60000 ? 60000 : (int)(next - now);
+}
+
+/* One read of process output into a frame; EOF (or EIO: a PTY without slave) closes it. After
+ * the grace only the bytes owed are read, and the fd is closed once they were. */
+static void pump_output(struct exec *e, int *fd, uint8_t type, size_t *owed)
+{
+    size_t max = e->final ? (*owed < MAX_DATA ? *owed : MAX_DATA) : MAX_DATA;
+    if (!out_data_room() || !max) return;
+    ssize_t n = send_from_fd(type, e->chan, *fd, max);
+    if (n > 0 && e->final) *owed -= (size_t)n;
     if (n > 0 || (n < 0 && (errno == EAGAIN || errno == EINTR))) return;
     if (n < 0 && errno != EIO) agent_log("channel %u: read output: %s", e->chan, strerror(errno));
     close_fd(fd);
 }
 
-static void read_status(struct exec *e)
+static void drain_add(int *fd, int *extra)
 {
-    ssize_t n = read(e->status_fd, e->status + e->status_got, sizeof e->status - e->status_got);
-    if (n > 0) e->status_got += (size_t)n;
-    else if (n < 0 && (errno == EAGAIN || errno == EINTR)) return;
-    if (n <= 0 || e->status_got == sizeof e->status) close_fd(&e->status_fd);
+    if (g_ndrains == g_drain_cap) {
+        size_t cap = g_drain_cap ? 2 * g_drain_cap : 8;
+        struct drain *d = realloc(g_drains, cap * sizeof *d);
+        if (!d) { /* the writer gets EPIPE instead of a reader: still bounded */
+            close_fd(fd);
+            close_fd(extra);
+            return;
+        }
+        g_drains = d;
+        g_drain_cap = cap;
+    }
+    g_drains[g_ndrains++] = (struct drain){*fd, *extra};
+    *fd = *extra = -1;
 }
 
-/* EXIT goes out once the init is reaped and all output was read. The command's status comes
- * from the init; if the init died first (KILL), its own status stands in. */
+/* The grace ended: what was in the pipes then is still delivered, nothing after it. */
+static void exec_end_grace(struct exec *e)
+{
+    e->final = true;
+    int avail = 0;
+    if (e->out_fd >= 0 && ioctl(e->out_fd, FIONREAD, &avail) == 0 && avail > 0)
+        e->owed_out = (size_t)avail;
+    avail = 0;
+    if (e->err_fd >= 0 && ioctl(e->err_fd, FIONREAD, &avail) == 0 && avail > 0)
+        e->owed_err = (size_t)avail;
+}
+
+/* EXIT goes out once the command is reaped and its output read to EOF, or read up to what
+ * was owed when the grace ended; fds still held by background processes go to the drains. */
 static bool exec_finish(struct exec *e)
 {
-    if (!e->reaped || e->out_fd >= 0 || e->err_fd >= 0 || e->status_fd >= 0) return false;
+    if (!e->reaped) return false;
+    if (!e->final && e->deadline <= now_ms()) exec_end_grace(e);
+    bool open_out = e->out_fd >= 0 && (!e->final || e->owed_out);
+    bool open_err = e->err_fd >= 0 && (!e->final || e->owed_err);
+    if (open_out || open_err) return false;
     if (out_free() < HDR_SIZE + 8) return false;
-    int st = e->init_status;
-    if (e->status_got == sizeof e->status) memcpy(&st, e->status, sizeof st);
+    int st = e->status;
     uint32_t code = 126, sig = 0;
     if (WIFEXITED(st)) code = (uint32_t)WEXITSTATUS(st);
     else if (WIFSIGNALED(st)) sig = (uint32_t)WTERMSIG(st), code = 128 + sig;
@@ -974,18 +1181,44 @@ static bool exec_finish(struct exec *e)
     put_be32(b, code);
     put_be32(b + 4, sig);
     send_frame(F_EXIT, e->chan, b, 8, NULL, 0);
+    int none = -1;
+    if (e->out_fd >= 0) drain_add(&e->out_fd, e->tty ? &e->pty : &none);
+    if (e->err_fd >= 0) drain_add(&e->err_fd, &none);
     return true;
+}
+
+static void drains_handle(const struct pollfd *pfd)
+{
+    static uint8_t scratch[MAX_DATA];
+    size_t kept = 0;
+    for (size_t i = 0; i < g_ndrains; i++) {
+        struct drain *d = &g_drains[i];
+        bool done = false;
+        if (i < g_drain_polled && pfd[g_drain_pfd + i].revents) {
+            ssize_t n = read(d->fd, scratch, sizeof scratch);
+            done = n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR);
+        }
+        if (done) {
+            close_fd(&d->fd);
+            close_fd(&d->extra);
+        } else {
+            g_drains[kept++] = *d;
+        }
+    }
+    g_ndrains = kept;
+    g_drain_polled = 0;
 }
 
 void exec_poll_handle(const struct pollfd *pfd)
 {
     for (struct exec **pp = &g_execs; *pp;) {
         struct exec *e = *pp;
-        if (e->pfd_out >= 0 && pfd[e->pfd_out].revents) pump_output(e, &e->out_fd, F_STDOUT);
-        if (e->pfd_err >= 0 && pfd[e->pfd_err].revents) pump_output(e, &e->err_fd, F_STDERR);
-        if (e->pfd_status >= 0 && pfd[e->pfd_status].revents) read_status(e);
+        if (e->pfd_out >= 0 && pfd[e->pfd_out].revents)
+            pump_output(e, &e->out_fd, F_STDOUT, &e->owed_out);
+        if (e->pfd_err >= 0 && pfd[e->pfd_err].revents)
+            pump_output(e, &e->err_fd, F_STDERR, &e->owed_err);
         if (e->pfd_in >= 0 && pfd[e->pfd_in].revents) exec_write_stdin(e);
-        e->pfd_out = e->pfd_err = e->pfd_in = e->pfd_status = -1;
+        e->pfd_out = e->pfd_err = e->pfd_in = -1;
         if (exec_finish(e)) {
             *pp = e->next;
             exec_free(e);
@@ -993,4 +1226,5 @@ void exec_poll_handle(const struct pollfd *pfd)
             pp = &e->next;
         }
     }
+    drains_handle(pfd);
 }

@@ -280,7 +280,7 @@ bool file_pump(void)
     for (struct fileop *op = g_ops, *next; op; op = next) {
         next = op->next;
         if (op->kind == OP_READ && out_data_room()) {
-            ssize_t r = send_from_fd(F_FILE_DATA, op->chan, op->fd);
+            ssize_t r = send_from_fd(F_FILE_DATA, op->chan, op->fd, MAX_DATA);
             if (r > 0 || (r < 0 && errno == EINTR)) {
                 more = true;
                 continue;

@@ -112,7 +112,7 @@ int open_port(void)
 
 void power_off(void)
 {
-    kill(-1, SIGKILL); /* everything but us; exec namespaces die with their inits */
+    kill(-1, SIGKILL); /* everything but us (the sandbox init too, and so its namespace) */
     for (int i = 0; i < 200 && waitpid(-1, NULL, WNOHANG) >= 0; i++) usleep(10000);
     /* The overlay root and the layers under it cannot be unmounted from inside the root
      * itself; sync() leaves the writable ext4 layer consistent (the journal records it). */
