@@ -112,6 +112,43 @@ def test_ctrl_c_reaches_the_command(ml: Run, state_dir: Path) -> None:
         ml("rm", "-f", sid)
 
 
+def test_state_and_background_processes_persist_between_execs(ml: Run, python_image: str) -> None:
+    sid = _start(ml, "--image", python_image)
+    try:
+        # A server started in the background by one exec returns at once and serves the next.
+        t0 = time.monotonic()
+        r = ml("exec", sid, "--", "sh", "-c",
+               "cd /tmp && echo served > index.html && "
+               "nohup python3 -m http.server 8000 >/tmp/log 2>&1 &")
+        assert r.returncode == 0, r.stderr
+        assert time.monotonic() - t0 < 30
+        deadline = time.monotonic() + 60
+        while True:
+            r = ml("exec", sid, "--", "wget", "-qO-", "http://127.0.0.1:8000/index.html")
+            if r.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        assert (r.returncode, r.stdout) == (0, b"served\n"), r.stderr
+        # A background child that keeps stdout open: the exec still ends with its own code.
+        t0 = time.monotonic()
+        r = ml("exec", sid, "--", "sh", "-c", "sleep 1000 & echo started; exit 4")
+        assert (r.returncode, r.stdout) == (4, b"started\n"), r.stderr
+        assert time.monotonic() - t0 < 30
+        r = ml("exec", sid, "--", "ps", "-o", "comm", check=True)
+        assert r.stdout.split().count(b"sleep") == 1, r.stdout
+        assert b"python3" in r.stdout.split()
+    finally:
+        ml("rm", "-f", sid)
+
+
+def test_one_shot_run_with_a_background_child_still_ends(ml: Run) -> None:
+    # The VM goes away with the command, background processes and all (ml checks leftovers).
+    t0 = time.monotonic()
+    r = ml("run", "--", "sh", "-c", "sleep 1000 & echo hi; exit 6")
+    assert (r.returncode, r.stdout) == (6, b"hi\n"), r.stderr
+    assert time.monotonic() - t0 < 60
+
+
 def test_background_command_and_timeout_bound_the_lifetime(ml: Run, state_dir: Path) -> None:
     sid = _start(ml, "--timeout", "20", "--", "sh", "-c", "echo made > /tmp/made")
     try:
