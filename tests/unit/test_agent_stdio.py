@@ -34,6 +34,8 @@ from matchlock.guest.protocol import (
     HEADER,
     MAX_DATA,
     MAX_HOST_PAYLOAD,
+    OUTPUT_FRAME_COST,
+    OUTPUT_WINDOW,
     STDIN_WINDOW,
     ExecRequest,
     Frame,
@@ -42,11 +44,13 @@ from matchlock.guest.protocol import (
     T,
     encode_connect,
     encode_frame,
+    encode_output_ack,
     encode_path,
     encode_resize,
     encode_signal,
     encode_sock_ack,
     encode_tlv,
+    output_cost,
     parse_dirent,
     parse_exit,
     parse_hello,
@@ -103,6 +107,10 @@ class Agent:
         self.inbox: collections.deque[Frame] = collections.deque()
         self._chan = itertools.count(1)
         self.eof = False
+        # Exec output is acknowledged as it arrives unless a test turns this off for a
+        # channel (CONNECT channels acknowledge with SOCK_ACK, by hand).
+        self.no_auto_ack: set[int] = set()
+        self.connects: set[int] = set()
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -121,6 +129,8 @@ class Agent:
         self.pump(0)
 
     def send(self, ftype: T, chan: int, payload: bytes = b"") -> None:
+        if ftype == T.CONNECT:
+            self.connects.add(chan)
         self.send_raw(encode_frame(ftype, chan, payload))
 
     def pump(self, timeout: float) -> None:
@@ -134,7 +144,15 @@ class Agent:
             data = os.read(self._rout, 1 << 20)
             if not data:
                 self.eof = True
-            self.inbox.extend(self._dec.feed(data))
+            frames = self._dec.feed(data)
+            self.inbox.extend(frames)
+            acks: dict[int, int] = {}
+            for f in frames:
+                if (f.type in (T.STDOUT, T.STDERR) and f.channel not in self.connects
+                        and f.channel not in self.no_auto_ack):
+                    acks[f.channel] = acks.get(f.channel, 0) + output_cost(len(f.payload))
+            for chan, n in acks.items():
+                self._wbuf += encode_frame(T.OUTPUT_ACK, chan, encode_output_ack(n))
 
     def flush(self, timeout: float = 10) -> None:
         deadline = time.monotonic() + timeout
@@ -590,6 +608,7 @@ def test_output_of_a_background_child_before_the_grace_ends_arrives(agent: Agent
 def test_kill_during_the_grace_ends_the_exec_at_once(agent: Agent) -> None:
     chan = agent.start(ExecRequest(["sh", "-c", "sleep 1000 & echo $!"], env=[PATH]))
     pid = int(agent.wait_output(chan, b"\n"))
+    time.sleep(0.2)  # sh exits right after the echo; the sleep holds its stdout
     agent.send(T.KILL, chan)
     r = agent.collect(chan, timeout=10)
     assert r.code == 0  # the command had exited on its own
@@ -759,6 +778,79 @@ def test_frames_for_unknown_channels_are_ignored(agent: Agent) -> None:
     agent.send(T.RESIZE, 999, encode_resize(1, 1))
     agent.send(T.KILL, 999)
     agent.send(T.FILE_DATA_IN, 999, b"x")
+
+
+# --- output credit (OUTPUT_ACK) ---------------------------------------------------------------
+
+
+def _output_cost_until_quiet(agent: Agent, chan: int, quiet: float = 0.5) -> tuple[int, int]:
+    """(credit used, payload bytes) of the output frames chan sent until it was quiet."""
+    used = got = 0
+    while True:
+        try:
+            f = agent.on(chan, timeout=quiet)
+        except TimeoutError:
+            return used, got
+        assert f.type in (T.STARTED, T.STDOUT), f
+        if f.type == T.STDOUT:
+            used += output_cost(len(f.payload))
+            got += len(f.payload)
+
+
+def test_output_stops_at_the_window_and_other_execs_go_on(agent: Agent) -> None:
+    size = 3_000_000
+    chan = agent.new_channel()
+    agent.no_auto_ack.add(chan)
+    agent.send(T.EXEC, chan, ExecRequest(["head", "-c", str(size), "/dev/zero"], env=[PATH])
+               .encode())
+    used, got = _output_cost_until_quiet(agent, chan)
+    assert OUTPUT_WINDOW - MAX_DATA - OUTPUT_FRAME_COST < used <= OUTPUT_WINDOW, used
+    # The stalled exec holds nothing else up.
+    for i in range(3):
+        assert agent.run(["echo", str(i)]).stdout == f"{i}\n".encode()
+    # Credit back in pieces: each reopens the window by that much and no more.
+    for _ in range(3):
+        agent.send(T.OUTPUT_ACK, chan, encode_output_ack(used))
+        used, more = _output_cost_until_quiet(agent, chan)
+        assert 0 < used <= OUTPUT_WINDOW
+        got += more
+    agent.no_auto_ack.discard(chan)
+    agent.send(T.OUTPUT_ACK, chan, encode_output_ack(used))
+    r = agent.collect(chan)
+    assert r.code == 0 and got + len(r.stdout) == size
+
+
+def test_output_credit_covers_stdout_and_stderr_together(agent: Agent) -> None:
+    chan = agent.new_channel()
+    agent.no_auto_ack.add(chan)
+    script = "head -c 400000 /dev/zero; head -c 400000 /dev/zero >&2"
+    agent.send(T.EXEC, chan, ExecRequest(["sh", "-c", script], env=[PATH]).encode())
+    used = 0
+    while True:
+        try:
+            f = agent.on(chan, timeout=0.5)
+        except TimeoutError:
+            break
+        if f.type in (T.STDOUT, T.STDERR):
+            used += output_cost(len(f.payload))
+    assert used <= OUTPUT_WINDOW
+    agent.send(T.KILL, chan)  # the window stays shut: KILL still ends it
+    agent.no_auto_ack.discard(chan)
+    agent.send(T.OUTPUT_ACK, chan, encode_output_ack(used))
+    assert agent.collect(chan).code == 137
+
+
+def test_a_bad_output_ack_is_logged_and_ignored(agent: Agent) -> None:
+    chan = agent.start(ExecRequest(["sh", "-c", "read x; echo $x"], env=[PATH], stdin=True))
+    assert agent.on(chan).type == T.STARTED
+    agent.send(T.OUTPUT_ACK, chan, encode_output_ack(100))  # nothing was sent yet
+    agent.send(T.OUTPUT_ACK, chan, b"\0\0")  # malformed
+    agent.send(T.OUTPUT_ACK, 4242, encode_output_ack(1))  # no such channel: ignored
+    logs = [agent.next_frame(lambda f: f.type == T.LOG) for _ in range(2)]
+    assert all(b"OUTPUT_ACK" in f.payload for f in logs), logs
+    agent.send(T.STDIN, chan, b"fine\n")
+    r = agent.collect(chan)
+    assert r.stdout == b"fine\n" and r.code == 0
 
 
 # --- PTY ------------------------------------------------------------------------------------

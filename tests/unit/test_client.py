@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import struct
 import threading
+import time
 
 import pytest
 
@@ -157,23 +158,73 @@ def test_an_abandoned_read_never_stalls_the_connection(
     assert not t.is_alive() and conn.error is None
 
 
-def test_a_consumer_that_stops_reading_loses_only_its_channel(
-    pair: tuple[AgentConnection, socket.socket], monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    import matchlock.guest.client as client
+def _ack_of(guest: socket.socket) -> tuple[int, int]:
+    f = read_frame(guest)
+    assert f.type == T.OUTPUT_ACK, f
+    return f.channel, struct.unpack(">I", f.payload)[0]
 
+
+def test_a_consumer_that_stops_reading_holds_only_its_window(
+    pair: tuple[AgentConnection, socket.socket],
+) -> None:
     conn, guest = pair
     guest.sendall(hello())
     conn.wait_hello(5)
-    slow = conn.exec(p.ExecRequest(argv=["yes"]), stall=0.2)
+    slow = conn.exec(p.ExecRequest(argv=["yes"]))
     fast = conn.exec(p.ExecRequest(argv=["true"]))
-    frames = client.CHANNEL_BUFFER // 65536 + 4
-    guest.sendall(b"".join(gframe(T.STDOUT, slow.channel, b"y" * 65536) for _ in range(frames)))
-    guest.sendall(gframe(T.EXIT, fast.channel, struct.pack(">iI", 0, 0)))
-    assert list(fast.events(timeout=5)) == [p.ExitStatus(0, 0)]
-    with pytest.raises(client.ChannelStalled):
-        list(slow.events(timeout=5))
+    read_frame(guest), read_frame(guest)  # the two EXECs
+    # As much as the window allows (three full frames and a smaller one), unread.
+    sizes = [65536, 65536, 65536, p.OUTPUT_WINDOW - 3 * p.output_cost(65536)
+             - p.OUTPUT_FRAME_COST]
+    assert sum(p.output_cost(n) for n in sizes) == p.OUTPUT_WINDOW
+    guest.sendall(b"".join(gframe(T.STDOUT, slow.channel, b"y" * n) for n in sizes))
+    guest.sendall(gframe(T.STDOUT, fast.channel, b"f") + gframe(T.EXIT, fast.channel,
+                                                                 struct.pack(">iI", 0, 0)))
+    assert list(fast.events(timeout=5)) == [Output("stdout", b"f"), p.ExitStatus(0, 0)]
+    # Nothing is acknowledged until a consumer takes something (fast's "f" was taken after
+    # its EXIT: an ended channel needs no acknowledgement).
+    guest.settimeout(0.3)
+    with pytest.raises(TimeoutError):
+        read_frame(guest)
+    guest.settimeout(5)
+    events = slow.events(timeout=5)
+    assert next(events) == Output("stdout", b"y" * 65536)
+    assert _ack_of(guest) == (slow.channel, p.output_cost(65536))
+    # Abandoning it acknowledges what it had buffered, and what still comes, at once.
+    slow.abandon()
+    acked = 0
+    while acked < sum(p.output_cost(n) for n in sizes[1:]):
+        ch, n = _ack_of(guest)
+        assert ch == slow.channel
+        acked += n
+    guest.sendall(gframe(T.STDOUT, slow.channel, b"z" * 100))
+    assert _ack_of(guest) == (slow.channel, p.output_cost(100))
+    guest.sendall(gframe(T.EXIT, slow.channel, struct.pack(">iI", 137, 9)))
+    deadline = time.monotonic() + 5
+    while conn._table.is_open(slow.channel) or slow.channel in conn._table._open:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     assert conn.error is None
+
+
+def test_output_beyond_the_window_ends_the_connection(
+    pair: tuple[AgentConnection, socket.socket],
+) -> None:
+    conn, guest = pair
+    guest.sendall(hello())
+    conn.wait_hello(5)
+    ex = conn.exec(p.ExecRequest(argv=["yes"]))
+    read_frame(guest)
+    frames = p.OUTPUT_WINDOW // p.output_cost(65536) + 1
+    # Sent before the consumer takes anything: the host cannot have acknowledged any of it.
+    guest.sendall(b"".join(gframe(T.STDERR, ex.channel, b"e" * 65536) for _ in range(frames)))
+    deadline = time.monotonic() + 5
+    while conn.error is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert conn.error == "guest protocol violation: exec output beyond the window"
+    with pytest.raises(AgentGone, match="beyond the window"):
+        list(ex.events(timeout=5))
 
 
 def test_abort_wakes_every_waiter(pair: tuple[AgentConnection, socket.socket]) -> None:

@@ -4,9 +4,14 @@ The reader thread is the only one that reads the socket. Which frames a channel 
 when is decided by the pure codec (`protocol.ChannelTable`); this module only moves bytes and
 wakes consumers. The rules that keep one channel from stalling the others:
 
-- each channel buffers at most `CHANNEL_BUFFER` bytes of events for its consumer; the reader
-  waits for room only while that consumer is still listening, and never longer than the
-  channel's `stall` bound (None: as long as the consumer lives, for a single attached exec);
+- an exec's output is credited: the guest sends at most `OUTPUT_WINDOW` (payload bytes plus
+  a fixed cost per frame, the measure of the channel's buffer here) the host has not
+  acknowledged, and the host acknowledges (OUTPUT_ACK, from its own thread) only what the
+  consumer took, or dropped for an abandoned channel; so a slow consumer slows its process,
+  its buffer stays under the window, and the reader never waits for it;
+- other channels buffer at most `CHANNEL_BUFFER` bytes of events for their consumer; the
+  reader waits for room only while that consumer is still listening, and never longer than
+  the channel's `stall` bound (None: as long as the consumer lives);
 - a consumer that fails, gives up or times out *abandons* its channel: what it had buffered is
   dropped, and frames that still arrive for it are discarded by the codec until its last one;
 - every wait is bounded or woken: file operations have deadlines, sends time out after
@@ -59,7 +64,7 @@ class _Channel:
 
 def _size(ev: p.ChannelEvent) -> int:
     data = getattr(ev, "data", None)
-    return 64 + (len(data) if isinstance(data, bytes) else 0)
+    return p.output_cost(len(data) if isinstance(data, bytes) else 0)
 
 
 class AgentConnection:
@@ -74,8 +79,27 @@ class AgentConnection:
         self._on_log = on_log
         self.error: str | None = None
         self.hello: p.Hello | None = None
+        self._acks_due = threading.Condition(self._lock)
         self._reader = threading.Thread(target=self._read_loop, name="agent-reader", daemon=True)
         self._reader.start()
+        self._acker = threading.Thread(target=self._ack_loop, name="agent-acker", daemon=True)
+        self._acker.start()
+
+    def _ack_loop(self) -> None:
+        """Sends OUTPUT_ACK frames. Its own thread: the reader must never wait on a send (the
+        guest may be waiting for the reader), and consumers should not pay for one per event;
+        acknowledgements that pile up while a send is under way go out as one frame."""
+        while True:
+            with self._lock:
+                while not (acks := self._table.take_acks()) and self.error is None:
+                    self._acks_due.wait()
+                if self.error is not None:
+                    return
+            try:
+                for cid, n in acks:
+                    self.send(T.OUTPUT_ACK, cid, p.encode_output_ack(n))
+            except AgentGone:
+                return
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -109,6 +133,7 @@ class AgentConnection:
                 ch.cond.notify_all()
             self._channels.clear()
             self._table.close_all()
+            self._acks_due.notify_all()
         _force_put(self._control, gone)
 
     def abort(self, reason: str) -> None:
@@ -127,6 +152,7 @@ class AgentConnection:
             if closed:
                 self._channels.pop(frame.channel, None)
             if ch is None:
+                self._acks_due.notify()  # output of an abandoned exec: acknowledged at once
                 return
             if event is None:
                 ch.cond.notify_all()  # stdin credit
@@ -158,6 +184,7 @@ class AgentConnection:
         self._table.abandon(ch.id)
         self._channels.pop(ch.id, None)
         ch.cond.notify_all()
+        self._acks_due.notify()
 
     def _dispatch_control(self, frame: p.Frame) -> None:
         item: object
@@ -211,6 +238,9 @@ class AgentConnection:
             ev = ch.events.popleft()
             ch.size -= _size(ev)
             ch.cond.notify_all()
+            if isinstance(ev, Output) and not ch.abandoned:
+                self._table.output_taken(ch.id, len(ev.data))
+                self._acks_due.notify()
             return ev
 
     def abandon(self, ch: _Channel) -> None:

@@ -19,6 +19,17 @@ MAX_HOST_PAYLOAD = 1 << 20
 MAX_DATA = 65536
 STDIN_WINDOW = 262144
 SOCK_WINDOW = 262144  # unacknowledged bytes per CONNECT channel, each direction
+# Credit per EXEC channel for STDOUT + STDERR: each frame costs its payload plus
+# OUTPUT_FRAME_COST, so a guest cannot make the host hold more than the window in events
+# however small its frames are.
+OUTPUT_WINDOW = 262144
+OUTPUT_FRAME_COST = 64
+
+
+def output_cost(n: int) -> int:
+    """Credit an output frame of n payload bytes uses."""
+    return n + OUTPUT_FRAME_COST
+
 MAX_LOG_LINE = 4096
 _TLV = struct.Struct(">HI")
 
@@ -45,6 +56,7 @@ class T(IntEnum):
     KILL = 0x0C
     CONNECT = 0x0D
     SOCK_ACK = 0x0E
+    OUTPUT_ACK = 0x0F
     # guest -> host
     HELLO = 0x81
     STDOUT = 0x82
@@ -308,6 +320,12 @@ def encode_sock_ack(n: int) -> bytes:
     return struct.pack(">I", n)
 
 
+def encode_output_ack(n: int) -> bytes:
+    if not 0 < n <= OUTPUT_WINDOW:
+        raise ValueError(f"acknowledgement out of range: {n}")
+    return struct.pack(">I", n)
+
+
 def encode_path(path: str, mode: int | None = None) -> bytes:
     fields: list[tuple[int, bytes]] = [(FileTag.PATH, _text(path, "path"))]
     if mode is not None:
@@ -468,7 +486,7 @@ class _ChannelState:
     started: bool = False
     unacked: int = 0  # stdin bytes sent and not yet acknowledged
     eof: bool = False  # CONNECT: the guest sent SOCK_EOF
-    undelivered: int = 0  # CONNECT: guest bytes the host has not acknowledged (SOCK_ACK)
+    undelivered: int = 0  # guest output the host has not acknowledged (SOCK_ACK, OUTPUT_ACK)
 
 
 class ChannelTable:
@@ -484,6 +502,7 @@ class ChannelTable:
     def __init__(self) -> None:
         self._open: dict[int, _ChannelState] = {}
         self._next = 1
+        self._acks: dict[int, int] = {}  # EXEC output taken or dropped, not yet acknowledged
 
     def open(self, kind: Kind) -> int:
         cid = self._next
@@ -498,10 +517,38 @@ class ChannelTable:
         return st is not None and not st.abandoned
 
     def abandon(self, cid: int) -> None:
-        """The host no longer wants this channel's events (they are dropped from now on)."""
+        """The host no longer wants this channel's events (they are dropped from now on). The
+        EXEC output it had buffered and not passed on is acknowledged (see take_acks), and so
+        is every later output frame as it arrives: the guest's window keeps moving, so a
+        process whose channel nobody listens to any more is never stuck."""
         st = self._open.get(cid)
         if st is not None:
             st.abandoned = True
+            if st.kind == Kind.EXEC:
+                self._ack(cid, st, st.undelivered)
+
+    def _ack(self, cid: int, st: _ChannelState, n: int) -> None:
+        if n:
+            st.undelivered -= n
+            self._acks[cid] = self._acks.get(cid, 0) + n
+
+    def output_taken(self, cid: int, n: int) -> None:
+        """The consumer of an EXEC channel took an output frame of n payload bytes: its cost
+        is to be acknowledged (take_acks). A no-op once the channel is closed or abandoned."""
+        st = self._open.get(cid)
+        if st is None or st.abandoned or st.kind != Kind.EXEC:
+            return
+        cost = output_cost(n)
+        if n <= 0 or cost > st.undelivered:
+            raise ValueError("acknowledging bytes that were not received")
+        self._ack(cid, st, cost)
+
+    def take_acks(self) -> list[tuple[int, int]]:
+        """(channel, bytes) of OUTPUT_ACK frames to send now, one per channel (each ≤ the
+        window); channels that closed meanwhile need none."""
+        acks = [(cid, n) for cid, n in self._acks.items() if cid in self._open]
+        self._acks.clear()
+        return acks
 
     def stdin_room(self, cid: int) -> int:
         """Bytes of stdin the host may send now (the window less what is unacknowledged)."""
@@ -548,6 +595,12 @@ class ChannelTable:
                 st.undelivered += len(frame.payload)
                 if st.undelivered > SOCK_WINDOW:
                     raise ProtocolError("connection data beyond the window")
+            else:
+                st.undelivered += output_cost(len(frame.payload))
+                if st.undelivered > OUTPUT_WINDOW:
+                    raise ProtocolError("exec output beyond the window")
+                if st.abandoned:
+                    self._ack(frame.channel, st, output_cost(len(frame.payload)))
             event = Output("stdout" if t == T.STDOUT else "stderr", frame.payload)
         elif t == T.SOCK_EOF:
             _exact(frame.payload, 0, "SOCK_EOF")
@@ -577,6 +630,7 @@ class ChannelTable:
         closed = t == _TERMINAL[st.kind]
         if closed:
             del self._open[frame.channel]
+            self._acks.pop(frame.channel, None)
         if st.abandoned:
             event = None
         return closed, event
@@ -584,4 +638,5 @@ class ChannelTable:
     def close_all(self) -> list[int]:
         ids = list(self._open)
         self._open.clear()
+        self._acks.clear()
         return ids

@@ -242,7 +242,8 @@ static void dispatch(uint8_t type, uint32_t chan, const uint8_t *p, size_t n)
     case F_FILE_LIST:
     case F_FILE_DATA_IN:
     case F_CONNECT:
-    case F_SOCK_ACK: control = false; break;
+    case F_SOCK_ACK:
+    case F_OUTPUT_ACK: control = false; break;
     default: agent_log("ignoring frame of unknown type 0x%02x on channel %u", type, chan); return;
     }
     if (control != (chan == 0)) {
@@ -270,6 +271,7 @@ static void dispatch(uint8_t type, uint32_t chan, const uint8_t *p, size_t n)
         break;
     case F_CONNECT: port_connect(chan, p, n); break;
     case F_SOCK_ACK: port_ack(chan, p, n); break;
+    case F_OUTPUT_ACK: exec_output_ack(chan, p, n); break;
     case F_FILE_WRITE: file_write_begin(chan, p, n); break;
     case F_FILE_READ: file_read_begin(chan, p, n); break;
     case F_FILE_LIST: file_list_begin(chan, p, n); break;

@@ -28,6 +28,10 @@ struct pollfd;
 #define MAX_HOST_PAYLOAD (1u << 20)
 #define MAX_DATA 65536u
 #define STDIN_WINDOW 262144u
+/* Credit per exec for STDOUT + STDERR frames, each costing its payload + OUTPUT_FRAME_COST;
+ * the host returns it with OUTPUT_ACK as its consumer takes the output. */
+#define OUTPUT_WINDOW 262144u
+#define OUTPUT_FRAME_COST 64u
 #define MAX_LOG 4096u
 #define MAX_PING 64u
 
@@ -52,6 +56,7 @@ enum frame_type {
     F_KILL = 0x0C,
     F_CONNECT = 0x0D,
     F_SOCK_ACK = 0x0E,
+    F_OUTPUT_ACK = 0x0F,
 
     F_HELLO = 0x81,
     F_STDOUT = 0x82,
@@ -161,6 +166,7 @@ void exec_stdin(uint32_t chan, const uint8_t *p, size_t n);
 void exec_signal(uint32_t chan, const uint8_t *p, size_t n);
 void exec_resize(uint32_t chan, const uint8_t *p, size_t n);
 void exec_kill(uint32_t chan);
+void exec_output_ack(uint32_t chan, const uint8_t *p, size_t n);
 bool exec_exists(uint32_t chan);
 size_t exec_poll_count(void);
 size_t exec_poll_fill(struct pollfd *pfd);

@@ -74,6 +74,7 @@ struct exec {
     uint8_t last_in;  /* last byte written to the PTY */
     uint8_t veof[2];  /* VEOF characters still to write to the PTY */
     size_t veof_len;
+    size_t out_unacked; /* output credit in use (see OUTPUT_WINDOW) */
     bool reaped;
     int status;        /* the command's wait status, once reaped */
     uint64_t deadline; /* reaped: end of the drain grace (CLOCK_MONOTONIC ms) */
@@ -1051,6 +1052,21 @@ void exec_kill(uint32_t chan)
     if (e->reaped) e->deadline = 0;
 }
 
+void exec_output_ack(uint32_t chan, const uint8_t *p, size_t n)
+{
+    struct exec *e = exec_find(chan);
+    if (!e) return;
+    uint32_t k = n == 4 ? get_be32(p) : 0;
+    if (k == 0 || k > e->out_unacked) {
+        /* A host bug. Its own window check fails its session if we overrun; stalling this
+         * exec forever would only hide the bug. */
+        agent_log("channel %u: malformed OUTPUT_ACK (%u of %zu)", chan, k, e->out_unacked);
+        e->out_unacked = 0;
+        return;
+    }
+    e->out_unacked -= k;
+}
+
 void exec_kill_all(void)
 {
     for (struct exec *e = g_execs; e; e = e->next) exec_send_signal(e, SIGKILL);
@@ -1096,9 +1112,12 @@ size_t exec_poll_fill(struct pollfd *pfd)
     } while (0)
     for (struct exec *e = g_execs; e; e = e->next) {
         e->pfd_out = e->pfd_err = e->pfd_in = -1;
-        if (e->out_fd >= 0 && room && (!e->final || e->owed_out))
+        /* Output is read only while the host's credit lasts: a slow consumer slows its own
+         * process, and the port stays free for every other channel. */
+        bool credit = e->out_unacked + OUTPUT_FRAME_COST < OUTPUT_WINDOW;
+        if (e->out_fd >= 0 && room && credit && (!e->final || e->owed_out))
             ADD(e->pfd_out, e->out_fd, POLLIN);
-        if (e->err_fd >= 0 && room && (!e->final || e->owed_err))
+        if (e->err_fd >= 0 && room && credit && (!e->final || e->owed_err))
             ADD(e->pfd_err, e->err_fd, POLLIN);
         if (e->in_fd >= 0 && (e->in_len || e->in_eof) && out_free() >= CTRL_RESERVE)
             ADD(e->pfd_in, e->in_fd, POLLOUT);
@@ -1125,9 +1144,14 @@ int exec_poll_timeout(void)
  * the grace only the bytes owed are read, and the fd is closed once they were. */
 static void pump_output(struct exec *e, int *fd, uint8_t type, size_t *owed)
 {
-    size_t max = e->final ? (*owed < MAX_DATA ? *owed : MAX_DATA) : MAX_DATA;
+    size_t credit = e->out_unacked + OUTPUT_FRAME_COST < OUTPUT_WINDOW
+                        ? OUTPUT_WINDOW - e->out_unacked - OUTPUT_FRAME_COST
+                        : 0;
+    size_t max = e->final && *owed < MAX_DATA ? *owed : MAX_DATA;
+    if (credit < max) max = credit;
     if (!out_data_room() || !max) return;
     ssize_t n = send_from_fd(type, e->chan, *fd, max);
+    if (n > 0) e->out_unacked += (size_t)n + OUTPUT_FRAME_COST;
     if (n > 0 && e->final) *owed -= (size_t)n;
     if (n > 0 || (n < 0 && (errno == EAGAIN || errno == EINTR))) return;
     if (n < 0 && errno != EIO) agent_log("channel %u: read output: %s", e->chan, strerror(errno));
