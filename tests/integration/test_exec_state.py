@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from matchlock.guest.client import Output
-from matchlock.guest.protocol import ExecRequest, ExitStatus
+from matchlock.guest.protocol import OUTPUT_WINDOW, ExecRequest, ExitStatus, output_cost
 
 from .guest_util import Guest, booted
 
@@ -152,3 +152,28 @@ def test_twenty_in_a_row_and_four_at_once_with_background_children(box: Guest) -
     assert _count(box, "sleep 1000") == 24
     box.sh("kill -9 -1")
     assert _count(box, "sleep 1000") == 0
+
+
+def test_an_exec_whose_output_nobody_reads_stalls_only_itself(box: Guest) -> None:
+    size = 64 << 20
+    slow = box.sandbox.exec(ExecRequest(argv=["head", "-c", str(size), "/dev/zero"],
+                                        env=box.env, user="root"))
+    conn = box.sandbox.conn
+    time.sleep(1)  # time enough to fill its window
+    for i in range(5):  # other execs on the same connection are not held up
+        t0 = time.monotonic()
+        assert box.sh(f"echo {i}") == (0, f"{i}\n", "")
+        assert time.monotonic() - t0 < 10
+    # The host holds at most the window for it, and it is not done: the guest waits.
+    with conn._lock:
+        ch = conn._channels[slow.channel]
+        held = sum(output_cost(len(e.data)) for e in ch.events if isinstance(e, Output))
+        assert OUTPUT_WINDOW - output_cost(65536) < held <= OUTPUT_WINDOW and not ch.done
+    # Read at last, everything arrives.
+    got, codes = 0, []
+    for ev in slow.events():
+        if isinstance(ev, Output):
+            got += len(ev.data)
+        elif isinstance(ev, ExitStatus):
+            codes.append(ev.code)
+    assert (got, codes) == (size, [0])
