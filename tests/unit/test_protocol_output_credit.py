@@ -18,7 +18,8 @@ def _out(ch: int, n: int, t: T = T.STDOUT) -> p.Frame:
 def test_output_ack_encoding() -> None:
     assert p.encode_frame(T.OUTPUT_ACK, 7, p.encode_output_ack(65600)) == (
         b"\x0f\0\0\0\0\0\0\x07\0\0\0\x04\0\x01\0\x40")
-    assert p.encode_output_ack(p.OUTPUT_WINDOW) == b"\0\x04\0\0"
+    assert p.OUTPUT_WINDOW == 1 << 20
+    assert p.encode_output_ack(p.OUTPUT_WINDOW) == b"\0\x10\0\0"
     for bad in (0, -1, p.OUTPUT_WINDOW + 1):
         with pytest.raises(ValueError):
             p.encode_output_ack(bad)
@@ -48,25 +49,28 @@ def test_tiny_frames_cannot_flood_the_host() -> None:
         for _ in range(p.OUTPUT_WINDOW):
             t.receive(_out(cid, 1))
     # The frame count was bounded by the per-frame cost, not by the bytes.
-    assert p.OUTPUT_WINDOW // p.output_cost(1) < 5000
+    assert p.OUTPUT_WINDOW // p.output_cost(1) == p.OUTPUT_WINDOW // 65
 
 
 def test_taken_output_is_acknowledged_once_and_reopens_the_window() -> None:
     t = p.ChannelTable()
     cid = t.open(p.Kind.EXEC)
     other = t.open(p.Kind.EXEC)
-    for _ in range(3):
+    full = p.OUTPUT_WINDOW // p.output_cost(65536)
+    for _ in range(full):
         t.receive(_out(cid, 65536))
     assert t.take_acks() == []  # nothing taken yet
-    t.output_taken(cid, 65536)
-    t.output_taken(cid, 65536)
+    # Gathered until a batch is due (or the consumer took all it had).
+    batch = -(-p.OUTPUT_ACK_BATCH // p.output_cost(65536))
+    due = [t.output_taken(cid, 65536, drained=False) for _ in range(batch)]
+    assert due == [False] * (batch - 1) + [True]
     t.receive(_out(other, 10))
-    t.output_taken(other, 10)
-    assert sorted(t.take_acks()) == [(cid, 2 * 65600), (other, 74)]
+    assert t.output_taken(other, 10, drained=True)
+    assert sorted(t.take_acks()) == [(cid, batch * 65600), (other, 74)]
     assert t.take_acks() == []
-    # Room for two more full frames now (one is still unacknowledged), not three.
-    t.receive(_out(cid, 65536))
-    t.receive(_out(cid, 65536))
+    # Room for `batch` more full frames now, not one more.
+    for _ in range(batch):
+        t.receive(_out(cid, 65536))
     with pytest.raises(p.ProtocolError):
         t.receive(_out(cid, 65536))
 
@@ -76,9 +80,9 @@ def test_taking_more_than_was_received_is_a_host_bug() -> None:
     cid = t.open(p.Kind.EXEC)
     t.receive(_out(cid, 100))
     with pytest.raises(ValueError):
-        t.output_taken(cid, 101)
+        t.output_taken(cid, 101, drained=True)
     with pytest.raises(ValueError):
-        t.output_taken(cid, 0)
+        t.output_taken(cid, 0, drained=True)
 
 
 def test_abandoned_output_is_acknowledged_as_it_comes() -> None:
@@ -86,14 +90,14 @@ def test_abandoned_output_is_acknowledged_as_it_comes() -> None:
     cid = t.open(p.Kind.EXEC)
     t.receive(_out(cid, 1000))
     t.receive(_out(cid, 2000))
-    t.output_taken(cid, 1000)
+    assert not t.output_taken(cid, 1000, drained=False)
     t.abandon(cid)
     assert t.take_acks() == [(cid, p.output_cost(1000) + p.output_cost(2000))]
     assert t.receive(_out(cid, 500, T.STDERR)) == (False, None)
     assert t.take_acks() == [(cid, p.output_cost(500))]
-    t.output_taken(cid, 500)  # a consumer racing the abandonment: a no-op
+    assert not t.output_taken(cid, 500, drained=True)  # racing the abandonment: a no-op
     assert t.take_acks() == []
-    # Abandoned or not, the guest is held to the window.
+    # Credit comes back as the frames arrive: an abandoned exec never waits on the host.
     for _ in range(3):
         t.receive(_out(cid, 65536))
     assert t.take_acks() == [(cid, 3 * 65600)]
@@ -103,10 +107,10 @@ def test_ended_channels_need_no_acknowledgement() -> None:
     t = p.ChannelTable()
     cid = t.open(p.Kind.EXEC)
     t.receive(_out(cid, 10))
-    t.output_taken(cid, 10)
+    assert t.output_taken(cid, 10, drained=True)
     assert t.receive(p.Frame(T.EXIT, cid, struct.pack(">iI", 0, 0)))[0] is True
     assert t.take_acks() == []
-    t.output_taken(cid, 10)  # output popped after the EXIT arrived: nothing to do
+    assert not t.output_taken(cid, 10, drained=True)  # popped after the EXIT: nothing to do
     assert t.take_acks() == []
 
 
@@ -116,6 +120,6 @@ def test_connect_channels_keep_their_own_window() -> None:
     t.receive(p.Frame(T.STARTED, cid, b"\0\0\0\0"))
     for _ in range(p.SOCK_WINDOW // 65536):  # no per-frame cost on CONNECT channels
         t.receive(_out(cid, 65536))
-    t.output_taken(cid, 65536)  # not an exec: no OUTPUT_ACK
+    assert not t.output_taken(cid, 65536, drained=True)  # not an exec: no OUTPUT_ACK
     assert t.take_acks() == []
     assert t.delivered(cid, 65536)

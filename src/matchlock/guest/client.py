@@ -238,8 +238,8 @@ class AgentConnection:
             ev = ch.events.popleft()
             ch.size -= _size(ev)
             ch.cond.notify_all()
-            if isinstance(ev, Output) and not ch.abandoned:
-                self._table.output_taken(ch.id, len(ev.data))
+            if (isinstance(ev, Output) and not ch.abandoned
+                    and self._table.output_taken(ch.id, len(ev.data), not ch.events)):
                 self._acks_due.notify()
             return ev
 

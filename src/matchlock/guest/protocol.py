@@ -22,8 +22,11 @@ SOCK_WINDOW = 262144  # unacknowledged bytes per CONNECT channel, each direction
 # Credit per EXEC channel for STDOUT + STDERR: each frame costs its payload plus
 # OUTPUT_FRAME_COST, so a guest cannot make the host hold more than the window in events
 # however small its frames are.
-OUTPUT_WINDOW = 262144
+OUTPUT_WINDOW = 1 << 20
 OUTPUT_FRAME_COST = 64
+# Credit taken by a consumer is returned once this much has gathered, or when the consumer
+# has taken everything buffered (so a guest waiting at the window always gets it back).
+OUTPUT_ACK_BATCH = OUTPUT_WINDOW // 4
 
 
 def output_cost(n: int) -> int:
@@ -532,16 +535,19 @@ class ChannelTable:
             st.undelivered -= n
             self._acks[cid] = self._acks.get(cid, 0) + n
 
-    def output_taken(self, cid: int, n: int) -> None:
-        """The consumer of an EXEC channel took an output frame of n payload bytes: its cost
-        is to be acknowledged (take_acks). A no-op once the channel is closed or abandoned."""
+    def output_taken(self, cid: int, n: int, drained: bool) -> bool:
+        """The consumer of an EXEC channel took an output frame of n payload bytes (and with
+        `drained`, everything it had buffered): its cost is to be acknowledged. True when the
+        acknowledgements gathered should go out now (take_acks). Nothing to do once the
+        channel is closed or abandoned."""
         st = self._open.get(cid)
         if st is None or st.abandoned or st.kind != Kind.EXEC:
-            return
+            return False
         cost = output_cost(n)
         if n <= 0 or cost > st.undelivered:
             raise ValueError("acknowledging bytes that were not received")
         self._ack(cid, st, cost)
+        return drained or self._acks[cid] >= OUTPUT_ACK_BATCH
 
     def take_acks(self) -> list[tuple[int, int]]:
         """(channel, bytes) of OUTPUT_ACK frames to send now, one per channel (each ≤ the

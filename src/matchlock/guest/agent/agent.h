@@ -30,7 +30,7 @@ struct pollfd;
 #define STDIN_WINDOW 262144u
 /* Credit per exec for STDOUT + STDERR frames, each costing its payload + OUTPUT_FRAME_COST;
  * the host returns it with OUTPUT_ACK as its consumer takes the output. */
-#define OUTPUT_WINDOW 262144u
+#define OUTPUT_WINDOW (1u << 20)
 #define OUTPUT_FRAME_COST 64u
 #define MAX_LOG 4096u
 #define MAX_PING 64u
