@@ -60,12 +60,12 @@ def test_taken_output_is_acknowledged_once_and_reopens_the_window() -> None:
     for _ in range(full):
         t.receive(_out(cid, 65536))
     assert t.take_acks() == []  # nothing taken yet
-    # Gathered until a batch is due (or the consumer took all it had).
+    # Gathered until a batch is due.
     batch = -(-p.OUTPUT_ACK_BATCH // p.output_cost(65536))
-    due = [t.output_taken(cid, 65536, drained=False) for _ in range(batch)]
+    due = [t.output_taken(cid, 65536) for _ in range(batch)]
     assert due == [False] * (batch - 1) + [True]
     t.receive(_out(other, 10))
-    assert t.output_taken(other, 10, drained=True)
+    assert not t.output_taken(other, 10)  # not due yet, but goes out with the next
     assert sorted(t.take_acks()) == [(cid, batch * 65600), (other, 74)]
     assert t.take_acks() == []
     # Room for `batch` more full frames now, not one more.
@@ -80,9 +80,9 @@ def test_taking_more_than_was_received_is_a_host_bug() -> None:
     cid = t.open(p.Kind.EXEC)
     t.receive(_out(cid, 100))
     with pytest.raises(ValueError):
-        t.output_taken(cid, 101, drained=True)
+        t.output_taken(cid, 101)
     with pytest.raises(ValueError):
-        t.output_taken(cid, 0, drained=True)
+        t.output_taken(cid, 0)
 
 
 def test_abandoned_output_is_acknowledged_as_it_comes() -> None:
@@ -90,12 +90,12 @@ def test_abandoned_output_is_acknowledged_as_it_comes() -> None:
     cid = t.open(p.Kind.EXEC)
     t.receive(_out(cid, 1000))
     t.receive(_out(cid, 2000))
-    assert not t.output_taken(cid, 1000, drained=False)
+    assert not t.output_taken(cid, 1000)
     t.abandon(cid)
     assert t.take_acks() == [(cid, p.output_cost(1000) + p.output_cost(2000))]
     assert t.receive(_out(cid, 500, T.STDERR)) == (False, None)
     assert t.take_acks() == [(cid, p.output_cost(500))]
-    assert not t.output_taken(cid, 500, drained=True)  # racing the abandonment: a no-op
+    assert not t.output_taken(cid, 500)  # racing the abandonment: a no-op
     assert t.take_acks() == []
     # Credit comes back as the frames arrive: an abandoned exec never waits on the host.
     for _ in range(3):
@@ -107,10 +107,10 @@ def test_ended_channels_need_no_acknowledgement() -> None:
     t = p.ChannelTable()
     cid = t.open(p.Kind.EXEC)
     t.receive(_out(cid, 10))
-    assert t.output_taken(cid, 10, drained=True)
+    assert not t.output_taken(cid, 10)
     assert t.receive(p.Frame(T.EXIT, cid, struct.pack(">iI", 0, 0)))[0] is True
     assert t.take_acks() == []
-    assert not t.output_taken(cid, 10, drained=True)  # popped after the EXIT: nothing to do
+    assert not t.output_taken(cid, 10)  # popped after the EXIT: nothing to do
     assert t.take_acks() == []
 
 
@@ -120,6 +120,6 @@ def test_connect_channels_keep_their_own_window() -> None:
     t.receive(p.Frame(T.STARTED, cid, b"\0\0\0\0"))
     for _ in range(p.SOCK_WINDOW // 65536):  # no per-frame cost on CONNECT channels
         t.receive(_out(cid, 65536))
-    assert not t.output_taken(cid, 65536, drained=True)  # not an exec: no OUTPUT_ACK
+    assert not t.output_taken(cid, 65536)  # not an exec: no OUTPUT_ACK
     assert t.take_acks() == []
     assert t.delivered(cid, 65536)

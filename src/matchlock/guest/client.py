@@ -239,7 +239,7 @@ class AgentConnection:
             ch.size -= _size(ev)
             ch.cond.notify_all()
             if (isinstance(ev, Output) and not ch.abandoned
-                    and self._table.output_taken(ch.id, len(ev.data), not ch.events)):
+                    and self._table.output_taken(ch.id, len(ev.data))):
                 self._acks_due.notify()
             return ev
 

@@ -24,8 +24,9 @@ SOCK_WINDOW = 262144  # unacknowledged bytes per CONNECT channel, each direction
 # however small its frames are.
 OUTPUT_WINDOW = 1 << 20
 OUTPUT_FRAME_COST = 64
-# Credit taken by a consumer is returned once this much has gathered, or when the consumer
-# has taken everything buffered (so a guest waiting at the window always gets it back).
+# Credit taken by a consumer is returned once this much has gathered. A guest that waits at
+# the window has used all of it, so its consumer gathers a batch before the buffer runs dry:
+# it always gets credit back, and the port carries one OUTPUT_ACK per batch, not per frame.
 OUTPUT_ACK_BATCH = OUTPUT_WINDOW // 4
 
 
@@ -535,11 +536,10 @@ class ChannelTable:
             st.undelivered -= n
             self._acks[cid] = self._acks.get(cid, 0) + n
 
-    def output_taken(self, cid: int, n: int, drained: bool) -> bool:
-        """The consumer of an EXEC channel took an output frame of n payload bytes (and with
-        `drained`, everything it had buffered): its cost is to be acknowledged. True when the
-        acknowledgements gathered should go out now (take_acks). Nothing to do once the
-        channel is closed or abandoned."""
+    def output_taken(self, cid: int, n: int) -> bool:
+        """The consumer of an EXEC channel took an output frame of n payload bytes: its cost
+        is to be acknowledged. True when the acknowledgements gathered should go out now
+        (take_acks). Nothing to do once the channel is closed or abandoned."""
         st = self._open.get(cid)
         if st is None or st.abandoned or st.kind != Kind.EXEC:
             return False
@@ -547,7 +547,7 @@ class ChannelTable:
         if n <= 0 or cost > st.undelivered:
             raise ValueError("acknowledging bytes that were not received")
         self._ack(cid, st, cost)
-        return drained or self._acks[cid] >= OUTPUT_ACK_BATCH
+        return self._acks[cid] >= OUTPUT_ACK_BATCH
 
     def take_acks(self) -> list[tuple[int, int]]:
         """(channel, bytes) of OUTPUT_ACK frames to send now, one per channel (each ≤ the
