@@ -23,6 +23,18 @@ def state_dir(matchlock_home: Path) -> Path:
     return matchlock_home
 
 
+def db_file_bytes(state: Path) -> bytes:
+    """The bytes of state.db and its WAL/shm files, read by another process. Opening and
+    closing any descriptor on them here would drop the POSIX locks of every SQLite
+    connection this (pytest) process holds to that database (a lock is per process and
+    file, not per descriptor), and another process could then checkpoint the WAL from under
+    it: "database disk image is malformed"."""
+    files = sorted(str(p) for p in state.glob("state.db*"))
+    if not files:
+        return b""
+    return subprocess.run(["cat", *files], capture_output=True, check=True).stdout
+
+
 def _vmm_processes(state_dir: Path) -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import MATCHLOCK, leftovers
+from .conftest import MATCHLOCK, db_file_bytes, leftovers
 
 pytestmark = pytest.mark.vm
 Run = Callable[..., subprocess.CompletedProcess[bytes]]
@@ -311,7 +311,7 @@ def test_get_log_follow_and_no_secret_value_in_the_db(ml: Run, state_dir: Path) 
     out = r.stdout.decode()
     assert "tick1\ntick2\ntick3\n" in out and "timed out after 4s" in out, out
     assert _status(ml, sid) == "stopped"
-    blob = b"".join(p.read_bytes() for p in state_dir.glob("state.db*"))
+    blob = db_file_bytes(state_dir)
     assert b"API_TOKEN" in blob and b"api.example.test" in blob  # the search is not vacuous
     assert value.encode() not in blob and env_value.encode() not in blob
     ml("rm", sid, check=True)
