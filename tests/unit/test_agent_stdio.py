@@ -1234,10 +1234,16 @@ def test_port_guest_data_waits_for_acknowledgements(
 def test_host_data_beyond_the_window_ends_the_channel(
     agent: Agent, listener: socket.socket
 ) -> None:
+    # The peer never reads, so what the agent writes piles up in the kernel (the peer's
+    # receive buffer, kept small here, and the agent's send buffer, which grows up to
+    # tcp_wmem's maximum), then in the agent, which must not buffer past the window. Send
+    # more than all of that, whatever this host's buffer sizes are.
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    wmem_max = int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
     chan = _open(agent, _port_of(listener))
     peer, _ = listener.accept()
-    with peer:  # the peer never reads: the agent must not buffer past the window
-        for _ in range(STDIN_WINDOW // MAX_DATA + 64):
+    with peer:
+        for _ in range((wmem_max + 2 * STDIN_WINDOW) // MAX_DATA + 64):
             agent.send(T.STDIN, chan, b"z" * MAX_DATA)
         agent.flush()
         while True:
