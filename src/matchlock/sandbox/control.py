@@ -10,7 +10,6 @@ from pathlib import Path
 
 from matchlock.errors import MatchlockError
 from matchlock.sandbox import wire
-from matchlock.state import registry
 
 
 def sock_path(path: Path) -> str:
@@ -35,6 +34,8 @@ def frames(conn: socket.socket, dec: wire.Decoder) -> Iterator[wire.Frame]:
 
 def connect(sid: str) -> socket.socket:
     """A connection to a running detached sandbox's supervisor, or a one-line error."""
+    from matchlock.state import registry  # SQLite: not for the exec fast path (sock_path)
+
     entry = registry.lookup(sid)
     if entry.status != "running":
         raise MatchlockError(f"sandbox {sid} is {entry.status}",
