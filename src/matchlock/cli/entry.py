@@ -8,6 +8,14 @@ import sys
 
 
 def main() -> None:
+    try:
+        _main()
+    except KeyboardInterrupt:  # Ctrl-C while Python is still importing what it needs
+        sys.stderr.write("matchlock: interrupted\n")
+        sys.exit(130)
+
+
+def _main() -> None:
     if sys.argv[1:2] == ["exec"]:
         from matchlock.cli import fastexec
         from matchlock.errors import MatchlockError
@@ -17,9 +25,6 @@ def main() -> None:
         except MatchlockError as e:
             sys.stderr.write(f"matchlock: {e}\n")
             sys.exit(e.exit_code)
-        except KeyboardInterrupt:
-            sys.stderr.write("matchlock: interrupted\n")
-            sys.exit(130)
         if code is not None:
             sys.exit(code)
     from matchlock.cli.main import main as click_main

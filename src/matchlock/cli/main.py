@@ -65,7 +65,20 @@ def cli() -> None:
     """Run untrusted workloads in ephemeral microVMs with host-controlled egress."""
 
 
+class Interrupted(BaseException):
+    """Ctrl-C outside a command's own handling. Not a KeyboardInterrupt, which click turns
+    into "Aborted" after printing an empty line: the user gets one line."""
+
+
+def _interrupted(signo: int, frame: object) -> None:
+    raise Interrupted
+
+
 def main(argv: list[str] | None = None) -> Any:
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupted)
     try:
         code = cli.main(args=argv, prog_name="matchlock", standalone_mode=False)
     except MatchlockError as e:
@@ -77,7 +90,7 @@ def main(argv: list[str] | None = None) -> Any:
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code if e.exit_code else 2)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Interrupted):
         click.echo("matchlock: interrupted", err=True)
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)

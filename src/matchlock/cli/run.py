@@ -152,7 +152,8 @@ def run(
     if detach and (interactive or tty):
         raise MatchlockError("-d cannot be combined with -i or -t",
                              hint="start it with -d, then `matchlock exec -i ID -- CMD`")
-    if detach and not os.environ.pop("MATCHLOCK_SUPERVISOR", None):
+    launcher = os.environ.pop("MATCHLOCK_SUPERVISOR", None) if detach else None
+    if detach and not launcher:
         from matchlock.sandbox.supervisor import launch
 
         sys.exit(launch(sys.argv[1:]))
@@ -227,7 +228,9 @@ def run(
             from matchlock.sandbox.supervisor import Supervisor
 
             sys.exit(Supervisor(sandbox, req, argv or None if detach else None, timeout,
-                                foreground=not detach).run())
+                                foreground=not detach,
+                                launcher=int(launcher) if launcher and launcher.isdigit()
+                                else None).run())
         code = run_attached(sandbox, req)
     except (MatchlockError, OSError) as e:
         sandbox.record_end(e)  # why it ended, for `matchlock inspect`

@@ -50,21 +50,30 @@ def launch(args: list[str]) -> int:
     """Start the supervisor with the same `run` arguments; print the sandbox's id once it is
     ready. Its error lines are relayed; the exit code is then its own."""
     env = dict(os.environ)
-    env[SUPERVISE_ENV] = "1"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "matchlock.cli.main", *args], stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, env=env,
-    )
-    assert proc.stdout is not None and proc.stderr is not None
+    env[SUPERVISE_ENV] = str(os.getpid())  # the supervisor dies with us until it is ready
+    child: list[subprocess.Popen[bytes]] = []
+    pending: list[int] = []
 
     def forward(signo: int, frame: FrameType | None) -> None:
         # Ctrl-C (or a kill) of `run -d` while the sandbox boots stops the boot: the
-        # supervisor aborts it and exits, and its error line is relayed below.
+        # supervisor aborts it and exits, and its error line is relayed below. A signal that
+        # comes before the supervisor exists is passed on as soon as it does.
+        if not child:
+            pending.append(signo)
+            return
         with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGTERM)
+            os.kill(child[0].pid, signal.SIGTERM)
 
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(s, forward)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "matchlock.cli.main", *args], stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, env=env,
+    )
+    child.append(proc)
+    if pending:
+        forward(pending[0], None)
+    assert proc.stdout is not None and proc.stderr is not None
     err: list[bytes] = []
     t = threading.Thread(target=lambda: err.append(proc.stderr.read()),  # type: ignore[union-attr]
                          daemon=True)
@@ -75,6 +84,11 @@ def launch(args: list[str]) -> int:
     if sid and proc.poll() is None:
         sys.stdout.write(sid + "\n")
         sys.stdout.flush()
+        # Only now may the sandbox outlive us: the id is out (see Supervisor._announce).
+        with contextlib.suppress(OSError):
+            assert proc.stdin is not None
+            proc.stdin.write(b"ok\n")
+            proc.stdin.close()
         return 0
     code = proc.wait()
     sys.stderr.buffer.write(b"".join(err))
@@ -87,14 +101,25 @@ def launch(args: list[str]) -> int:
 # --- the supervisor ----------------------------------------------------------------------------
 
 
+def _set_pdeathsig(signo: int) -> None:
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signo, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+
+
 class Supervisor:
     """Owns one sandbox and serves its control socket until `kill` (or a signal, or the
     timeout). `foreground` (`run --rm=false`): no detaching; `base`'s command, if it has
     one, runs attached to this process's terminal, and the sandbox stays up after it ends."""
 
     def __init__(self, sandbox: Sandbox, base: RunRequest, background: list[str] | None,
-                 timeout: float | None, *, foreground: bool = False) -> None:
+                 timeout: float | None, *, foreground: bool = False,
+                 launcher: int | None = None) -> None:
         self.sandbox = sandbox
+        self.launcher = launcher
         self.base = base
         self.background = background
         self.timeout = timeout
@@ -147,6 +172,13 @@ class Supervisor:
     def run(self) -> int:
         for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(s, self._on_signal)
+        if self.launcher is not None:
+            # Until the id is printed, a launcher that dies (even by SIGKILL, or before its
+            # own signal handlers were in place) takes the boot with it: nobody would ever
+            # learn the id of the sandbox, so nobody would stop it.
+            _set_pdeathsig(signal.SIGTERM)
+            if os.getppid() != self.launcher:
+                self._on_signal(signal.SIGTERM, None)
         threading.Thread(target=self._watch, name="supervisor-watch", daemon=True).start()
         # Published ports are bound first: a port in use fails before the sandbox exists.
         ports = (PortForwarder(self.base.publish, self.base.publish_address)
@@ -240,12 +272,31 @@ class Supervisor:
         return s
 
     def _announce(self, log: Path) -> None:
-        sys.stdout.write(self.sandbox.id + "\n")
-        sys.stdout.flush()
+        """Tell the launcher the id; from its acknowledgement on (it has printed the id),
+        the sandbox outlives it. A launcher that dies before (SIGKILL included) takes the
+        sandbox with it: nobody would know its id."""
+        try:
+            sys.stdout.write(self.sandbox.id + "\n")
+            sys.stdout.flush()
+        except OSError:  # the launcher is gone (EPIPE): nobody will ever know the id
+            self.sandbox.opts.keep_dir = False
+            raise MatchlockError("`run -d` ended before it printed the sandbox's id") from None
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        os.dup2(fd, 1)
+        os.dup2(fd, 1)  # the launcher's read of our stdout ends here
         os.dup2(fd, 2)
         os.close(fd)
+        if self.launcher is None:
+            return
+        ack = b""
+        with contextlib.suppress(OSError):
+            ack = os.read(0, 16)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        if ack != b"ok\n":
+            self.sandbox.opts.keep_dir = False  # never announced: nothing for `rm` to find
+            raise MatchlockError("`run -d` ended before it printed the sandbox's id")
+        _set_pdeathsig(0)
 
     def _start_background(self, argv: list[str]) -> None:
         req = RunRequest(argv=argv, image=self.base.image, env_files=self.base.env_files,
