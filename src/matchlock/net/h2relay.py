@@ -36,6 +36,7 @@ from matchlock.net import http1
 from matchlock.net.audit import AuditEvent
 from matchlock.net.hookrun import (
     BodyTooLarge,
+    body_chunks,
     hook_reason,
     response_headers,
     streamed_body,
@@ -405,7 +406,7 @@ class H2Session:
                        mask: ValueMask | None, plan: ResponsePlan | None = None) -> int:
         headers = [(b":status", b"%d" % resp.status)]
         body: bytes | None = None  # a body the hooks made whole (buffered or set)
-        chunks: AsyncIterator[bytes] = _body(up.stream, resp)
+        chunks: AsyncIterator[bytes] = body_chunks(up.stream, resp)
         if plan is not None and plan.changed:
             fields = response_headers(plan, mask)
             if plan.body_changes and resp.framing is not Framing.NONE:
@@ -537,36 +538,3 @@ class _Refused:
 class _LeakError(UpstreamError):
     def __init__(self, leak: SecretLeak) -> None:
         super().__init__(leak.reason, blocked=True)
-
-
-async def _body(up: Stream, resp: Response) -> AsyncIterator[bytes]:
-    """The response payload, decoded from its HTTP/1.1 framing, as it arrives."""
-    if resp.framing is Framing.LENGTH:
-        left = resp.content_length
-        while left:
-            data = await up.read_some()
-            if not data:
-                raise IncompleteBody("upstream closed before the end of the body")
-            if len(data) > left:
-                up.buf += data[left:]
-                data = data[:left]
-            left -= len(data)
-            yield data
-    elif resp.framing is Framing.CHUNKED:
-        parser = http1.ChunkedReader(decode=True)
-        while not parser.done:
-            data = await up.read_some()
-            if not data:
-                raise IncompleteBody("upstream closed before the end of a chunked body")
-            used = parser.feed(data)
-            if used < len(data):
-                up.buf += data[used:]
-            for piece in parser.payload:
-                yield piece
-            parser.payload.clear()
-    else:
-        while True:
-            data = await up.read_some()
-            if not data:
-                return
-            yield data
