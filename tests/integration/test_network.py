@@ -8,6 +8,7 @@ DNS server in that namespace), so everything a guest reaches here was explicitly
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import itertools
 import json
@@ -104,10 +105,10 @@ def _remove_stale() -> None:
         subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
-@pytest.fixture(scope="module")
-def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
-    d = tmp_path_factory.mktemp("upstream")
-    ca = _ca(d)
+@contextlib.contextmanager
+def namespace_server(script: str, d: Path, *args: str) -> Iterator[None]:
+    """The test namespace (10.99.0.2 behind a veth from 10.99.0.1) with `script` (a file next
+    to this one) serving in it, from the moment it writes `d/ready` until the block ends."""
     _remove_stale()
     _sh("ip", "netns", "add", NS)
     proc = None
@@ -119,21 +120,29 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
         _sh("ip", "netns", "exec", NS, "ip", "link", "set", "eth0", "up")
         _sh("ip", "netns", "exec", NS, "ip", "link", "set", "lo", "up")
         proc = subprocess.Popen(
-            ["ip", "netns", "exec", NS, sys.executable,
-             str(Path(__file__).with_name("upstream_server.py")), str(d)],
+            ["ip", "netns", "exec", NS, sys.executable, str(Path(__file__).with_name(script)),
+             str(d), *args],
             stdout=subprocess.DEVNULL, stderr=open(d / "server.err", "w"))  # noqa: SIM115
         deadline = time.monotonic() + 20
         while not (d / "ready").exists():
             assert proc.poll() is None, (d / "server.err").read_text()
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        yield Upstream(d, ca)
+        yield
     finally:
         if proc is not None:
             proc.kill()
             proc.wait()
         subprocess.run(["ip", "link", "del", VETH], capture_output=True)
         subprocess.run(["ip", "netns", "del", NS], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
+    d = tmp_path_factory.mktemp("upstream")
+    ca = _ca(d)
+    with namespace_server("upstream_server.py", d):
+        yield Upstream(d, ca)
 
 
 @pytest.fixture(scope="module")

@@ -12,15 +12,13 @@ import json
 import os
 import secrets
 import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from .rpc_util import wait_no_leftovers
-from .test_network import UPSTREAM, _ca, _remove_stale
+from .test_network import UPSTREAM, _ca, namespace_server
 from .test_sdk_examples import example
 
 pytestmark = [
@@ -44,32 +42,8 @@ def model_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     d = tmp_path_factory.mktemp("model-api")
     _ca(d)
     (d / "key").write_text(KEY)
-    _remove_stale()
-    _sh("ip", "netns", "add", NS)
-    proc = None
-    try:
-        _sh("ip", "link", "add", VETH, "type", "veth", "peer", "name", "eth0", "netns", NS)
-        _sh("ip", "addr", "add", "10.99.0.1/24", "dev", VETH)
-        _sh("ip", "link", "set", VETH, "up")
-        _sh("ip", "netns", "exec", NS, "ip", "addr", "add", f"{UPSTREAM}/24", "dev", "eth0")
-        _sh("ip", "netns", "exec", NS, "ip", "link", "set", "eth0", "up")
-        _sh("ip", "netns", "exec", NS, "ip", "link", "set", "lo", "up")
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", NS, sys.executable,
-             str(Path(__file__).with_name("model_server.py")), str(d), UPSTREAM],
-            stdout=subprocess.DEVNULL, stderr=open(d / "server.err", "w"))  # noqa: SIM115
-        deadline = time.monotonic() + 20
-        while not (d / "ready").exists():
-            assert proc.poll() is None, (d / "server.err").read_text()
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+    with namespace_server("model_server.py", d, UPSTREAM):
         yield d
-    finally:
-        if proc is not None:
-            proc.kill()
-            proc.wait()
-        subprocess.run(["ip", "link", "del", VETH], capture_output=True)
-        subprocess.run(["ip", "netns", "del", NS], capture_output=True)
 
 
 def _requests(d: Path) -> list[dict[str, object]]:
