@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import MATCHLOCK, leftovers
-from .test_ports import MB20, SERVER
+from .test_ports import MB20, SERVER, _connect, _recv_all
 
 pytestmark = pytest.mark.vm
 Run = Callable[..., subprocess.CompletedProcess[bytes]]
@@ -28,19 +28,6 @@ PUBLISHED = 18480  # run -d -p PUBLISHED:8080 (the supervisor listens)
 FORWARDED = 18481  # port-forward FORWARDED:8080
 IDLE = 18482  # port-forward IDLE:8081: nothing listens on 8081 in the guest
 RM_FALSE_PORT = 18483  # run --rm=false -p RM_FALSE_PORT:8080
-
-
-def _connect(port: int) -> socket.socket:
-    return socket.create_connection(("127.0.0.1", port), timeout=120)
-
-
-def _recv_all(s: socket.socket) -> bytes:
-    out = bytearray()
-    while True:
-        d = s.recv(262144)
-        if not d:
-            return bytes(out)
-        out += d
 
 
 def _echo(port: int, payload: bytes) -> bytes:
