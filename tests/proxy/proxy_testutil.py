@@ -493,6 +493,21 @@ class Rig:
         with ctx.wrap_socket(raw, server_hostname=sni) as tls:
             yield tls
 
+    def get_sse_http1(self) -> list[tuple[float, bytes]]:
+        """GET the origin's /sse over HTTPS/1.1 through the proxy; every chunk as received,
+        with its arrival time, up to the end of the chunked body."""
+        with self.tls_socket("origin.test") as s:
+            s.sendall(f"GET /sse HTTP/1.1\r\nHost: origin.test:{self.https.port}\r\n\r\n"
+                      .encode())
+            got: list[tuple[float, bytes]] = []
+            data = b""
+            while b"0\r\n\r\n" not in data:
+                chunk = s.recv(65536)
+                assert chunk
+                data += chunk
+                got.append((time.monotonic(), chunk))
+        return got
+
     def close(self) -> None:
         async def stop() -> None:
             if self.serve_task is not None:

@@ -244,15 +244,8 @@ def test_sse_replacement_is_streamed_http1(rig: Rig) -> None:
     setup(rig, [{"phase": "after", "path": "/sse",
                  "body_replacements": [{"find": "event", "replace": "EVT"}]}])
     rig.https.sse_sent.clear()
-    with rig.tls_socket("origin.test") as s:
-        s.sendall(f"GET /sse HTTP/1.1\r\nHost: origin.test:{rig.https.port}\r\n\r\n".encode())
-        got: list[tuple[float, bytes]] = []
-        data = b""
-        while b"0\r\n\r\n" not in data:
-            chunk = s.recv(65536)
-            assert chunk
-            data += chunk
-            got.append((time.monotonic(), chunk))
+    got = rig.get_sse_http1()
+    data = b"".join(c for _, c in got)
     head, _, body = data.partition(b"\r\n\r\n")
     assert b"content-length" not in head.lower() and b"Transfer-Encoding: chunked" in head
     assert b"data: EVT 0\n\n" in body

@@ -224,15 +224,7 @@ def test_upstream_certificate_failure_is_502(rig: Rig) -> None:
 def test_sse_chunks_arrive_as_sent(rig: Rig) -> None:
     https_setup(rig)
     rig.https.sse_sent.clear()
-    with rig.tls_socket("origin.test") as s:
-        s.sendall(f"GET /sse HTTP/1.1\r\nHost: origin.test:{rig.https.port}\r\n\r\n".encode())
-        got: list[tuple[float, bytes]] = []
-        data = b""
-        while b"0\r\n\r\n" not in data:
-            chunk = s.recv(65536)
-            assert chunk
-            data += chunk
-            got.append((time.monotonic(), chunk))
+    got = rig.get_sse_http1()
     events = [t for t, c in got if b"data: event" in c]
     assert len(events) == 4
     # each event reaches the client within a few ms of the origin sending it
