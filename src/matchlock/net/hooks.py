@@ -391,12 +391,17 @@ def _del_headers(headers: list[tuple[str, str]], names: Iterable[str]) -> list[t
     return [h for h in headers if h[0].lower() not in low]
 
 
+def _edit_headers(headers: list[tuple[str, str]], sets: Iterable[tuple[str, str]],
+                  deletes: Iterable[str]) -> list[tuple[str, str]]:
+    """Sets first, then deletes (the reference's order)."""
+    for name, value in sets:
+        headers = _set_header(headers, name, value)
+    return _del_headers(headers, deletes)
+
+
 def apply_request_rule(rule: Rule, view: RequestView) -> None:
     """A `before` rule's static mutations, in the reference's order."""
-    headers = view.headers
-    for name, value in rule.set_headers:
-        headers = _set_header(headers, name, value)
-    headers = _del_headers(headers, rule.delete_headers)
+    headers = _edit_headers(view.headers, rule.set_headers, rule.delete_headers)
     if headers != view.headers:
         view.headers, view.changed = headers, True
     if rule.set_query or rule.delete_query:
@@ -586,10 +591,8 @@ def is_sse(headers: Iterable[tuple[str, str]]) -> bool:
 
 
 def apply_response_rule(rule: Rule, plan: ResponsePlan) -> None:
-    headers = plan.headers
-    for name, value in rule.set_response_headers:
-        headers = _set_header(headers, name, value)
-    headers = _del_headers(headers, rule.delete_response_headers)
+    headers = _edit_headers(plan.headers, rule.set_response_headers,
+                            rule.delete_response_headers)
     if headers != plan.headers:
         plan.headers, plan.headers_changed = headers, True
     plan.replacements += rule.body_replacements
