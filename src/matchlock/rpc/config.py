@@ -41,6 +41,15 @@ def _obj(value: Any, where: str) -> dict[str, Any]:
     return value
 
 
+def _objs(value: Any, where: str) -> list[dict[str, Any]]:
+    """A list of objects (absent or null: none)."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise _bad(f"invalid params: {where} must be a list")
+    return [_obj(entry, f"{where}[]") for entry in value]
+
+
 def _str(d: dict[str, Any], key: str, where: str) -> str:
     v = d.get(key)
     if v is None:
@@ -207,13 +216,8 @@ def parse_create(params: Any) -> CreateSpec:
 
 
 def _parse_disks(value: Any) -> tuple[DiskConfig, ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, list):
-        raise _bad("invalid params: extra_disks must be a list")
     out = []
-    for entry in value:
-        d = _obj(entry, "extra_disks[]")
+    for d in _objs(value, "extra_disks"):
         where = "extra_disks[]."
         host, guest = _str(d, "host_path", where), _str(d, "guest_mount", where)
         if not host or not guest:
@@ -246,17 +250,12 @@ def _parse_network(value: Any) -> NetworkSpec:
     if mtu not in (0, 1500):
         raise _unsupported("network.mtu", "the guest NIC's MTU is 1500")
     add_hosts = []
-    raw_add = n.get("add_hosts")
-    if raw_add is not None:
-        if not isinstance(raw_add, list):
-            raise _bad("invalid params: network.add_hosts must be a list")
-        for entry in raw_add:
-            e = _obj(entry, "network.add_hosts[]")
-            where = "network.add_hosts[]."
-            host, ip = _str(e, "host", where), _str(e, "ip", where)
-            if not host or not ip:
-                raise _invalid("network.add_hosts entries need a host and an ip")
-            add_hosts.append(f"{host}:{ip}")
+    for e in _objs(n.get("add_hosts"), "network.add_hosts"):
+        where = "network.add_hosts[]."
+        host, ip = _str(e, "host", where), _str(e, "ip", where)
+        if not host or not ip:
+            raise _invalid("network.add_hosts entries need a host and an ip")
+        add_hosts.append(f"{host}:{ip}")
     if no_network and add_hosts:
         raise _invalid("network.no_network cannot be combined with network.add_hosts")
     block = n.get("block_private_ips")
