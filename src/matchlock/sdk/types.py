@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
 
 from matchlock.errors import MatchlockError
+from matchlock.rpc import protocol as _codes
 
 VFS_HOOK_PHASE_BEFORE = "before"
 VFS_HOOK_PHASE_AFTER = "after"
@@ -376,14 +377,15 @@ class VolumeInfo:
 class RPCError(MatchlockError):
     """An error answer from `matchlock rpc`: its JSON-RPC code and message."""
 
-    PARSE_ERROR = -32700
-    INVALID_REQUEST = -32600
-    METHOD_NOT_FOUND = -32601
-    INVALID_PARAMS = -32602
-    INTERNAL_ERROR = -32603
-    VM_FAILED = -32000
-    EXEC_FAILED = -32001
-    FILE_FAILED = -32002
+    # The codes are the server's (rpc/protocol.py), under the official SDK's names.
+    PARSE_ERROR = _codes.PARSE_ERROR
+    INVALID_REQUEST = _codes.INVALID_REQUEST
+    METHOD_NOT_FOUND = _codes.METHOD_NOT_FOUND
+    INVALID_PARAMS = _codes.INVALID_PARAMS
+    INTERNAL_ERROR = _codes.INTERNAL
+    VM_FAILED = _codes.VM_FAILED
+    EXEC_FAILED = _codes.EXEC_FAILED
+    FILE_FAILED = _codes.FILE_FAILED
 
     def __init__(self, code: int, message: str) -> None:
         super().__init__(f"[{code}] {message}")
