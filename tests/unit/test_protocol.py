@@ -142,3 +142,13 @@ def test_setup_carries_disks_after_mounts() -> None:
     assert fields[-3:] == [(p.SetupTag.MOUNT, b"\0\0\0\0/m"), (11, b"\x00\x00/data"),
                            (11, b"\x01\x01/ro")]
     assert p.SetupTag.DISK == 11
+
+
+def test_prepare_carries_the_root_and_setup_after_it_does_not() -> None:
+    prep = dict(p.decode_tlv(p.PrepareRequest(root_dev="vda", upper_dev="vdb").encode()))
+    assert prep == {p.SetupTag.ROOT_DEV: b"vda", p.SetupTag.UPPER_DEV: b"vdb"}
+    req = p.SetupRequest(hostname="h", root_dev=None, upper_dev=None, clock_ns=1,
+                         entropy=b"\x02" * 32)
+    tags = {t for t, _v in p.decode_tlv(req.encode())}
+    assert p.SetupTag.ROOT_DEV not in tags and p.SetupTag.UPPER_DEV not in tags
+    assert p.SetupTag.ENTROPY in tags

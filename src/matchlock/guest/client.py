@@ -288,6 +288,13 @@ class AgentConnection:
             raise AgentGone("unexpected answer to SETUP")
         return item
 
+    def prepare(self, req: p.PrepareRequest, timeout: float = 30.0) -> p.Result:
+        self.send(T.PREPARE, 0, req.encode())
+        item = self._control_reply(timeout)
+        if not isinstance(item, p.Result):
+            raise AgentGone("unexpected answer to PREPARE")
+        return item
+
     def ping(self, payload: bytes = b"ping", timeout: float = 10.0) -> float:
         start = time.perf_counter()
         self.send(T.PING, 0, payload)

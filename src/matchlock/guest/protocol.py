@@ -61,6 +61,7 @@ class T(IntEnum):
     CONNECT = 0x0D
     SOCK_ACK = 0x0E
     OUTPUT_ACK = 0x0F
+    PREPARE = 0x10
     # guest -> host
     HELLO = 0x81
     STDOUT = 0x82
@@ -232,7 +233,7 @@ class NetConfig:
 @dataclass(frozen=True)
 class SetupRequest:
     hostname: str
-    root_dev: str
+    root_dev: str | None  # None: PREPARE mounted the root (and the upper) already
     upper_dev: str | None
     clock_ns: int
     entropy: bytes
@@ -246,10 +247,11 @@ class SetupRequest:
     def encode(self) -> bytes:
         fields: list[tuple[int, bytes]] = [
             (SetupTag.HOSTNAME, _text(self.hostname, "hostname")),
-            (SetupTag.ROOT_DEV, _text(self.root_dev, "root device")),
             (SetupTag.CLOCK_NS, struct.pack(">Q", self.clock_ns)),
             (SetupTag.ENTROPY, self.entropy),
         ]
+        if self.root_dev:
+            fields.append((SetupTag.ROOT_DEV, _text(self.root_dev, "root device")))
         if self.upper_dev:
             fields.append((SetupTag.UPPER_DEV, _text(self.upper_dev, "upper device")))
         fields += [(SetupTag.HOSTS_LINE, _text(line, "hosts line")) for line in self.hosts_lines]
@@ -261,6 +263,20 @@ class SetupRequest:
             fields.append((SetupTag.NET, self.net.encode()))
         fields += [(SetupTag.MOUNT, m) for m in self.mounts]
         fields += [(SetupTag.DISK, d) for d in self.disks]
+        return encode_tlv(fields)
+
+
+@dataclass(frozen=True)
+class PrepareRequest:
+    """The sandbox-independent part of SETUP, done once in an image template: the root."""
+
+    root_dev: str
+    upper_dev: str | None
+
+    def encode(self) -> bytes:
+        fields = [(SetupTag.ROOT_DEV, _text(self.root_dev, "root device"))]
+        if self.upper_dev:
+            fields.append((SetupTag.UPPER_DEV, _text(self.upper_dev, "upper device")))
         return encode_tlv(fields)
 
 

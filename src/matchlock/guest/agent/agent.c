@@ -230,6 +230,7 @@ static void dispatch(uint8_t type, uint32_t chan, const uint8_t *p, size_t n)
     bool control;
     switch (type) {
     case F_SETUP:
+    case F_PREPARE:
     case F_SHUTDOWN:
     case F_PING: control = true; break;
     case F_EXEC:
@@ -253,6 +254,7 @@ static void dispatch(uint8_t type, uint32_t chan, const uint8_t *p, size_t n)
     }
     switch (type) {
     case F_SETUP: handle_setup(p, n); break;
+    case F_PREPARE: handle_prepare(p, n); break;
     case F_PING:
         if (n > MAX_PING) agent_log("ignoring PING of %zu bytes", n);
         else send_frame(F_PONG, 0, p, n, NULL, 0);

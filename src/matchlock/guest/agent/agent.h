@@ -57,6 +57,7 @@ enum frame_type {
     F_CONNECT = 0x0D,
     F_SOCK_ACK = 0x0E,
     F_OUTPUT_ACK = 0x0F,
+    F_PREPARE = 0x10,
 
     F_HELLO = 0x81,
     F_STDOUT = 0x82,
@@ -157,6 +158,7 @@ bool channel_busy(uint32_t chan);
 void boot_pid1(void);
 int open_port(void);
 void handle_setup(const uint8_t *p, size_t n);
+void handle_prepare(const uint8_t *p, size_t n);
 __attribute__((noreturn)) void power_off(void);
 
 /* ---- exec.c ------------------------------------------------------------------------------ */
@@ -175,6 +177,10 @@ void exec_poll_handle(const struct pollfd *pfd);
 int exec_poll_timeout(void);
 void exec_reap(void);
 void exec_kill_all(void);
+/* Start the sandbox init (PID 1 of the execs' namespaces) unless it runs; 0, or -1 with a
+ * reason in why. sandbox_drop ends it (the next exec starts a new one). */
+int sandbox_ensure(char *why, size_t wsz);
+void sandbox_drop(void);
 
 /* ---- files.c ----------------------------------------------------------------------------- */
 

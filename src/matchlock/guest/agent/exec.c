@@ -776,9 +776,9 @@ static void sandbox_forget(void)
     close_fd(&g_mntns);
 }
 
-/* Start the sandbox init unless it runs; 0, or -1 with a reason in why. The first EXEC pays
- * for it (a few ms), so an agent that never ran a command has no such process (snapshots). */
-static int sandbox_ensure(char *why, size_t wsz)
+/* The first EXEC starts the sandbox init, unless PREPARE did (an image template holds it,
+ * so its clones do not pay for it); a generic template has no such process. */
+int sandbox_ensure(char *why, size_t wsz)
 {
     if (g_init > 0) return 0;
     if (g_own_pidns < 0 && (g_own_pidns = open("/proc/self/ns/pid", O_RDONLY | O_CLOEXEC)) < 0) {
@@ -822,6 +822,12 @@ static int sandbox_ensure(char *why, size_t wsz)
     kill(g_init, SIGKILL); /* reaped by exec_reap */
     sandbox_forget();
     return -1;
+}
+
+void sandbox_drop(void)
+{
+    if (g_init > 0) kill(g_init, SIGKILL); /* reaped by exec_reap */
+    sandbox_forget();
 }
 
 /* fork() into the sandbox's PID namespace: setns changes where the agent's next children go,

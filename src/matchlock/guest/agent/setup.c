@@ -164,6 +164,8 @@ struct setup {
 
 static int s_err;
 static char s_msg[1024];
+static bool g_setup_done; /* SETUP was received (whatever its outcome) */
+static bool g_prepared;   /* PREPARE switched to the image's root */
 
 /* Record errno and a message for the RESULT; returns -1 for `return fail(...)`. */
 static __attribute__((format(printf, 1, 2))) int fail(const char *fmt, ...)
@@ -250,7 +252,9 @@ static int switch_root(const struct setup *s)
     if (upper_dev) {
         snprintf(dev, sizeof dev, "/dev/%s", upper_dev);
         flush_block_cache(dev);
-        if (mount(dev, "/mnt/upperfs", "ext4", 0, NULL))
+        /* The layer is made with lazy_itable_init and thrown away with the sandbox: no
+         * background thread zeroing its inode tables (emulated I/O competing with the execs). */
+        if (mount(dev, "/mnt/upperfs", "ext4", 0, "noinit_itable"))
             return fail("mount %s (ext4) on /mnt/upperfs", dev);
     } else if (mount("tmpfs", "/mnt/upperfs", "tmpfs", 0, "mode=0755")) {
         return fail("mount tmpfs on /mnt/upperfs");
@@ -739,8 +743,12 @@ static int parse_setup(const uint8_t *p, size_t n, struct setup *s)
         errno = EINVAL;
     }
     if (r < 0) return fail("SETUP: malformed TLV");
-    if (!s->root_dev || !valid_dev_name(s->root_dev))
+    if (g_prepared) {
+        if (s->root_dev || s->upper_dev || s->nshares || s->ndisks)
+            return fail("SETUP: ROOT_DEV, UPPER_DEV, MOUNT and DISK are refused after PREPARE");
+    } else if (!s->root_dev || !valid_dev_name(s->root_dev)) {
         return fail("SETUP: ROOT_DEV missing or not a device name");
+    }
     if (s->upper_dev && !valid_dev_name(s->upper_dev))
         return fail("SETUP: UPPER_DEV is not a device name");
     if (s->hostname && (!*s->hostname || strlen(s->hostname) > 64 || strchr(s->hostname, '\n')))
@@ -748,16 +756,97 @@ static int parse_setup(const uint8_t *p, size_t n, struct setup *s)
     return 0;
 }
 
-void handle_setup(const uint8_t *p, size_t n)
+static void free_setup(struct setup *s)
+{
+    free(s->hostname);
+    free(s->root_dev);
+    free(s->upper_dev);
+    free(s->resolv);
+    for (size_t i = 0; i < s->nhosts; i++) free(s->hosts[i]);
+    free(s->hosts);
+    for (size_t i = 0; i < s->nshares; i++) free(s->shares[i].path);
+    for (size_t i = 0; i < s->ndisks; i++) free(s->disks[i].path);
+}
+
+/* Files nearly every first exec reads (the agent's user lookup, the shell and the usual ELF
+ * loaders): read once in an image template, they are in the page cache of every clone instead
+ * of emulated disk reads on its first exec. Regular files only (never a FIFO or a device of a
+ * hostile image), at most 16 MiB each; missing ones are skipped. */
+static void warm_page_cache(void)
+{
+    static const char *const files[] = {
+        "/etc/passwd", "/etc/group", "/bin/sh", "/lib/ld-musl-x86_64.so.1",
+        "/lib64/ld-linux-x86-64.so.2", "/lib/x86_64-linux-gnu/libc.so.6",
+    };
+    static char buf[65536];
+    for (size_t i = 0; i < sizeof files / sizeof *files; i++) {
+        struct stat st;
+        if (stat(files[i], &st) || !S_ISREG(st.st_mode) || st.st_size > (16 << 20)) continue;
+        int fd = open(files[i], O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
+        if (fd < 0) continue;
+        for (off_t left = st.st_size; left > 0;) {
+            ssize_t n = read(fd, buf, sizeof buf);
+            if (n <= 0) break;
+            left -= n;
+        }
+        close(fd);
+    }
+}
+
+/* PREPARE: what every sandbox of one image does first, so that an image template can hold it
+ * done: the root switch (ROOT_DEV, UPPER_DEV; no MOUNT or DISK), /dev, and the sandbox init.
+ * Nothing here is per sandbox: SETUP follows after each restore (clock, RNG reseed, identity,
+ * network). */
+void handle_prepare(const uint8_t *p, size_t n)
 {
     static bool done;
-    if (done) {
+    if (done || g_setup_done) {
+        send_result(0, EALREADY, "PREPARE must come once, before SETUP");
+        return;
+    }
+    done = true; /* one attempt, as for SETUP */
+    if (g_stdio) {
+        send_result(0, 0, "%s", "");
+        return;
+    }
+    struct setup s = {0};
+    s_err = 0;
+    int rc = parse_setup(p, n, &s);
+    if (rc == 0 && (s.nshares || s.ndisks)) {
+        errno = EINVAL;
+        rc = fail("PREPARE: MOUNT and DISK belong to SETUP");
+    }
+    if (rc == 0) rc = switch_root(&s);
+    if (rc == 0) rc = mount_guest_dev();
+    if (rc == 0) {
+        char why[200];
+        if (sandbox_ensure(why, sizeof why)) {
+            errno = EIO;
+            rc = fail("%s", why);
+        }
+    }
+    if (rc == 0) warm_page_cache();
+    if (rc == 0) {
+        /* Nothing dirty in the template: a clone's first seconds are not the writeback of
+         * what the template wrote (the overlay's work directories). */
+        sync();
+        g_prepared = true;
+        send_result(0, 0, "%s", "");
+    } else {
+        send_result(0, s_err, "%s", s_msg);
+    }
+    free_setup(&s);
+}
+
+void handle_setup(const uint8_t *p, size_t n)
+{
+    if (g_setup_done) {
         send_result(0, EALREADY, "SETUP was already done");
         return;
     }
     /* One attempt only: after a failure half of the mounts may be in place, and the host
      * shuts the VM down anyway. */
-    done = true;
+    g_setup_done = true;
     if (g_stdio) { /* test mode: the host's own root stays as it is */
         send_result(0, 0, "%s", "");
         return;
@@ -766,19 +855,17 @@ void handle_setup(const uint8_t *p, size_t n)
     s_err = 0;
     int rc = parse_setup(p, n, &s);
     if (rc == 0) rc = set_clock_and_entropy(&s);
-    if (rc == 0) rc = switch_root(&s);
-    if (rc == 0) rc = mount_guest_dev();
+    if (rc == 0 && !g_prepared) rc = switch_root(&s);
+    if (rc == 0 && !g_prepared) rc = mount_guest_dev();
     if (rc == 0) rc = set_identity(&s);
-    if (rc == 0 && s.cpu_quota_us) rc = limit_cpu(s.cpu_quota_us);
+    if (rc == 0 && s.cpu_quota_us) {
+        rc = limit_cpu(s.cpu_quota_us);
+        /* A prepared sandbox init copied the mounts before the cgroup tree existed: the first
+         * exec starts a new one that sees it (read-only). */
+        sandbox_drop();
+    }
     if (rc == 0) rc = configure_net(&s);
     if (rc == 0) send_result(0, 0, "%s", "");
     else send_result(0, s_err, "%s", s_msg);
-    free(s.hostname);
-    free(s.root_dev);
-    free(s.upper_dev);
-    free(s.resolv);
-    for (size_t i = 0; i < s.nhosts; i++) free(s.hosts[i]);
-    free(s.hosts);
-    for (size_t i = 0; i < s.nshares; i++) free(s.shares[i].path);
-    for (size_t i = 0; i < s.ndisks; i++) free(s.disks[i].path);
+    free_setup(&s);
 }
