@@ -4,6 +4,7 @@ and templates are private and tamper-evident."""
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import socket
 import stat
@@ -62,7 +63,7 @@ def _fake_template(key: str, cache: Path) -> template.Template:
     for name in ("ram", "state"):
         os.close(os.open(t.dir / name, os.O_WRONLY | os.O_CREAT, 0o600))
     t.ram.write_bytes(b"\0" * 4096)
-    (t.dir / "complete").write_text(template._identity(t.ram.stat()))
+    (t.dir / "complete").write_text(template._identity(t))
     return t
 
 
@@ -100,3 +101,45 @@ def test_a_template_of_the_old_format_is_discarded(tmp_path: Path,
     t = _fake_template("k4", tmp_path)
     (t.dir / "complete").write_text("")
     assert template.find("k4") is None
+
+
+def test_an_image_template_whose_layer_changed_is_discarded(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MATCHLOCK_CACHE_DIR", str(tmp_path))
+    t = _fake_template("k5", tmp_path)
+    t.upper.write_bytes(b"layer")
+    (t.dir / "complete").write_text(template._identity(t))
+    assert template.find("k5") == t
+    with open(t.upper, "r+b") as f:  # the layer a clone copies must be the one the RAM mounted
+        f.write(b"L")
+    assert template.find("k5") is None
+    assert not t.dir.exists()
+
+
+def test_the_ram_of_a_restored_vm_is_the_file_plus_the_pages_written_since(
+        tmp_path: Path) -> None:
+    # This process stands in for the VMM: a private mapping of a template's RAM file, some
+    # pages read (still the file's), some written (anonymous copies), one never touched.
+    page = mmap.PAGESIZE
+    size = 64 * page
+    ram = tmp_path / "ram"
+    with open(ram, "wb") as f:
+        f.truncate(size)
+        f.seek(3 * page)
+        f.write(b"file" * 1024)
+        f.seek(40 * page)
+        f.write(b"kept" * 1024)
+    fd = os.open(ram, os.O_RDONLY)
+    m = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    os.close(fd)
+    try:
+        assert m[40 * page:40 * page + 4] == b"kept"  # read: stays a file page
+        m[3 * page:3 * page + 5] = b"guest"  # written over file data
+        m[10 * page:12 * page] = b"\x07" * (2 * page)  # written over a hole
+        m[63 * page:64 * page] = b"\x01" * page  # the last page
+        dest = tmp_path / "copy"
+        template._copy_restored_ram(os.getpid(), ram, dest, size)
+        assert dest.read_bytes() == m[:]
+        assert ram.read_bytes()[3 * page:3 * page + 4] == b"file"  # the template is untouched
+    finally:
+        m.close()

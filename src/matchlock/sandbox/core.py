@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 # characters: the kernel's limit for a node name.
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOSTNAME = re.compile(rf"^(?=.{{1,64}}\Z){_LABEL}(?:\.{_LABEL})*\Z")
+_ROOTFS_HINT = "the image's root filesystem may be damaged; re-import or re-pull it"
 MIN_MEMORY_MB = 64
 FLUSH_TIMEOUT_S = 10.0  # the guest's sync and power-off when a disk was written
 
@@ -113,6 +114,7 @@ class Sandbox:
         self._conn: AgentConnection | None = None
         self._qmp: Qmp | None = None
         self.restored = False
+        self._prepared = False  # the root was mounted by PREPARE (here or in the image template)
         self._closed = False
         self._abort_reason: str | None = None
         self._shares: Shares | None = None
@@ -133,7 +135,7 @@ class Sandbox:
     # --- start -----------------------------------------------------------------------------
 
     def start(self) -> None:
-        from matchlock.sandbox import boot, disk, template
+        from matchlock.sandbox import boot, template
 
         self._check_abort()
         t0 = time.perf_counter()
@@ -159,14 +161,14 @@ class Sandbox:
         disks: list[Disk] = []
         late_args: list[str] = []
         snapshots = template.enabled()
+        upper: Path | None = None
         if self.opts.rootfs is not None:
-            upper = disk.make_upper(self.dir / "upper.ext4", self.opts.disk_size_mb)
+            upper = self.dir / "upper.ext4"  # made below, from an image template if there is one
             # Fixed device capacities keep one snapshot valid for every image and disk size.
             # The store built the rootfs read-only at that size; an image larger than it
             # cannot use the shared template.
             snapshots = snapshots and (
                 self.opts.rootfs.stat().st_size == template.ROOT_DEVICE_BYTES)
-            _pad(upper, template.UPPER_DEVICE_BYTES)
             disks = [Disk(self.opts.rootfs, readonly=True), Disk(upper)]
         vcpus = math.ceil(self.opts.cpus)
         devices = "blk2" if disks else "none"
@@ -192,6 +194,14 @@ class Sandbox:
             devices += extra_disks.devices_key(self._disks.specs)
         tkey = template.key(arts.key, self.accel, vcpus, self.opts.memory_mb, devices)
         tmpl = template.find(tkey) if snapshots else None
+        # Host mounts and extra disks are mounted before the root switch: no image template.
+        ikey: str | None = None
+        if snapshots and self.opts.rootfs is not None and not self.opts.mounts \
+                and self._disks is None:
+            ikey = template.image_key(tkey, self.opts.rootfs, self.opts.disk_size_mb)
+        itmpl = template.find(ikey) if ikey is not None else None
+        if upper is not None:
+            self._make_upper(upper, itmpl)
         base = VMConfig(
             kernel=arts.kernel, initrd=arts.initrd, accel=self.accel, vcpus=vcpus,
             memory_mb=self.opts.memory_mb, console_log=self.dir / "console.log", disks=disks,
@@ -202,7 +212,18 @@ class Sandbox:
             chroot_proc=self._shares is not None, late_args=late_args,
         )
         self.timings.add("host_prep", time.perf_counter() - t0)
-        if tmpl is not None:
+        if itmpl is not None:
+            try:
+                self._restore(base, itmpl)
+                self._prepared = True
+            except MatchlockError as e:
+                self._check_abort()
+                self._agent_log(f"image template restore failed, rebuilding it: {e}")
+                template.discard(itmpl)
+                self._discard_vm()
+                assert upper is not None
+                self._make_upper(upper, None)  # the copy belonged to the template's RAM
+        if not self._prepared and tmpl is not None:
             try:
                 self._restore(base, tmpl)
             except MatchlockError as e:
@@ -213,7 +234,7 @@ class Sandbox:
                 template.discard(tmpl)
                 self._discard_vm()
                 tmpl = None
-        if tmpl is None:
+        if not self._prepared and tmpl is None:
             self._cold_boot(base)
             if snapshots:
                 t = time.perf_counter()
@@ -223,6 +244,9 @@ class Sandbox:
                 except (MatchlockError, OSError) as e:
                     self._agent_log(f"could not save a snapshot template: {e}")
                 self.timings.add("snapshot_save", time.perf_counter() - t)
+        if not self._prepared and ikey is not None:
+            assert upper is not None
+            self._prepare(ikey, tmpl if self.restored else None, upper)
         if self._shares is not None:
             self._shares.close()  # QEMU holds its exports now
         if self._disks is not None:
@@ -235,6 +259,42 @@ class Sandbox:
             self._setup()
         self.timings.add("agent_ready", time.perf_counter() - t2)
         registry.set_phase(self.id, "running", "restored" if self.restored else "cold boot")
+
+    def _make_upper(self, upper: Path, itmpl: object) -> None:
+        from matchlock.sandbox import disk, template
+
+        if isinstance(itmpl, template.Template):
+            disk.sparse_copy(itmpl.upper, upper)  # the layer the template's RAM has mounted
+        else:
+            disk.make_upper(upper, self.opts.disk_size_mb)
+        _pad(upper, template.UPPER_DEVICE_BYTES)
+
+    def _prepare(self, ikey: str, restored_from: object, upper: Path) -> None:
+        """Mount the image's root (PREPARE) and save the VM as the image's template, so the
+        next sandboxes of this image start with it mounted."""
+        from matchlock.sandbox import template
+
+        assert self._conn is not None and self._qmp is not None and self._proc is not None
+        assert restored_from is None or isinstance(restored_from, template.Template)
+        t = time.perf_counter()
+        try:
+            result = self._conn.prepare(p.PrepareRequest(root_dev="vda", upper_dev="vdb"),
+                                        timeout=self.opts.boot_timeout)
+        except AgentGone as e:
+            raise self.agent_failure(e) from None
+        if result.errno:
+            raise GuestError(
+                f"guest set-up failed: {result.message} (errno {result.errno}: "
+                f"{os.strerror(result.errno)})", hint=_ROOTFS_HINT)
+        self._prepared = True
+        self.timings.add("prepare", time.perf_counter() - t)
+        t = time.perf_counter()
+        try:
+            template.save(self._qmp, self._proc.pid, ikey, self.opts.memory_mb,
+                          restored_from=restored_from, upper=upper)
+        except (MatchlockError, OSError) as e:
+            self._agent_log(f"could not save the image template: {e}")
+        self.timings.add("snapshot_save", time.perf_counter() - t)
 
     def _spawn(self, base: VMConfig, ram_file: Path | None = None) -> None:
         """Start the VMM with a fresh control channel and QMP socket."""
@@ -341,8 +401,8 @@ class Sandbox:
             net, resolv = guest.net_config(), guest.resolv_conf()
         req = p.SetupRequest(
             hostname=self.hostname,
-            root_dev="vda",
-            upper_dev="vdb",
+            root_dev=None if self._prepared else "vda",
+            upper_dev=None if self._prepared else "vdb",
             clock_ns=time.time_ns(),
             entropy=secrets.token_bytes(64),
             hosts_lines=self.opts.extra_hosts,
@@ -357,7 +417,7 @@ class Sandbox:
         except AgentGone as e:
             raise self.agent_failure(e) from None
         if result.errno:
-            hint = "the image's root filesystem may be damaged; re-import or re-pull it"
+            hint = _ROOTFS_HINT
             if result.message.startswith("mount the disk"):
                 # Written by an earlier guest: only a guest kernel ever parsed it.
                 hint = ("the disk's file system is damaged: check it with `e2fsck -f FILE` "

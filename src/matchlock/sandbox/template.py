@@ -19,6 +19,15 @@ owner opens the migration stream's file and hands QEMU the descriptor (`migrate 
 Templates are private to their owner: directories 0700, files 0600, and a template appears
 only complete (written in a temporary directory, then renamed).
 
+An *image template* goes one step further for one image (and writable-layer size): restored
+from the generic template (or cold-booted), the agent is sent PREPARE, which mounts that image's
+root under a fresh writable layer and starts the sandbox init, and the VM is saved again, with
+a copy of its writable layer (`upper`). Its clones start with the root mounted: each gets its
+own copy of that layer, so the guest's cached file-system state and the disk agree. Only
+sandboxes without host mounts or extra disks use one (those are mounted before the root
+switch). Everything per sandbox (clock, entropy and RNG reseed, hostname, network, CA) still
+comes after the restore, in SETUP.
+
 QEMU 7.2 opens the RAM file read-write (it has no read-only file with a private writable
 mapping before 8.2's `rom=off`), so a compromised VMM could write to it. The `complete` marker
 records the RAM file's size and ctime, which no write, truncation or timestamp change can leave
@@ -27,6 +36,7 @@ as it was: a template changed after it was saved is never restored again but reb
 
 from __future__ import annotations
 
+import array
 import hashlib
 import os
 import shutil
@@ -60,6 +70,11 @@ class Template:
     def state(self) -> Path:
         return self.dir / "state"
 
+    @property
+    def upper(self) -> Path:
+        """An image template's writable layer as it was when saved (absent otherwise)."""
+        return self.dir / "upper"
+
 
 def enabled() -> bool:
     return os.environ.get("MATCHLOCK_SNAPSHOTS", "1") != "0"
@@ -74,6 +89,15 @@ def key(boot_key: str, accel: str, vcpus: int, memory_mb: int, devices: str) -> 
         qemu_id = "missing"
     parts = [LAYOUT_VERSION, boot_key, accel, str(vcpus), str(memory_mb), devices, qemu_id,
              qemu.kernel_cmdline(accel)]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
+
+
+def image_key(tkey: str, rootfs: Path, upper_mb: int) -> str:
+    """The image template of machine shape `tkey` for one root file system (the very file:
+    a rebuilt rootfs is a new inode) and one writable-layer size."""
+    st = rootfs.stat()
+    parts = [tkey, "image", str(rootfs.resolve()), str(st.st_dev), str(st.st_ino),
+             str(st.st_size), str(st.st_mtime_ns), str(upper_mb)]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
 
 
@@ -96,17 +120,27 @@ def find(tkey: str) -> Template | None:
         return None
     try:
         recorded = (t.dir / "complete").read_text()
-        st = t.ram.stat()
+        current = _identity(t)
     except FileNotFoundError:
         return None  # being written, or removed
-    if recorded != _identity(st):
+    if recorded != current:
         discard(t)  # changed since it was saved (or saved by an older version)
         return None
     return t
 
 
-def _identity(st: os.stat_result) -> str:
-    return f"{st.st_size} {st.st_ctime_ns}\n"
+def _identity(t: Template) -> str:
+    """Size and ctime of the RAM file (and of the writable layer, when there is one)."""
+    out = ""
+    for f in (t.ram, t.upper):
+        try:
+            st = f.stat()
+        except FileNotFoundError:
+            if f == t.ram:
+                raise
+            continue
+        out += f"{st.st_size} {st.st_ctime_ns}\n"
+    return out
 
 
 def discard(t: Template) -> None:
@@ -125,13 +159,65 @@ def _memfd_of(pid: int, size: int) -> Path:
     raise QmpError("cannot find the VM's memory to snapshot it")
 
 
+_PAGE = 4096
+_PM_PRESENT, _PM_SWAPPED, _PM_FILE = 1 << 63, 1 << 62, 1 << 61
+
+
+def _copy_restored_ram(pid: int, ram: Path, dest: Path, size: int) -> None:
+    """Guest RAM of a VM restored from `ram` (mapped privately): the file's data, with the
+    pages the VM has written since (anonymous copies, per /proc/PID/pagemap) laid over it."""
+    sparse_copy(ram, dest, mode=0o600)
+    st = ram.stat()
+    start = _mapping_of(pid, st, size)
+    with open(f"/proc/{pid}/pagemap", "rb", buffering=0) as pm:
+        pm.seek(start // _PAGE * 8)
+        entries = array.array("Q")
+        entries.frombytes(pm.read(size // _PAGE * 8))
+    if len(entries) != size // _PAGE:
+        raise QmpError("cannot read the VM's page map to snapshot it")
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem, open(dest, "r+b") as out:
+        i, n = 0, len(entries)
+        while i < n:
+            e = entries[i]
+            if not (e & _PM_SWAPPED or (e & _PM_PRESENT and not e & _PM_FILE)):
+                i += 1
+                continue
+            j = i + 1
+            while j < n and j - i < 256:
+                e = entries[j]
+                if not (e & _PM_SWAPPED or (e & _PM_PRESENT and not e & _PM_FILE)):
+                    break
+                j += 1
+            data = os.pread(mem.fileno(), (j - i) * _PAGE, start + i * _PAGE)
+            if len(data) != (j - i) * _PAGE:
+                raise QmpError("cannot read the VM's memory to snapshot it")
+            os.pwrite(out.fileno(), data, i * _PAGE)
+            i = j
+
+
+def _mapping_of(pid: int, st: os.stat_result, size: int) -> int:
+    """Address of offset 0 of the VMM's mapping of the file `st` (its guest RAM)."""
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        parts = line.split()
+        if len(parts) < 6 or parts[4] != str(st.st_ino):
+            continue
+        lo = int(parts[0].split("-")[0], 16)
+        offset = int(parts[2], 16)
+        if offset < size and st.st_size == size:
+            return lo - offset  # one VMA of it (QEMU's madvise calls may split the mapping)
+    raise QmpError("cannot find the VM's memory to snapshot it")
+
+
 def _create_private(path: Path) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
                    0o600)
 
 
-def save(qmp: Qmp, pid: int, tkey: str, memory_mb: int) -> Template:
-    """Snapshot a running VM (paused meanwhile) as the template for its shape."""
+def save(qmp: Qmp, pid: int, tkey: str, memory_mb: int, *, restored_from: Template | None = None,
+         upper: Path | None = None) -> Template:
+    """Snapshot a running VM (paused meanwhile) as the template `tkey`. A VM restored from a
+    template has no memfd: its RAM is that template's plus the pages it wrote since. `upper`:
+    the VM's writable layer, copied along (an image template)."""
     root = _root()
     tmp = root / f".{tkey}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -147,8 +233,15 @@ def save(qmp: Qmp, pid: int, tkey: str, memory_mb: int) -> Template:
             os.close(fd)  # QEMU holds its own copy and closes it when the stream ends
         qmp.command("migrate", uri=f"fd:{_STREAM_FD}")
         _wait_migrated(qmp)
-        # The RAM must be copied while the VM is still stopped, or it would not match the state.
-        sparse_copy(_memfd_of(pid, memory_mb << 20), tmp / "ram", mode=0o600)
+        # The RAM must be copied while the VM is still stopped, or it would not match the state;
+        # so must the writable layer (QEMU writes it through with cache=unsafe: no cache of
+        # its own once stopped).
+        if restored_from is None:
+            sparse_copy(_memfd_of(pid, memory_mb << 20), tmp / "ram", mode=0o600)
+        else:
+            _copy_restored_ram(pid, restored_from.ram, tmp / "ram", memory_mb << 20)
+        if upper is not None:
+            sparse_copy(upper, tmp / "upper", mode=0o600)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -156,7 +249,7 @@ def save(qmp: Qmp, pid: int, tkey: str, memory_mb: int) -> Template:
         qmp.command("cont")
     fd = _create_private(tmp / "complete")
     try:
-        os.write(fd, _identity(os.stat(tmp / "ram")).encode())
+        os.write(fd, _identity(Template(tmp)).encode())
     finally:
         os.close(fd)
     final = root / tkey
