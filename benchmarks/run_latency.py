@@ -2,6 +2,7 @@
 """Start-up latency and memory of a sandbox, end to end and by phase.
 
     run_latency.py [--runs N] [--image NAME] [--accel kvm|tcg|auto] [--json FILE]
+    run_latency.py --against DIR [--runs N] [--image NAME] [--no-network] [-- CMD...]
 
 Both start paths are measured, side by side: restoring a snapshot template (the default once a
 template of the machine shape exists) and a cold kernel boot (MATCHLOCK_SNAPSHOTS=0).
@@ -15,6 +16,12 @@ template of the machine shape exists) and a cold kernel boot (MATCHLOCK_SNAPSHOT
 4. Memory of one idle sandbox: the VMM's private memory beyond guest RAM (guest RAM is a memfd,
    so it shows up as shmem and is left out) plus the owning process's private memory.
 
+With --against DIR (another checkout of matchlock, e.g. the commit before a change), only the
+snapshot path is measured, for both trees in alternation (one `run`, then one start through
+the API, per tree and round; the tree that goes first alternates), each from its own `src` on
+PYTHONPATH, so both pay the same imports: before/after under the same load. CMD (default
+`true`) is what the end-to-end `run` and the timed first exec run.
+
 Every figure is labelled with the accelerator that produced it: TCG numbers are never KVM
 numbers.
 """
@@ -24,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -55,6 +63,77 @@ NETWORK = os.geteuid() == 0  # as `run` does: a sealed NIC when root, none other
 
 def egress() -> Egress | None:
     return Egress(NetworkOptions()) if NETWORK else None
+
+
+HERE = Path(__file__).resolve().parents[1]
+_CLI = ("import sys; from matchlock.cli.entry import main; sys.argv[0] = 'matchlock'; "
+        "sys.exit(main())")
+AB_PHASES = ("vmm_start", "restore", "agent_ready", "exec")
+
+
+def _tree_env(tree: Path) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(tree / "src"), "MATCHLOCK_SNAPSHOTS": "1"}
+
+
+def _run_args(image: str | None, network: bool, cmd: list[str]) -> list[str]:
+    return ["run", *(["--image", image] if image else []),
+            *([] if network else ["--no-network"]), "--", *cmd]
+
+
+def worker(image: str | None, network: bool, cmd: list[str]) -> None:
+    """One start through the API (this process's tree), phases as JSON on stdout."""
+    resolved = resolve_image(image)
+    sb = Sandbox(SandboxOptions(image=resolved.name, rootfs=resolved.rootfs,
+                                egress=Egress(NetworkOptions()) if network else None))
+    with sb:
+        sb.start()
+        t = time.perf_counter()
+        for _ev in sb.exec(ExecRequest(argv=cmd, env=["PATH=/usr/local/bin:/usr/bin:/bin"]
+                                       )).events():
+            pass
+        sb.timings.add("exec", time.perf_counter() - t)
+    print(json.dumps({"accel": sb.accel, "restored": sb.restored, **sb.timings.phases}))
+
+
+def against(other: Path, runs: int, image: str | None, network: bool, cmd: list[str]) -> None:
+    trees = {"before": other.resolve(), "after": HERE}
+    e2e: dict[str, list[float]] = {k: [] for k in trees}
+    ph: dict[str, dict[str, list[float]]] = {k: {p: [] for p in AB_PHASES} for k in trees}
+    accel = set()
+    loads = [os.getloadavg()[0]]
+    me = [sys.executable, str(Path(__file__).resolve())]
+    wargs = ["--worker", *(["--image", image] if image else []),
+             *([] if network else ["--no-network"]), "--", *cmd]
+    for r in range(runs + 1):  # round 0 warms up (and builds templates): not counted
+        order = list(trees) if r % 2 == 0 else list(reversed(trees))
+        for name in order:
+            env = _tree_env(trees[name])
+            t = time.perf_counter()
+            subprocess.run([sys.executable, "-c", _CLI, *_run_args(image, network, cmd)],
+                           env=env, check=True, capture_output=True)
+            dt = time.perf_counter() - t
+            out = subprocess.run(me + wargs, env=env, check=True, capture_output=True).stdout
+            got = json.loads(out.decode().strip().splitlines()[-1])
+            if r == 0:
+                continue
+            accel.add(got["accel"])
+            if not got["restored"]:
+                print(f"# warning: {name} did not restore a template", file=sys.stderr)
+            e2e[name].append(dt)
+            for p in AB_PHASES:
+                ph[name][p].append(got.get(p, 0.0))
+        loads.append(os.getloadavg()[0])
+    print(f"# snapshot start-up, before ({trees['before']}) vs after ({HERE}); accelerator: "
+          f"{'/'.join(a.upper() for a in sorted(accel))}; {runs} interleaved rounds; "
+          f"image {image or 'built-in busybox'}; network: {'sealed NIC' if network else 'none'}; "
+          f"cmd {' '.join(cmd)}; 1-min load {min(loads):.2f}..{max(loads):.2f}")
+    print(f"{'p50 ms (min)':<26} {'before':>16} {'after':>16} {'after/before':>12}")
+    rows = [("run, end to end", e2e["before"], e2e["after"])]
+    rows += [(f"  phase: {p}", ph["before"][p], ph["after"][p]) for p in AB_PHASES]
+    for title, b, a in rows:
+        mb, ma = statistics.median(b) * 1000, statistics.median(a) * 1000
+        print(f"{title:<26} {mb:8.1f} ({min(b) * 1000:5.0f}) {ma:8.1f} ({min(a) * 1000:5.0f}) "
+              f"{ma / mb if mb else 0:12.2f}")
 
 
 def end_to_end(runs: int, image: str | None, accel: str | None) -> list[float]:
@@ -139,7 +218,19 @@ def main() -> None:
     ap.add_argument("--image", default=None)
     ap.add_argument("--accel", default=None)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--against", type=Path, default=None,
+                    help="another checkout: before/after, interleaved (snapshot path only)")
+    ap.add_argument("--no-network", action="store_true")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("cmd", nargs="*", default=["true"])
     a = ap.parse_args()
+    cmd = a.cmd or ["true"]
+    if a.worker:
+        worker(a.image, NETWORK and not a.no_network, cmd)
+        return
+    if a.against:
+        against(a.against, a.runs, a.image, NETWORK and not a.no_network, cmd)
+        return
 
     results: dict[str, dict[str, object]] = {}
     used = ""
