@@ -143,3 +143,22 @@ def test_the_ram_of_a_restored_vm_is_the_file_plus_the_pages_written_since(
         assert ram.read_bytes()[3 * page:3 * page + 4] == b"file"  # the template is untouched
     finally:
         m.close()
+
+
+def test_image_templates_of_a_removed_or_replaced_rootfs_are_pruned(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MATCHLOCK_CACHE_DIR", str(tmp_path / "cache"))
+    kept, gone, replaced = (tmp_path / n for n in ("kept.ext4", "gone.ext4", "replaced.ext4"))
+    for f in (kept, gone, replaced):
+        f.write_bytes(b"rootfs")
+    ts = {}
+    for name, f in (("a", kept), ("b", gone), ("c", replaced)):
+        ts[name] = _fake_template(name, tmp_path / "cache")
+        (ts[name].dir / "image").write_text(template._rootfs_identity(f))
+    generic = _fake_template("g", tmp_path / "cache")  # not an image template: never pruned
+    gone.unlink()
+    replaced.unlink()
+    replaced.write_bytes(b"pulled again")
+    assert template.prune_images() == 2
+    assert ts["a"].dir.exists() and generic.dir.exists()
+    assert not ts["b"].dir.exists() and not ts["c"].dir.exists()

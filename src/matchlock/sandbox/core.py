@@ -245,8 +245,8 @@ class Sandbox:
                     self._agent_log(f"could not save a snapshot template: {e}")
                 self.timings.add("snapshot_save", time.perf_counter() - t)
         if not self._prepared and ikey is not None:
-            assert upper is not None
-            self._prepare(ikey, tmpl if self.restored else None, upper)
+            assert upper is not None and self.opts.rootfs is not None
+            self._prepare(ikey, tmpl if self.restored else None, upper, self.opts.rootfs)
         if self._shares is not None:
             self._shares.close()  # QEMU holds its exports now
         if self._disks is not None:
@@ -269,7 +269,7 @@ class Sandbox:
             disk.make_upper(upper, self.opts.disk_size_mb)
         _pad(upper, template.UPPER_DEVICE_BYTES)
 
-    def _prepare(self, ikey: str, restored_from: object, upper: Path) -> None:
+    def _prepare(self, ikey: str, restored_from: object, upper: Path, rootfs: Path) -> None:
         """Mount the image's root (PREPARE) and save the VM as the image's template, so the
         next sandboxes of this image start with it mounted."""
         from matchlock.sandbox import template
@@ -291,7 +291,7 @@ class Sandbox:
         t = time.perf_counter()
         try:
             template.save(self._qmp, self._proc.pid, ikey, self.opts.memory_mb,
-                          restored_from=restored_from, upper=upper)
+                          restored_from=restored_from, upper=upper, rootfs=rootfs)
         except (MatchlockError, OSError) as e:
             self._agent_log(f"could not save the image template: {e}")
         self.timings.add("snapshot_save", time.perf_counter() - t)

@@ -214,10 +214,11 @@ def _create_private(path: Path) -> int:
 
 
 def save(qmp: Qmp, pid: int, tkey: str, memory_mb: int, *, restored_from: Template | None = None,
-         upper: Path | None = None) -> Template:
+         upper: Path | None = None, rootfs: Path | None = None) -> Template:
     """Snapshot a running VM (paused meanwhile) as the template `tkey`. A VM restored from a
     template has no memfd: its RAM is that template's plus the pages it wrote since. `upper`:
-    the VM's writable layer, copied along (an image template)."""
+    the VM's writable layer, copied along, and `rootfs` the image's root (an image template:
+    dropped, like every other image template, once that file is gone or replaced)."""
     root = _root()
     tmp = root / f".{tkey}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -247,6 +248,12 @@ def save(qmp: Qmp, pid: int, tkey: str, memory_mb: int, *, restored_from: Templa
         raise
     finally:
         qmp.command("cont")
+    if rootfs is not None:
+        fd = _create_private(tmp / "image")
+        try:
+            os.write(fd, _rootfs_identity(rootfs).encode())
+        finally:
+            os.close(fd)
     fd = _create_private(tmp / "complete")
     try:
         os.write(fd, _identity(Template(tmp)).encode())
@@ -257,7 +264,33 @@ def save(qmp: Qmp, pid: int, tkey: str, memory_mb: int, *, restored_from: Templa
         tmp.rename(final)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)  # another sandbox saved the same shape first
+    if rootfs is not None:
+        prune_images()
     return Template(final)
+
+
+def _rootfs_identity(rootfs: Path) -> str:
+    st = rootfs.stat()
+    return f"{rootfs.resolve()}\n{st.st_dev} {st.st_ino} {st.st_size} {st.st_mtime_ns}\n"
+
+
+def prune_images() -> int:
+    """Delete the image templates whose root file system is gone or was replaced (an image
+    removed or pulled again): nothing would ever restore them. Returns how many."""
+    dropped = 0
+    for d in _root().iterdir():
+        try:
+            path, _, _ = (d / "image").read_text().partition("\n")
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        try:
+            current = _rootfs_identity(Path(path))
+        except OSError:
+            current = ""
+        if current != (d / "image").read_text():
+            discard(Template(d))
+            dropped += 1
+    return dropped
 
 
 def restore(qmp: Qmp, t: Template) -> None:
