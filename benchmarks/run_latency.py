@@ -68,7 +68,7 @@ def egress() -> Egress | None:
 HERE = Path(__file__).resolve().parents[1]
 _CLI = ("import sys; from matchlock.cli.entry import main; sys.argv[0] = 'matchlock'; "
         "sys.exit(main())")
-AB_PHASES = ("vmm_start", "restore", "agent_ready", "exec")
+AB_PHASES = ("host_prep", "vmm_start", "restore", "agent_ready", "exec", "teardown")
 
 
 def _tree_env(tree: Path) -> dict[str, str]:

@@ -129,6 +129,8 @@ def test_the_ram_of_a_restored_vm_is_the_file_plus_the_pages_written_since(
         f.write(b"file" * 1024)
         f.seek(40 * page)
         f.write(b"kept" * 1024)
+        f.seek(50 * page)
+        f.write(b"gone" * 1024)
     fd = os.open(ram, os.O_RDONLY)
     m = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     os.close(fd)
@@ -137,6 +139,8 @@ def test_the_ram_of_a_restored_vm_is_the_file_plus_the_pages_written_since(
         m[3 * page:3 * page + 5] = b"guest"  # written over file data
         m[10 * page:12 * page] = b"\x07" * (2 * page)  # written over a hole
         m[63 * page:64 * page] = b"\x01" * page  # the last page
+        m[20 * page:21 * page] = bytes(page)  # zeros over a hole: nothing to write
+        m[50 * page:51 * page] = bytes(page)  # zeros over file data: must be written
         dest = tmp_path / "copy"
         template._copy_restored_ram(os.getpid(), ram, dest, size)
         assert dest.read_bytes() == m[:]
