@@ -40,6 +40,7 @@ from matchlock.guest.protocol import (
     ExecRequest,
     Frame,
     FrameDecoder,
+    PrepareRequest,
     SetupRequest,
     T,
     encode_connect,
@@ -281,6 +282,25 @@ def test_setup_is_a_noop_in_stdio_mode(agent: Agent) -> None:
     agent.send(T.SETUP, 0, req.encode())
     assert agent.result(0) == (0, "")
     agent.send(T.SETUP, 0, req.encode())
+    assert agent.result(0)[0] == errno.EALREADY
+
+
+def test_prepare_comes_once_and_only_before_setup(agent: Agent) -> None:
+    prep = PrepareRequest("vda", "vdb").encode()
+    agent.send(T.PREPARE, 0, prep)
+    assert agent.result(0) == (0, "")
+    agent.send(T.PREPARE, 0, prep)
+    assert agent.result(0)[0] == errno.EALREADY
+    req = SetupRequest("box", None, None, time.time_ns(), os.urandom(32))
+    agent.send(T.SETUP, 0, req.encode())
+    assert agent.result(0) == (0, "")
+
+
+def test_prepare_after_setup_is_refused(agent: Agent) -> None:
+    req = SetupRequest("box", "vda", None, time.time_ns(), os.urandom(32))
+    agent.send(T.SETUP, 0, req.encode())
+    assert agent.result(0) == (0, "")
+    agent.send(T.PREPARE, 0, PrepareRequest("vda", None).encode())
     assert agent.result(0)[0] == errno.EALREADY
 
 
