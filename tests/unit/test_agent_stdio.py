@@ -48,6 +48,7 @@ from matchlock.guest.protocol import (
     encode_output_ack,
     encode_path,
     encode_resize,
+    encode_resume,
     encode_signal,
     encode_sock_ack,
     encode_tlv,
@@ -302,6 +303,24 @@ def test_prepare_after_setup_is_refused(agent: Agent) -> None:
     assert agent.result(0) == (0, "")
     agent.send(T.PREPARE, 0, PrepareRequest("vda", None).encode())
     assert agent.result(0)[0] == errno.EALREADY
+
+
+def test_resume_checks_its_fields(agent: Agent) -> None:
+    # The clock and entropy themselves are set only as PID 1 (tests/integration/test_pool.py).
+    agent.send(T.RESUME, 0, encode_resume(time.time_ns(), os.urandom(32)))
+    assert agent.result(0) == (0, "")
+    agent.send(T.RESUME, 0, encode_tlv([(5, os.urandom(32))]))  # no CLOCK_NS
+    code, msg = agent.result(0)
+    assert code == errno.EINVAL and "CLOCK_NS" in msg
+    agent.send(T.RESUME, 0, encode_tlv([(4, struct.pack(">Q", 1)), (1, b"host")]))
+    code, msg = agent.result(0)
+    assert code == errno.EINVAL and "bad field 1" in msg
+    agent.send(T.RESUME, 0, encode_tlv([(4, struct.pack(">Q", 1)), (5, b"short")]))
+    assert agent.result(0)[0] == errno.EINVAL
+    agent.send(T.RESUME, 7, encode_resume(time.time_ns(), os.urandom(32)))  # control only
+    agent.send(T.PING, 0, b"still here")
+    f = agent.next_frame(lambda f: f.type in (T.PONG, T.RESULT), timeout=10)
+    assert (f.type, f.payload) == (T.PONG, b"still here")
 
 
 def test_shutdown_exits_and_kills_execs(agent_binary: Path) -> None:

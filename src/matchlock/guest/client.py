@@ -295,6 +295,14 @@ class AgentConnection:
             raise AgentGone("unexpected answer to PREPARE")
         return item
 
+    def resume(self, clock_ns: int, entropy: bytes, timeout: float = 10.0) -> p.Result:
+        """After the VM was paused: set the guest's wall clock again, mix in entropy."""
+        self.send(T.RESUME, 0, p.encode_resume(clock_ns, entropy))
+        item = self._control_reply(timeout)
+        if not isinstance(item, p.Result):
+            raise AgentGone("unexpected answer to RESUME")
+        return item
+
     def ping(self, payload: bytes = b"ping", timeout: float = 10.0) -> float:
         start = time.perf_counter()
         self.send(T.PING, 0, payload)

@@ -62,6 +62,7 @@ class T(IntEnum):
     SOCK_ACK = 0x0E
     OUTPUT_ACK = 0x0F
     PREPARE = 0x10
+    RESUME = 0x11
     # guest -> host
     HELLO = 0x81
     STDOUT = 0x82
@@ -264,6 +265,14 @@ class SetupRequest:
         fields += [(SetupTag.MOUNT, m) for m in self.mounts]
         fields += [(SetupTag.DISK, d) for d in self.disks]
         return encode_tlv(fields)
+
+
+def encode_resume(clock_ns: int, entropy: bytes) -> bytes:
+    """RESUME after a pause: the wall clock to set again and fresh entropy (32…256 bytes)."""
+    if not 32 <= len(entropy) <= 256:
+        raise ValueError("entropy must be 32 to 256 bytes")
+    return encode_tlv([(SetupTag.CLOCK_NS, struct.pack(">Q", clock_ns)),
+                       (SetupTag.ENTROPY, entropy)])
 
 
 @dataclass(frozen=True)

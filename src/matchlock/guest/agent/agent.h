@@ -58,6 +58,7 @@ enum frame_type {
     F_SOCK_ACK = 0x0E,
     F_OUTPUT_ACK = 0x0F,
     F_PREPARE = 0x10,
+    F_RESUME = 0x11,
 
     F_HELLO = 0x81,
     F_STDOUT = 0x82,
@@ -159,6 +160,7 @@ void boot_pid1(void);
 int open_port(void);
 void handle_setup(const uint8_t *p, size_t n);
 void handle_prepare(const uint8_t *p, size_t n);
+void handle_resume(const uint8_t *p, size_t n);
 __attribute__((noreturn)) void power_off(void);
 
 /* ---- exec.c ------------------------------------------------------------------------------ */

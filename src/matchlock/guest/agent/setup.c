@@ -869,3 +869,31 @@ void handle_setup(const uint8_t *p, size_t n)
     else send_result(0, s_err, "%s", s_msg);
     free_setup(&s);
 }
+
+/* RESUME: the host paused this VM (a warm pool member) and resumed it. The guest clock stood
+ * still meanwhile, so the wall clock is set again; fresh entropy is mixed in as at SETUP.
+ * Only CLOCK_NS (required) and ENTROPY are accepted. */
+void handle_resume(const uint8_t *p, size_t n)
+{
+    struct setup s = {0};
+    struct tlv t = {p, n, 0};
+    struct tlv_field f;
+    int r = 0, rc = 0;
+    s_err = 0;
+    errno = EINVAL;
+    while (rc == 0 && (r = tlv_next(&t, &f)) > 0) {
+        if (f.tag == SETUP_CLOCK_NS && f.len == 8) {
+            s.clock_ns = get_be64(f.val);
+            s.have_clock = true;
+        } else if (f.tag == SETUP_ENTROPY && f.len >= 32 && f.len <= 256) {
+            s.entropy = f.val;
+            s.entropy_len = f.len;
+        } else {
+            rc = fail("RESUME: bad field %u (%u bytes)", f.tag, f.len);
+        }
+    }
+    if (rc == 0 && (r < 0 || !s.have_clock)) rc = fail("RESUME: malformed or without CLOCK_NS");
+    if (rc == 0 && !g_stdio) rc = set_clock_and_entropy(&s);
+    if (rc == 0) send_result(0, 0, "%s", "");
+    else send_result(0, s_err, "%s", s_msg);
+}
