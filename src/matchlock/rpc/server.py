@@ -69,6 +69,7 @@ class Server:
         self._signalled = threading.Event()
         self._reaper: subprocess.Popen[bytes] | None = None
         self._reaper_fd: int | None = None
+        self._timer: threading.Timer | None = None
 
     # --- output ---------------------------------------------------------------------------
 
@@ -184,13 +185,10 @@ class Server:
         m = req.method
         if m == "cancel":
             self._cancel(req)
-        elif m in ("create", "close"):
+        elif m in _SERIAL:
             ctx = Ctx(self.write, req)
             try:
-                if m == "create":
-                    self._create(ctx)
-                else:
-                    self._close(ctx)
+                _SERIAL[m](self, ctx)
             except RpcError as e:
                 ctx.error(e.code, e.message)
         elif m in _STDIN or m in _STDIN_EOF:
@@ -324,12 +322,56 @@ class Server:
             raise RpcError(proto.VM_FAILED, msg) from None
         finally:
             self._booting = False
-        if spec.timeout_seconds > 0:
-            # Enforced (the reference only stores it): the sandbox stops, as by `close`.
-            timer = threading.Timer(spec.timeout_seconds, self._lines.put, (_EXPIRED,))
-            timer.daemon = True
-            timer.start()
+        self._start_timer(spec.timeout_seconds)
         ctx.result({"id": sess.sandbox.id})
+
+    def _start_timer(self, seconds: float) -> None:
+        if seconds > 0:
+            # Enforced (the reference only stores it): the sandbox stops, as by `close`.
+            self._timer = threading.Timer(seconds, self._lines.put, (_EXPIRED,))
+            self._timer.daemon = True
+            self._timer.start()
+
+    # --- pause / resume (extension: warm pools, docs/sdk.md) -------------------------------
+
+    def _pause(self, ctx: Ctx) -> None:
+        """Stop the guest's vCPUs. Refused while requests are in flight (they would hang)."""
+        sess = self.need_session()
+        with self._cond:
+            if self._active:
+                raise RpcError(proto.VM_FAILED, "cannot pause: requests are in flight")
+        if not sess.sandbox.paused:
+            try:
+                sess.sandbox.pause()
+            except MatchlockError as e:
+                raise RpcError(proto.VM_FAILED, str(e)) from None
+            # resources.timeout_seconds counts the time the sandbox runs: a pool member's
+            # life starts when it is handed out.
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+        ctx.result({})
+
+    def _resume(self, ctx: Ctx) -> None:
+        """Run the vCPUs again; the guest's wall clock is set and entropy added (agent
+        RESUME); resources.timeout_seconds starts again."""
+        sess = self.need_session()
+        if sess.sandbox.paused:
+            try:
+                sess.sandbox.resume()
+            except AgentGone as e:
+                raise RpcError(proto.VM_FAILED, str(sess.sandbox.agent_failure(e))) from None
+            except MatchlockError as e:
+                raise RpcError(proto.VM_FAILED, str(e)) from None
+            self._start_timer(sess.spec.timeout_seconds)
+        ctx.result({})
+
+    def _wake(self) -> None:
+        """Before a stop: a paused guest must run to answer cancels and flush its disks."""
+        sess = self.session
+        if sess is not None and not self.closed and sess.sandbox.paused:
+            with contextlib.suppress(MatchlockError, AgentGone):
+                sess.sandbox.resume()
 
     def _close(self, ctx: Ctx) -> None:
         timeout = cfg.parse_close_timeout(ctx.params)
@@ -348,6 +390,7 @@ class Server:
     def _stop(self, timeout: float, why: str) -> None:
         """Let what runs finish within `timeout`, cancel the rest, stop the sandbox and keep
         it as `stopped` for `matchlock rm`."""
+        self._wake()
         if not self._wait_idle(timeout):
             self._cancel_all()
             self._wait_idle(SHUTDOWN_WAIT_S)
@@ -363,6 +406,8 @@ class Server:
 
     def _shutdown(self, reason: str) -> None:
         """End of input (or a signal, or stdout gone): cancel everything, remove the sandbox."""
+        if self._active:
+            self._wake()
         self._cancel_all()
         self._wait_idle(SHUTDOWN_WAIT_S)
         sess = self.session
@@ -397,3 +442,8 @@ class Server:
 
 def _ignore(signo: int, frame: FrameType | None) -> None:
     pass
+
+
+# Run on the read loop, after the requests in flight (create, close) or refusing them (pause).
+_SERIAL = {"create": Server._create, "close": Server._close, "pause": Server._pause,
+           "resume": Server._resume}

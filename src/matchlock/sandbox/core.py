@@ -115,6 +115,7 @@ class Sandbox:
         self._qmp: Qmp | None = None
         self.restored = False
         self._prepared = False  # the root was mounted by PREPARE (here or in the image template)
+        self.paused = False
         self._closed = False
         self._abort_reason: str | None = None
         self._shares: Shares | None = None
@@ -489,6 +490,30 @@ class Sandbox:
         except AgentGone as e:
             raise self.agent_failure(e) from None
 
+    # --- pause (warm pools) ---------------------------------------------------------------
+
+    def pause(self) -> None:
+        """Stop the vCPUs (QMP `stop`): an idle warm-pool member burns no CPU. The host side
+        (proxy, DNS) stays up; requests to the guest wait until resume()."""
+        if self._qmp is None:
+            raise MatchlockError("the sandbox is not running")
+        self._qmp.command("stop")
+        self.paused = True
+
+    def resume(self) -> None:
+        """Run the vCPUs again (QMP `cont`), then set the guest's wall clock, which stood still
+        during the pause, and mix fresh entropy into its RNG (agent RESUME)."""
+        if self._qmp is None:
+            raise MatchlockError("the sandbox is not running")
+        self._qmp.command("cont")
+        self.paused = False
+        try:
+            result = self.conn.resume(time.time_ns(), secrets.token_bytes(64))
+        except AgentGone as e:
+            raise self.agent_failure(e) from None
+        if result.errno:
+            raise GuestError(f"guest resume failed: {result.message} (errno {result.errno})")
+
     # --- egress policy at run time (`matchlock allow-list`, the RPC server) --------------------
 
     def _egress(self) -> Egress:
@@ -602,6 +627,8 @@ class Sandbox:
         if proc is None or conn is None or proc.poll() is not None or self._abort_reason:
             return
         try:
+            if self.paused and self._qmp is not None:
+                self._qmp.command("cont")  # a paused guest cannot flush
             conn.shutdown()
             proc.wait(timeout=FLUSH_TIMEOUT_S)
         except (AgentGone, MatchlockError, OSError, subprocess.TimeoutExpired) as e:
