@@ -11,6 +11,7 @@ from matchlock.sdk import types as _types
 from matchlock.sdk.aio import AsyncClient
 from matchlock.sdk.builder import Sandbox
 from matchlock.sdk.client import Client
+from matchlock.sdk.pool import Pool
 from matchlock.sdk.types import (
     Config,
     CreateOptions,
@@ -55,7 +56,7 @@ __all__ = [
     "ImageConfig", "MatchlockError", "MountConfig", "NetworkBodyTransform", "NetworkHookAction",
     "NetworkHookPhase", "NetworkHookRequest", "NetworkHookRequestMutation",
     "NetworkHookResponseMutation", "NetworkHookResult", "NetworkHookRule",
-    "NetworkInterceptionConfig", "PortForward", "PortForwardBinding", "RPCError", "Sandbox",
+    "NetworkInterceptionConfig", "Pool", "PortForward", "PortForwardBinding", "RPCError", "Sandbox",
     "Secret", "VFSActionRequest", "VFSHookAction", "VFSHookEvent", "VFSHookOp", "VFSHookPhase",
     "VFSHookRule", "VFSInterceptionConfig", "VFSMutateRequest", "VolumeInfo", *_CONSTANTS,
 ]

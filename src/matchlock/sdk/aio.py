@@ -18,6 +18,7 @@ from typing import IO, Any, TypeVar
 
 from matchlock.sdk.builder import Sandbox
 from matchlock.sdk.client import Client
+from matchlock.sdk.pool import Pool
 from matchlock.sdk.transport import SENT
 from matchlock.sdk.types import (
     Config,
@@ -36,8 +37,9 @@ T = TypeVar("T")
 
 class AsyncClient:
     def __init__(self, config: Config | None = None, *,
-                 on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
-        self.sync = Client(config, on_event=on_event)
+                 on_event: Callable[[dict[str, Any]], None] | None = None,
+                 pool: Pool | None = None) -> None:
+        self.sync = Client(config, on_event=on_event, pool=pool)
 
     @property
     def vm_id(self) -> str | None:

@@ -27,6 +27,7 @@ from matchlock.errors import MatchlockError
 from matchlock.sdk import params as P
 from matchlock.sdk.builder import Sandbox
 from matchlock.sdk.hooks import HookServer
+from matchlock.sdk.pool import Pool
 from matchlock.sdk.transport import RPCProcess
 from matchlock.sdk.types import (
     Config,
@@ -61,10 +62,14 @@ class Client:
     """Thread-safe: requests may be issued from several threads at once."""
 
     def __init__(self, config: Config | None = None, *,
-                 on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 on_event: Callable[[dict[str, Any]], None] | None = None,
+                 pool: Pool | None = None) -> None:
         self._config = config or Config(binary_path=os.environ.get("MATCHLOCK_BIN",
                                                                    "matchlock"))
         self._on_event = on_event
+        # With a pool, `matchlock rpc` starts at create/launch: a matching one adopts a
+        # pool member's process instead (sdk/pool.py).
+        self._pool = pool
         self._rpc: RPCProcess | None = None
         self._vm_id: str | None = None
         self._last_vm_id: str | None = None
@@ -89,8 +94,23 @@ class Client:
 
     def start(self) -> None:
         with self._lock:
-            if self._rpc is None:
+            if self._rpc is None and self._pool is None:
                 self._rpc = RPCProcess(self._argv("rpc"), self._on_event)
+
+    def _from_pool(self, opts: CreateOptions) -> bool:
+        """Adopt a ready pool member of exactly this configuration, if there is one; else
+        start our own `matchlock rpc` (a cold create follows)."""
+        assert self._pool is not None
+        with self._lock:
+            if self._rpc is not None or self._closed:
+                return False
+            member = self._pool.take(self._config, opts)
+            if member is None:
+                self._rpc = RPCProcess(self._argv("rpc"), self._on_event)
+                return False
+            member.rpc.set_on_event(self._on_event)
+            self._rpc, self._vm_id = member.rpc, member.vm_id
+            return True
 
     @property
     def _proc(self) -> RPCProcess:
@@ -169,6 +189,11 @@ class Client:
     def create(self, opts: CreateOptions | None = None) -> str:
         opts = opts or CreateOptions()
         P.check_create(opts)
+        if self._pool is not None and self._from_pool(opts):
+            assert self._vm_id is not None
+            if opts.port_forwards:
+                self._forward(opts.port_forward_addresses, opts.port_forwards)
+            return self._vm_id
         self._stop_hooks()
         rules = opts.network_interception.rules if opts.network_interception else []
         if any(r.hook is not None for r in rules):

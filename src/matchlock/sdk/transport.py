@@ -165,6 +165,15 @@ class RPCProcess:
             self._write({"jsonrpc": "2.0", "method": method, "id": next(self._ids),
                          "params": params})
 
+    def set_on_event(self, on_event: Callable[[dict[str, Any]], None] | None) -> None:
+        """Who gets `event` notifications from now on (a pool member's new client)."""
+        self._on_event = on_event
+
+    def terminate(self) -> None:
+        """SIGTERM: the rpc process aborts a boot in progress and removes its sandbox."""
+        with contextlib.suppress(OSError):
+            self._proc.terminate()
+
     def shutdown(self, timeout: float) -> None:
         with contextlib.suppress(OSError, ValueError):
             if self._proc.stdin is not None:
