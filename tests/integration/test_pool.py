@@ -7,8 +7,11 @@ The network test uses the tests' upstream namespace: run under `flock /tmp/ml-ne
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
 import os
+import queue
 import subprocess
 import time
 from collections.abc import Callable
@@ -17,10 +20,10 @@ from typing import Any
 
 import pytest
 
-from matchlock import Client, Config, Pool, RPCError, Sandbox
+from matchlock import AsyncClient, Client, Config, ExecResult, Pool, RPCError, Sandbox
 
 from .conftest import MATCHLOCK, _vmm_processes
-from .rpc_util import BUILTIN, wait_no_leftovers
+from .rpc_util import BUILTIN, Rpc, error, wait_no_leftovers
 from .test_network import UPSTREAM, Upstream, upstream  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.vm
@@ -59,12 +62,19 @@ def test_members_are_fresh_paused_and_leave_nothing(ml: Run, state_dir: Path) ->
         assert all(u < 0.1 for u in used.values()), used
 
         out = []
-        for _ in range(2):
-            c = Client(CONFIG, pool=pool)
-            clients.append(c)
-            vm = c.launch(Sandbox(BUILTIN))
+        async def via_async() -> tuple[str, ExecResult]:
+            ac = AsyncClient(CONFIG, pool=pool)
+            clients.append(ac.sync)
+            return await ac.launch(Sandbox(BUILTIN)), await ac.exec(PROBE)
+
+        for i in range(2):  # one through each client
+            if i == 0:
+                c = Client(CONFIG, pool=pool)
+                clients.append(c)
+                vm, r = c.launch(Sandbox(BUILTIN)), c.exec(PROBE)
+            else:
+                vm, r = asyncio.run(via_async())
             assert vm in members
-            r = c.exec(PROBE)
             host_now = time.time()
             assert r.exit_code == 0, r.stderr
             uuid, rand, hostname, now = r.stdout.split()
@@ -162,4 +172,33 @@ def test_network_policy_and_timeout_as_configured(ml: Run, state_dir: Path,
             r = c2.exec("wget -q -O - http://api.test/headers")
             assert r.exit_code != 0
         c2.remove()
+    assert wait_no_leftovers(state_dir) == []
+
+
+def test_rpc_pause_and_resume(ml: Run, state_dir: Path) -> None:
+    """The extension methods as raw JSON-RPC: an exec sent to a paused sandbox waits and runs
+    once it is resumed; pause is refused while a request is in flight; both are no-ops when
+    repeated; `close` of a paused sandbox does not hang; before `create`: -32000."""
+    rpc = Rpc()
+    try:
+        assert error(rpc.call("pause", rid=1)) == (-32000, "VM not created")
+        vm = rpc.create(rid=2)
+        assert rpc.call("pause", rid=3) == {"jsonrpc": "2.0", "result": {}, "id": 3}
+        assert "result" in rpc.call("pause", rid=4)
+        rpc.send("exec", {"command": "echo ran"}, rid=5)
+        with pytest.raises(queue.Empty):
+            rpc.next(timeout=2)  # the guest is stopped
+        assert error(rpc.call("pause", rid=6)) == (-32000,
+                                                    "cannot pause: requests are in flight")
+        assert "result" in rpc.call("resume", rid=7)
+        answer, _ = rpc.until(5, timeout=60)
+        assert base64.b64decode(answer["result"]["stdout"]) == b"ran\n"
+        assert "result" in rpc.call("resume", rid=8)
+        assert "result" in rpc.call("pause", rid=9)
+        t0 = time.monotonic()
+        assert "result" in rpc.call("close", {"timeout_seconds": 2}, rid=10)
+        assert time.monotonic() - t0 < 10
+    finally:
+        assert rpc.finish() == 0
+    ml("rm", vm, check=True)
     assert wait_no_leftovers(state_dir) == []
