@@ -202,3 +202,20 @@ def test_rpc_pause_and_resume(ml: Run, state_dir: Path) -> None:
         assert rpc.finish() == 0
     ml("rm", vm, check=True)
     assert wait_no_leftovers(state_dir) == []
+
+
+def test_a_member_killed_while_pooled_is_replaced(ml: Run, state_dir: Path) -> None:
+    with Pool(Sandbox(BUILTIN), size=1, config=CONFIG) as pool:
+        assert pool.wait_ready(timeout=FILL_TIMEOUT), pool.last_error
+        [dead] = pool.member_ids()
+        ml("kill", dead, check=True)
+        deadline = time.monotonic() + FILL_TIMEOUT
+        while pool.member_ids() in ([], [dead]):
+            assert time.monotonic() < deadline, pool.last_error
+            time.sleep(0.1)
+        with Client(CONFIG, pool=pool) as c:
+            vm = c.launch(Sandbox(BUILTIN))
+            assert vm != dead
+            assert c.exec("echo ok").stdout == "ok\n"
+        c.remove()
+    assert wait_no_leftovers(state_dir) == []

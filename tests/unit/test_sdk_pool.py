@@ -3,6 +3,7 @@ members themselves are tested in tests/integration/test_pool.py)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import pytest
@@ -108,3 +109,17 @@ def test_an_empty_or_closed_pool_hands_out_nothing() -> None:
     c.start()
     assert c._rpc is None
     c.close()
+
+
+@pytest.mark.parametrize("binary", ["/nonexistent/matchlock", "/bin/false"])
+def test_a_member_that_cannot_start_is_reported_not_retried_hot(binary: str) -> None:
+    pool = Pool(base(), config=Config(binary_path=binary))
+    pool.start()
+    t0 = time.monotonic()
+    assert not pool.wait_ready(timeout=30)
+    assert time.monotonic() - t0 < 10  # it returned at the failure, not at the timeout
+    assert isinstance(pool.last_error, MatchlockError)
+    assert pool.ready == 0 and pool.member_ids() == []
+    t0 = time.monotonic()
+    pool.close()  # also while the filler waits before its next attempt
+    assert time.monotonic() - t0 < 5

@@ -39,6 +39,7 @@ from matchlock.sdk.types import Config, CreateOptions
 RESUME_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0
 MAX_BACKOFF_S = 30.0
+PRUNE_INTERVAL_S = 1.0
 
 
 @dataclass
@@ -89,6 +90,7 @@ class Pool:
         self._cond = threading.Condition()
         self._filler: threading.Thread | None = None
         self.last_error: BaseException | None = None
+        self._failures = 0
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -146,12 +148,14 @@ class Pool:
             return [m.vm_id for m in self._ready]
 
     def wait_ready(self, count: int | None = None, timeout: float | None = None) -> bool:
-        """Wait until `count` (default: `size`) members are ready; False on timeout or when
-        the pool is closed."""
+        """Wait until `count` (default: `size`) members are ready; False on timeout, when the
+        pool is closed, or as soon as a member fails to start (`last_error` says why)."""
         want = self.size if count is None else min(count, self.size)
         with self._cond:
-            return self._cond.wait_for(lambda: self._closed or len(self._ready) >= want,
-                                       timeout) and not self._closed
+            failures = self._failures
+            self._cond.wait_for(lambda: self._closed or len(self._ready) >= want
+                                or self._failures != failures, timeout)
+            return not self._closed and len(self._ready) >= want
 
     # --- hand-out ----------------------------------------------------------------------------
 
@@ -183,23 +187,44 @@ class Pool:
         cmd = [self.config.binary_path, "rpc"]
         return ["sudo", *cmd] if self.config.use_sudo else cmd
 
+    def _prune(self) -> None:
+        """Drop members whose rpc process died while pooled (`matchlock kill ID`, a crash):
+        they are replaced. Called with the lock held."""
+        dead = [m for m in self._ready if not m.rpc.alive]
+        for m in dead:
+            self._ready.remove(m)
+            m.rpc.shutdown(0)
+
     def _fill(self) -> None:
         backoff = 1.0
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._closed or len(self._ready) < self.size)
+                while not self._closed:
+                    self._prune()
+                    if len(self._ready) < self.size:
+                        break
+                    self._cond.wait(PRUNE_INTERVAL_S)
                 if self._closed:
                     return
-                rpc = self._making = RPCProcess(self._argv())
+                try:
+                    rpc: RPCProcess | None = RPCProcess(self._argv())
+                except OSError as e:  # no such binary
+                    rpc, error = None, MatchlockError(f"cannot start matchlock rpc: {e}")
+                self._making = rpc
             try:
+                if rpc is None:
+                    raise error
                 member = self._make(rpc)
             except BaseException as e:  # reported through last_error
-                rpc.shutdown(STOP_TIMEOUT_S)
+                if rpc is not None:
+                    rpc.shutdown(STOP_TIMEOUT_S)
                 with self._cond:
                     self._making = None
                     if self._closed:
                         return
                     self.last_error = e
+                    self._failures += 1
+                    self._cond.notify_all()
                     # A configuration that cannot start (a bad image) must not spin.
                     self._cond.wait_for(lambda: self._closed, backoff)
                     backoff = min(backoff * 2, MAX_BACKOFF_S)
