@@ -12,7 +12,9 @@ import base64
 import json
 import os
 import queue
+import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -218,4 +220,69 @@ def test_a_member_killed_while_pooled_is_replaced(ml: Run, state_dir: Path) -> N
             assert vm != dead
             assert c.exec("echo ok").stdout == "ok\n"
         c.remove()
+    assert wait_no_leftovers(state_dir) == []
+
+
+# --- the CLI: `matchlock pool` and `run -d --pool` ----------------------------------------------
+
+
+class PoolProcess:
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen([MATCHLOCK, "pool", *args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.strip())
+        self.lines.put(None)
+
+    def ready(self) -> str:
+        line = self.lines.get(timeout=FILL_TIMEOUT)
+        assert line is not None and line.startswith("ready vm-"), (
+            line, self.proc.stderr.read() if line is None and self.proc.stderr else "")
+        return line.split()[1]
+
+
+def test_cli_pool(ml: Run, state_dir: Path) -> None:
+    name = f"t{os.getpid()}"
+    pool = PoolProcess("--size", "1", name, "--", "--memory", "256")
+    try:
+        member = pool.ready()
+        r = ml("exec", member, "--", "true")
+        assert r.returncode != 0 and b"in warm pool" in r.stderr  # not before it is claimed
+        r = ml("run", "-d", "--pool", name, "--memory", "512")
+        assert r.returncode != 0 and b"drop --memory" in r.stderr
+        time.sleep(2)  # its clock stands still meanwhile
+        t0 = time.monotonic()
+        r = ml("run", "-d", "--pool", name, "--", "sleep", "1000", check=True)
+        claim_s = time.monotonic() - t0
+        assert r.stdout.decode().strip() == member
+        r = ml("exec", member, "--", "sh", "-c", "date +%s; hostname; ps", check=True)
+        host_now = time.time()
+        now, hostname, *ps = r.stdout.decode().split("\n")
+        assert int(host_now) - 1 <= int(now) <= int(host_now), (now, host_now)
+        assert hostname == member and any("sleep 1000" in p for p in ps), ps
+        assert claim_s < 30
+        replacement = pool.ready()
+        assert replacement != member
+        # An earlier pool's members are never handed out by a later pool of the same name.
+        pool.proc.kill()
+        pool.proc.wait()
+        pool = PoolProcess(name, "--", "--memory", "300")
+        fresh = pool.ready()
+        r = ml("run", "-d", "--pool", name, check=True)
+        assert r.stdout.decode().strip() == fresh
+        for sid in (member, replacement, fresh):
+            ml("kill", sid, check=True)
+            ml("rm", sid, check=True)
+        pool.proc.send_signal(signal.SIGTERM)
+        assert pool.proc.wait(timeout=60) == 0
+        r = ml("run", "-d", "--pool", name)
+        assert r.returncode != 0 and b"is not running" in r.stderr
+    finally:
+        if pool.proc.poll() is None:
+            pool.proc.kill()
     assert wait_no_leftovers(state_dir) == []

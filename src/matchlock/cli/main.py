@@ -31,6 +31,7 @@ _COMMANDS = {
     "log": ("matchlock.cli.log", "log", "Print (or follow) a sandbox's console log."),
     "version": ("matchlock.cli.version", "version", "Print matchlock's version."),
     "volume": ("matchlock.cli.volume", "volume", "Manage named volumes (persistent disks)."),
+    "pool": ("matchlock.cli.pool", "pool", "Keep sandboxes of one configuration ready."),
     "rpc": ("matchlock.cli.rpc", "rpc", "Serve JSON-RPC on stdin/stdout (used by the SDKs)."),
     "allow-list": ("matchlock.cli.allow_list", "allow_list",
                    "Change a running sandbox's egress allow-list."),

@@ -129,6 +129,10 @@ class _RunCommand(click.Command):
 @click.option("--address", "publish_address", multiple=True, metavar="IP",
               help="Host address that published ports listen on (repeatable or "
               "comma-separated; default 127.0.0.1; localhost = 127.0.0.1).")
+@click.option("--pool", "pool", default=None, metavar="NAME",
+              help="With -d: take a ready sandbox of the warm pool NAME (`matchlock pool`), "
+              "with the pool's configuration; only a command may be given.")
+@click.option("--pool-member", "pool_member", default=None, hidden=True)
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(
     image: str | None, envs: tuple[str, ...], env_files: tuple[str, ...], workdir: str | None,
@@ -143,8 +147,13 @@ def run(
     volumes: tuple[str, ...] = (), detach: bool = False,
     publish: tuple[str, ...] = (),
     publish_address: tuple[str, ...] = (), disk_specs: tuple[str, ...] = (),
+    pool: str | None = None, pool_member: str | None = None,
 ) -> None:
     """Run COMMAND in a new ephemeral microVM booted from an OCI image."""
+    if pool is not None:
+        _claim(pool, detach, command)
+    if pool_member is not None and (command or not detach or publish):
+        raise MatchlockError("a pool member is detached, with no command and no -p")
     from matchlock.image.resolve import resolve_image
     from matchlock.sandbox.attach import RunRequest, run_attached
     from matchlock.sandbox.core import Sandbox, SandboxOptions
@@ -230,13 +239,31 @@ def run(
             sys.exit(Supervisor(sandbox, req, argv or None if detach else None, timeout,
                                 foreground=not detach,
                                 launcher=int(launcher) if launcher and launcher.isdigit()
-                                else None).run())
+                                else None, pool=pool_member, entrypoint=entrypoint).run())
         code = run_attached(sandbox, req)
     except (MatchlockError, OSError) as e:
         sandbox.record_end(e)  # why it ended, for `matchlock inspect`
         raise
     sandbox.record_end(code)
     sys.exit(code)
+
+
+def _claim(name: str, detach: bool, command: tuple[str, ...]) -> None:
+    """`run -d --pool NAME [-- CMD]`: the pool's configuration, exactly; no other option."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    given = [p.opts[-1] for p in ctx.command.params
+             if p.name not in ("pool", "detach", "command") and p.name is not None
+             and ctx.get_parameter_source(p.name) not in (ParameterSource.DEFAULT, None)]
+    if not detach:
+        raise MatchlockError("--pool needs -d", hint="matchlock run -d --pool NAME -- CMD")
+    if given:
+        raise MatchlockError(f"--pool takes the pool's configuration: drop {', '.join(given)}")
+    from matchlock.sandbox.pool import claim
+
+    print(claim(name, list(command)), flush=True)
+    sys.exit(0)
 
 
 def _record(argv: list[str], timeout: float | None, envs: tuple[str, ...],

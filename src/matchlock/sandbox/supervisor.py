@@ -43,6 +43,15 @@ MAX_SIGNAL = 64
 MAX_PIPES = 256  # concurrent port-forward connections per sandbox
 
 
+POOL_MARKER = "pool"  # in a pool member's directory while it waits: "NAME TOKEN"
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
 # --- the launcher (`matchlock run -d`) ---------------------------------------------------------
 
 
@@ -117,8 +126,15 @@ class Supervisor:
 
     def __init__(self, sandbox: Sandbox, base: RunRequest, background: list[str] | None,
                  timeout: float | None, *, foreground: bool = False,
-                 launcher: int | None = None) -> None:
+                 launcher: int | None = None, pool: str | None = None,
+                 entrypoint: str | None = None) -> None:
         self.sandbox = sandbox
+        # A warm pool member (`matchlock pool`): paused once ready, serves nothing but a
+        # claim (or its pool's release) until claimed; `timeout` counts from the claim.
+        self.pool = pool
+        self.pooled = pool is not None
+        self.entrypoint = entrypoint
+        self._t0 = time.monotonic()
         self.launcher = launcher
         self.base = base
         self.background = background
@@ -146,12 +162,12 @@ class Supervisor:
             self.reason = f"stopped by {signal.Signals(signo).name}"
 
     def _watch(self) -> None:
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout
         while not self._stop.is_set():
             if self.reason is not None:
                 self._stop.set()
                 break
-            if deadline is not None and time.monotonic() >= deadline:
+            if (self.timeout is not None and not self.pooled
+                    and time.monotonic() >= self._t0 + self.timeout):
                 self.timed_out = True
                 self.stop(f"timed out after {self.timeout:g}s")
                 break
@@ -209,6 +225,9 @@ class Supervisor:
             self._ready = True
             if not self.foreground:
                 self._announce(self.sandbox.dir / LOG)
+            if self.pool is not None:
+                self.sandbox.pause()  # no CPU while it waits to be claimed
+                _write_private(self.sandbox.dir / POOL_MARKER, self.pool)
             threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
             failure: MatchlockError | None = None
             if self.foreground:
@@ -362,6 +381,13 @@ class Supervisor:
             return
         if self._stop.is_set():
             raise MatchlockError("the sandbox is stopping")
+        if isinstance(spec, wire.PoolRequest):
+            conn.sendall(wire.encode_json(wire.ANSWER, self._pool_request(spec)))
+            return
+        if self.pooled:
+            name = (self.pool or "").split(" ")[0]
+            raise MatchlockError(f"sandbox {self.sandbox.id} is in warm pool {name}: take one "
+                                 f"with `matchlock run -d --pool {name}`")
         if isinstance(spec, wire.AllowListRequest):
             conn.sendall(wire.encode_json(wire.ANSWER, self._allow_list(spec)))
             return
@@ -387,6 +413,36 @@ class Supervisor:
                 "lost the guest agent") from None
         assert ex.status is not None
         conn.sendall(wire.encode_json(wire.EXIT, {"code": ex.status.code}))
+
+    def _pool_request(self, req: wire.PoolRequest) -> dict[str, object]:
+        """Claim (resume, start the command) or release (stop) this pool member; only for
+        its own pool, once."""
+        with self._lock:
+            if not self.pooled or req.pool != self.pool or self._stop.is_set():
+                raise MatchlockError("not a ready member of this pool")
+            self.pooled = False
+        assert self.sandbox.dir is not None
+        (self.sandbox.dir / POOL_MARKER).unlink(missing_ok=True)
+        if req.action == "release":
+            self.stop("pool closed")
+            return {"id": self.sandbox.id}
+        try:
+            # The guest's clock stood still while paused: RESUME sets it, adds entropy.
+            self.sandbox.resume()
+        except (MatchlockError, AgentGone) as e:
+            self.stop(f"could not resume: {e}")
+            raise MatchlockError(f"could not resume the pool member: {e}") from None
+        self._t0 = time.monotonic()
+        if req.argv:
+            from matchlock.sandbox.command import compose_argv
+
+            self._start_background(compose_argv(self.base.image, tuple(req.argv),
+                                                self.entrypoint))
+        with contextlib.suppress(MatchlockError):
+            registry.add_event(self.sandbox.id, "claimed from warm pool",
+                               (self.pool or "").split(" ")[0])
+        print(f"claimed from warm pool; command: {req.argv or '(none)'}", flush=True)
+        return {"id": self.sandbox.id}
 
     def _allow_list(self, req: wire.AllowListRequest) -> dict[str, object]:
         changed: list[str] = []

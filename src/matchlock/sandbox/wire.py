@@ -175,10 +175,28 @@ class ForwardRequest(NamedTuple):
 ALLOW_LIST_OPS = {"allow-list": "list", "allow-list-add": "add", "allow-list-delete": "delete"}
 
 
-def parse_request(obj: dict[str, Any]) -> ExecSpec | AllowListRequest | ForwardRequest | str:
-    """The validated request: an ExecSpec, AllowListRequest or ForwardRequest, or the op name
-    "shutdown"/"ping"."""
+class PoolRequest(NamedTuple):
+    """A warm pool member (`matchlock pool`): `claim` it (resume, then run `argv` in the
+    background, as `run -d` would) or `release` it (stop it, unless it was claimed).
+    `pool` is the pool's name and instance token: a member of another pool never answers."""
+
+    action: str  # "claim" or "release"
+    pool: str
+    argv: list[str]
+
+
+def parse_request(obj: dict[str, Any]
+                  ) -> ExecSpec | AllowListRequest | ForwardRequest | PoolRequest | str:
+    """The validated request: an ExecSpec, AllowListRequest, ForwardRequest or PoolRequest,
+    or the op name "shutdown"/"ping"."""
     op = obj.get("op")
+    if op in ("pool-claim", "pool-release"):
+        if set(obj) != {"op", "pool", "argv"}:
+            raise WireError(f"{op} takes exactly a pool and an argv")
+        pool = obj["pool"]
+        if not isinstance(pool, str) or not 0 < len(pool) <= 200:
+            raise WireError("pool must be a string of 1 to 200 characters")
+        return PoolRequest(op.removeprefix("pool-"), pool, _str_list(obj["argv"], "argv"))
     if op in ("shutdown", "ping"):
         if set(obj) != {"op"}:
             raise WireError(f"unexpected fields in {op}")
