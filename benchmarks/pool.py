@@ -10,6 +10,8 @@ Interleaved in one run, `--runs` times each:
   `exec("true")`.
 Plus the CPU an idle member's VMM uses while paused, against an idle running sandbox's.
 `--network` adds an allow-list (the proxy, DNS, CA and namespace are set up per member too).
+`--cli`: the same for the CLI: cold `matchlock run -d` against `matchlock run -d --pool NAME`
+with `matchlock pool --size 1 NAME` running (each until the id is printed; CLI start included).
 Every figure carries the accelerator and the load averages before and after.
 """
 
@@ -18,7 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -70,11 +74,53 @@ def one(client: Client, network: bool) -> tuple[float, float]:
     return launch, time.perf_counter() - t
 
 
+def cli(runs: int, network: bool) -> None:
+    opts = ["--allow-host", "api.example.test"] if network else []
+    name = f"bench{os.getpid()}"
+    pool = subprocess.Popen([MATCHLOCK, "pool", name, "--", *opts], stdout=subprocess.PIPE,
+                            text=True)
+    assert pool.stdout is not None
+    load_before = load()
+    cold: list[float] = []
+    warm: list[float] = []
+
+    def run_d(*args: str) -> float:
+        t = time.perf_counter()
+        sid = subprocess.run([MATCHLOCK, "run", "-d", *args], check=True, capture_output=True,
+                             text=True).stdout.strip()
+        took = time.perf_counter() - t
+        subprocess.run([MATCHLOCK, "kill", sid], check=True, capture_output=True)
+        subprocess.run([MATCHLOCK, "rm", sid], check=True, capture_output=True)
+        return took
+
+    try:
+        for _ in range(runs):
+            line = pool.stdout.readline()  # a member is ready (the previous one's replacement)
+            if not line.startswith("ready "):
+                raise SystemExit(f"the pool did not fill: {line!r}")
+            cold.append(run_d(*opts))
+            warm.append(run_d("--pool", name))
+    finally:
+        pool.send_signal(signal.SIGTERM)
+        pool.wait()
+    print(json.dumps({
+        "accel": "see the SDK run", "network": network, "runs": runs,
+        "cli_run_d_cold_p50_ms": statistics.median(cold) * 1000,
+        "cli_run_d_pool_p50_ms": statistics.median(warm) * 1000,
+        "ratio": round(statistics.median(cold) / statistics.median(warm), 1),
+        "load_before": load_before, "load_after": load(),
+    }, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=8)
     ap.add_argument("--network", action="store_true")
+    ap.add_argument("--cli", action="store_true")
     args = ap.parse_args()
+    if args.cli:
+        cli(args.runs, args.network)
+        return
     load_before = load()
     cold: list[tuple[float, float]] = []
     warm: list[tuple[float, float]] = []
