@@ -81,7 +81,6 @@ class Pool:
                                  "(each callback belongs to one client)")
         self.size = size
         self.config = _binary(config)
-        self._opts = opts
         self._params = P.create_params(opts, "")
         self._key = config_key(self.config, opts)
         self._ready: list[Member] = []
