@@ -271,12 +271,20 @@ def test_cli_pool(ml: Run, state_dir: Path) -> None:
         # An earlier pool's members are never handed out by a later pool of the same name.
         pool.proc.kill()
         pool.proc.wait()
-        pool = PoolProcess(name, "--", "--memory", "300")
+        pool = PoolProcess(name, "--", "--memory", "300", "--timeout", "4")
         fresh = pool.ready()
+        time.sleep(5)  # longer than --timeout: it counts from the claim
         r = ml("run", "-d", "--pool", name, check=True)
+        claimed = time.monotonic()
         assert r.stdout.decode().strip() == fresh
-        for sid in (member, replacement, fresh):
+        assert ml("exec", fresh, "--", "echo", "up", check=True).stdout == b"up\n"
+        while _listed(ml, "-a").get(fresh) == "running":
+            assert time.monotonic() - claimed < 30
+            time.sleep(0.2)
+        assert time.monotonic() - claimed > 3.5
+        for sid in (member, replacement):
             ml("kill", sid, check=True)
+        for sid in (member, replacement, fresh):
             ml("rm", sid, check=True)
         pool.proc.send_signal(signal.SIGTERM)
         assert pool.proc.wait(timeout=60) == 0
