@@ -223,11 +223,13 @@ class Supervisor:
             if self.background:
                 self._start_background(self.background)
             self._ready = True
-            if not self.foreground:
-                self._announce(self.sandbox.dir / LOG)
             if self.pool is not None:
+                # Before the id is out: `matchlock pool` reports a member ready when it has
+                # the id, and a claim looks for the marker.
                 self.sandbox.pause()  # no CPU while it waits to be claimed
                 _write_private(self.sandbox.dir / POOL_MARKER, self.pool)
+            if not self.foreground:
+                self._announce(self.sandbox.dir / LOG)
             threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
             failure: MatchlockError | None = None
             if self.foreground:
