@@ -3,22 +3,14 @@ sandbox machinery so that a fresh `matchlock exec` imports little."""
 
 from __future__ import annotations
 
-import os
 import socket
 from collections.abc import Iterator
-from pathlib import Path
 
 from matchlock.errors import MatchlockError
 from matchlock.sandbox import wire
+from matchlock.sandbox.sockpath import sock_path
 
-
-def sock_path(path: Path) -> str:
-    """A path for bind/connect under the 108-byte limit (via /proc/self/fd when long)."""
-    s = str(path)
-    if len(s.encode()) < 100:
-        return s
-    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
-    return f"/proc/self/fd/{fd}/{path.name}"  # fd kept open for the life of the process
+__all__ = ["connect", "frames", "request", "sock_path"]
 
 
 def frames(conn: socket.socket, dec: wire.Decoder) -> Iterator[wire.Frame]:
