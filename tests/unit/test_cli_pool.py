@@ -10,14 +10,14 @@ import sys
 import pytest
 
 from matchlock.errors import MatchlockError
-from matchlock.sandbox import pool, wire
+from matchlock.sandbox import pool, request, wire
 
 
 def test_pool_requests_are_parsed_strictly() -> None:
-    ok = wire.parse_request({"op": "pool-claim", "pool": "web abc", "argv": ["sleep", "1"]})
-    assert ok == wire.PoolRequest("claim", "web abc", ["sleep", "1"])
-    assert wire.parse_request({"op": "pool-release", "pool": "web abc", "argv": []}) == \
-        wire.PoolRequest("release", "web abc", [])
+    ok = request.parse_request({"op": "pool-claim", "pool": "web abc", "argv": ["sleep", "1"]})
+    assert ok == request.PoolRequest("claim", "web abc", ["sleep", "1"])
+    assert request.parse_request({"op": "pool-release", "pool": "web abc", "argv": []}) == \
+        request.PoolRequest("release", "web abc", [])
     for bad in ({"op": "pool-claim", "pool": "web abc"},
                 {"op": "pool-claim", "pool": "", "argv": []},
                 {"op": "pool-claim", "pool": "x" * 201, "argv": []},
@@ -26,7 +26,7 @@ def test_pool_requests_are_parsed_strictly() -> None:
                 {"op": "pool-claim", "pool": "p t", "argv": [], "env": []},
                 {"op": "pool-steal", "pool": "p t", "argv": []}):
         with pytest.raises(wire.WireError):
-            wire.parse_request(bad)
+            request.parse_request(bad)
 
 
 def test_names() -> None:

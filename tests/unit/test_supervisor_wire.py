@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from matchlock.sandbox import wire
+from matchlock.sandbox import request, wire
 
 
 def test_frames_encode_byte_for_byte() -> None:
@@ -60,16 +60,16 @@ def test_signal_payload_is_four_bytes() -> None:
 
 
 def test_valid_requests() -> None:
-    spec = wire.parse_request({"op": "exec", "argv": ["sh", "-c", "x"], "env": ["A=b"],
+    spec = request.parse_request({"op": "exec", "argv": ["sh", "-c", "x"], "env": ["A=b"],
                                "workdir": "/tmp", "user": "1000", "stdin": True})
-    assert spec == wire.ExecSpec(["sh", "-c", "x"], ["A=b"], "/tmp", "1000", True)
-    assert wire.parse_request({"op": "exec", "argv": ["true"]}) == wire.ExecSpec(
+    assert spec == request.ExecSpec(["sh", "-c", "x"], ["A=b"], "/tmp", "1000", True)
+    assert request.parse_request({"op": "exec", "argv": ["true"]}) == request.ExecSpec(
         ["true"], [], None, None, False)
-    assert wire.parse_request({"op": "exec", "argv": ["sh"], "tty": True, "rows": 30,
-                               "cols": 100}) == wire.ExecSpec(["sh"], [], None, None, False,
+    assert request.parse_request({"op": "exec", "argv": ["sh"], "tty": True, "rows": 30,
+                               "cols": 100}) == request.ExecSpec(["sh"], [], None, None, False,
                                                               True, 30, 100)
-    assert wire.parse_request({"op": "shutdown"}) == "shutdown"
-    assert wire.parse_request({"op": "ping"}) == "ping"
+    assert request.parse_request({"op": "shutdown"}) == "shutdown"
+    assert request.parse_request({"op": "ping"}) == "ping"
 
 
 @pytest.mark.parametrize("obj", [
@@ -98,7 +98,7 @@ def test_valid_requests() -> None:
 ])
 def test_invalid_requests_are_refused(obj: dict[str, object]) -> None:
     with pytest.raises(wire.WireError):
-        wire.parse_request(obj)
+        request.parse_request(obj)
 
 
 # --- allow-list and port-forward ---------------------------------------------------------
@@ -120,14 +120,14 @@ def test_new_frames_byte_for_byte() -> None:
 
 
 def test_allow_list_and_forward_requests() -> None:
-    assert wire.parse_request({"op": "allow-list-add", "hosts": ["a.test", "b.test:22"]}) == (
-        wire.AllowListRequest("add", ["a.test", "b.test:22"]))
-    assert wire.parse_request({"op": "allow-list-delete", "hosts": ["a.test"]}) == (
-        wire.AllowListRequest("delete", ["a.test"]))
-    assert wire.parse_request({"op": "allow-list"}) == wire.AllowListRequest("list", [])
-    assert wire.parse_request({"op": "port-forward", "port": 1}) == wire.ForwardRequest(1)
-    assert wire.parse_request({"op": "port-forward", "port": 65535}) == (
-        wire.ForwardRequest(65535))
+    assert request.parse_request({"op": "allow-list-add", "hosts": ["a.test", "b.test:22"]}) == (
+        request.AllowListRequest("add", ["a.test", "b.test:22"]))
+    assert request.parse_request({"op": "allow-list-delete", "hosts": ["a.test"]}) == (
+        request.AllowListRequest("delete", ["a.test"]))
+    assert request.parse_request({"op": "allow-list"}) == request.AllowListRequest("list", [])
+    assert request.parse_request({"op": "port-forward", "port": 1}) == request.ForwardRequest(1)
+    assert request.parse_request({"op": "port-forward", "port": 65535}) == (
+        request.ForwardRequest(65535))
 
 
 @pytest.mark.parametrize("obj", [
@@ -136,7 +136,7 @@ def test_allow_list_and_forward_requests() -> None:
     {"op": "allow-list-add", "hosts": "a.test"},
     {"op": "allow-list-add", "hosts": ["a.test", 3]},
     {"op": "allow-list-add", "hosts": ["a\0.test"]},
-    {"op": "allow-list-add", "hosts": ["a.test"] * (wire.MAX_HOSTS + 1)},
+    {"op": "allow-list-add", "hosts": ["a.test"] * (request.MAX_HOSTS + 1)},
     {"op": "allow-list-delete", "hosts": ["a.test"], "all": True},
     {"op": "allow-list", "hosts": ["a.test"]},
     {"op": "port-forward"},
@@ -149,4 +149,4 @@ def test_allow_list_and_forward_requests() -> None:
 ])
 def test_invalid_allow_list_and_forward_requests(obj: dict[str, object]) -> None:
     with pytest.raises(wire.WireError):
-        wire.parse_request(obj)
+        request.parse_request(obj)

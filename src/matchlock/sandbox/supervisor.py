@@ -8,7 +8,7 @@ it also owns the listeners of published ports (`run -d -p`). `run --rm=false` ru
 supervisor in the foreground, its command attached to the terminal. Detached, it tells the
 launcher the sandbox's id on its stdout once the socket listens, then moves its stdout and
 stderr to `supervisor.log`.
-The wire format is in `sandbox/wire.py`.
+The wire format is in `sandbox/wire.py`, the reading of requests in `sandbox/request.py`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from types import FrameType
 
 from matchlock.errors import MatchlockError
 from matchlock.guest.client import AgentGone, Exec, Output
-from matchlock.sandbox import wire
+from matchlock.sandbox import request, wire
 from matchlock.sandbox.attach import TIMEOUT_EXIT, RunRequest, attach, exec_request
 from matchlock.sandbox.control import frames, sock_path
 from matchlock.sandbox.core import Sandbox
@@ -372,7 +372,7 @@ class Supervisor:
             return
         if first.type != wire.REQUEST:
             raise wire.WireError("the first frame must be a request")
-        spec = wire.parse_request(first.json())
+        spec = request.parse_request(first.json())
         conn.settimeout(None)
         if spec == "ping":
             conn.sendall(wire.encode_json(wire.EXIT, {"code": 0}))
@@ -383,20 +383,20 @@ class Supervisor:
             return
         if self._stop.is_set():
             raise MatchlockError("the sandbox is stopping")
-        if isinstance(spec, wire.PoolRequest):
+        if isinstance(spec, request.PoolRequest):
             conn.sendall(wire.encode_json(wire.ANSWER, self._pool_request(spec)))
             return
         if self.pooled:
             name = (self.pool or "").split(" ")[0]
             raise MatchlockError(f"sandbox {self.sandbox.id} is in warm pool {name}: take one "
                                  f"with `matchlock run -d --pool {name}`")
-        if isinstance(spec, wire.AllowListRequest):
+        if isinstance(spec, request.AllowListRequest):
             conn.sendall(wire.encode_json(wire.ANSWER, self._allow_list(spec)))
             return
-        if isinstance(spec, wire.ForwardRequest):
+        if isinstance(spec, request.ForwardRequest):
             self._forward(conn, incoming, spec.port)
             return
-        assert isinstance(spec, wire.ExecSpec)
+        assert isinstance(spec, request.ExecSpec)
         req = RunRequest(argv=spec.argv, image=self.base.image, env=tuple(spec.env),
                          workdir=spec.workdir, user=spec.user, interactive=spec.stdin,
                          tty=spec.tty, privileged=self.base.privileged)
@@ -416,7 +416,7 @@ class Supervisor:
         assert ex.status is not None
         conn.sendall(wire.encode_json(wire.EXIT, {"code": ex.status.code}))
 
-    def _pool_request(self, req: wire.PoolRequest) -> dict[str, object]:
+    def _pool_request(self, req: request.PoolRequest) -> dict[str, object]:
         """Claim (resume, start the command) or release (stop) this pool member; only for
         its own pool, once."""
         with self._lock:
@@ -446,7 +446,7 @@ class Supervisor:
         print(f"claimed from warm pool; command: {req.argv or '(none)'}", flush=True)
         return {"id": self.sandbox.id}
 
-    def _allow_list(self, req: wire.AllowListRequest) -> dict[str, object]:
+    def _allow_list(self, req: request.AllowListRequest) -> dict[str, object]:
         changed: list[str] = []
         if req.action == "add":
             changed = self.sandbox.allow_list_add(req.hosts)
