@@ -3,32 +3,38 @@ stdin, signals and terminal size, write the output, return the exit code.
 
 Kept free of click and of the sandbox machinery: both the click command (`cli/exec.py`) and
 the fast path of the executable (`cli/entry.py`) run it, and a fresh `matchlock exec` is
-mostly Python start-up plus what this module imports.
+mostly Python start-up plus what this module imports. Hence the C modules under `signal`,
+`selectors` and `threading` (`_signal`, `select`, `_thread`): the Python wrappers import
+`enum`, `functools` and `collections`, several ms of that start-up (docs/performance.md).
 """
 
 from __future__ import annotations
 
-import contextlib
+import _thread
 import os
-import selectors
-import signal
-import socket
+import select
 import sys
-import threading
-from collections.abc import Callable, Sequence
 
 from matchlock.errors import MatchlockError
 from matchlock.sandbox import wire
 from matchlock.sandbox.attach_term import pump_stdin, raw_terminal, term_size
 
-_FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
-              signal.SIGUSR2)
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import signal as _signal  # no stubs for _signal: the same functions, typed
+    from _socket import socket
+    from collections.abc import Callable, Sequence
+else:
+    import _signal
+
+_FORWARDED = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGQUIT,
+              _signal.SIGUSR1, _signal.SIGUSR2)
 
 
-def run_exec(sock: socket.socket, argv: Sequence[str], env: Sequence[str], workdir: str | None,
+def run_exec(sock: socket, argv: Sequence[str], env: Sequence[str], workdir: str | None,
              user: str | None, interactive: bool, tty: bool) -> int:
     """Run argv in the sandbox behind `sock` (which this closes); the command's exit code."""
-    send_lock = threading.Lock()
+    send_lock = _thread.allocate_lock()
 
     def send(data: bytes) -> None:
         with send_lock:
@@ -39,37 +45,39 @@ def run_exec(sock: socket.socket, argv: Sequence[str], env: Sequence[str], workd
         "op": "exec", "argv": list(argv), "env": list(env), "workdir": workdir, "user": user,
         "stdin": interactive, "tty": tty, "rows": rows, "cols": cols,
     }))
-    if interactive:
-        threading.Thread(target=pump_stdin, args=(
+    if interactive:  # a daemon thread: exits with the process
+        _thread.start_new_thread(pump_stdin, (
             lambda data: send(wire.encode(wire.STDIN, data)),
             lambda: send(wire.encode(wire.STDIN, b"")),
-        ), daemon=True).start()
+        ))
     with raw_terminal(tty and interactive):
         return _attach(sock, send, tty)
 
 
-def _attach(sock: socket.socket, send: Callable[[bytes], None], tty: bool) -> int:
+def _attach(sock: socket, send: Callable[[bytes], None], tty: bool) -> int:
     r, w = os.pipe()
     os.set_blocking(w, False)
-    old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
-    handled = (*_FORWARDED, signal.SIGWINCH) if tty else _FORWARDED
-    old = {s: signal.signal(s, lambda signo, frame: None) for s in handled}
-    sel = selectors.DefaultSelector()
-    sel.register(sock, selectors.EVENT_READ)
-    sel.register(r, selectors.EVENT_READ)
+    old_fd = _signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    handled = (*_FORWARDED, _signal.SIGWINCH) if tty else _FORWARDED
+    old = {s: _signal.signal(s, _ignore) for s in handled}
+    poll = select.poll()
+    poll.register(sock.fileno(), select.POLLIN)
+    poll.register(r, select.POLLIN)
     dec = wire.Decoder()
     out = sys.stdout.buffer
     err = sys.stderr.buffer
     try:
         while True:
-            for key, _ in sel.select():
-                if key.fileobj == r:
+            for fd, _ in poll.poll():
+                if fd == r:
                     for signo in os.read(r, 64):
-                        with contextlib.suppress(OSError):
-                            if signo == signal.SIGWINCH:
+                        try:
+                            if signo == _signal.SIGWINCH:
                                 send(wire.encode_resize(*term_size()))
                             else:
                                 send(wire.encode_signal(signo))
+                        except OSError:
+                            pass
                     continue
                 data = sock.recv(1 << 16)
                 if not data:
@@ -90,10 +98,13 @@ def _attach(sock: socket.socket, send: Callable[[bytes], None], tty: bool) -> in
     except wire.WireError as e:
         raise MatchlockError(f"bad answer from the sandbox's supervisor: {e}") from None
     finally:
-        signal.set_wakeup_fd(old_fd)
+        _signal.set_wakeup_fd(old_fd)
         for s, h in old.items():
-            signal.signal(s, h)
-        sel.close()
+            _signal.signal(s, h)
         os.close(r)
         os.close(w)
         sock.close()
+
+
+def _ignore(signo: int, frame: object) -> None:
+    """Forwarded signals only wake the loop (through the wakeup fd)."""
