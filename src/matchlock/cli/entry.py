@@ -1,6 +1,7 @@
 """The `matchlock` executable. `exec` on a running sandbox goes through `cli/fastexec.py`,
-which imports neither click nor the sandbox machinery; everything else is the click
-application in `cli/main.py`."""
+which imports neither click nor the sandbox machinery, and `--version` is answered here;
+everything else is the click application in `cli/main.py`. What these paths may import is
+guarded by tests/unit/test_cli_imports.py."""
 
 from __future__ import annotations
 
@@ -16,6 +17,11 @@ def main() -> None:
 
 
 def _main() -> None:
+    if sys.argv[1:] == ["--version"]:  # click's version_option prints the same line
+        from matchlock import __version__
+
+        sys.stdout.write(f"matchlock, version {__version__}\n")
+        sys.exit(0)
     if sys.argv[1:2] == ["exec"]:
         from matchlock.cli import fastexec
         from matchlock.errors import MatchlockError
