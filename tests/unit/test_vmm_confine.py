@@ -48,7 +48,7 @@ def test_a_slot_locked_by_another_process_is_skipped(tmp_path: Path,
         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
         assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
-        monkeypatch.setattr(confine.secrets, "randbelow", lambda n: 5)
+        monkeypatch.setattr("secrets.randbelow", lambda n: 5)  # confine imports it lazily
         ident = confine.acquire_identity(tmp_path)
         assert ident.uid == confine.UID_BASE + 6
         ident.release()

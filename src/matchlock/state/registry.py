@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import shutil
 import signal
 import sqlite3
@@ -48,7 +47,7 @@ def sandboxes_root() -> Path:
 
 
 def new_id() -> str:
-    return "vm-" + secrets.token_hex(4)
+    return "vm-" + os.urandom(4).hex()  # secrets.token_hex(4), without importing secrets
 
 
 def proc_start_time(pid: int) -> int | None:

@@ -29,7 +29,6 @@ import errno
 import fcntl
 import os
 import platform
-import secrets
 import stat
 import struct
 from dataclasses import dataclass, field
@@ -127,6 +126,8 @@ def acquire_identity(base: Path | None = None) -> VmmIdentity:
 
     The search starts at a random slot, so a uid is seldom handed out again soon after its
     sandbox ended (a VMM whose owner was SIGKILLed exits on SIGHUP a moment later)."""
+    import secrets  # here: random, base64 and hmac are not for every CLI start-up
+
     ids = (base or runtime_dir()) / "vmm-ids"
     private_dir(ids)
     start = secrets.randbelow(UID_SLOTS)
