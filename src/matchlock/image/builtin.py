@@ -11,9 +11,9 @@ import io
 import platform
 import struct
 import subprocess
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from matchlock.errors import SetupMissing
 from matchlock.image.digest import sha256_digest
@@ -30,6 +30,9 @@ from matchlock.image.oci import (
 )
 from matchlock.image.safefs import UnsafePath, split_relative
 from matchlock.image.store import ImageStore, StoredImage
+
+if TYPE_CHECKING:
+    import tarfile
 
 BUILTIN_TAG = "matchlock-builtin:busybox"
 BUSYBOX = Path("/bin/busybox")
@@ -137,6 +140,8 @@ def _applets(busybox: Path) -> list[str]:
 
 
 def _info(name: str, kind: bytes, mode: int, uid: int = 0, gid: int = 0) -> tarfile.TarInfo:
+    import tarfile  # building only: a stored built-in image does not need it
+
     info = tarfile.TarInfo(name)
     info.type = kind
     info.mode = mode
@@ -146,6 +151,8 @@ def _info(name: str, kind: bytes, mode: int, uid: int = 0, gid: int = 0) -> tarf
 
 
 def _layer(busybox: Path) -> bytes:
+    import tarfile
+
     entries: dict[str, tuple[tarfile.TarInfo, bytes | None]] = {}
     for path, mode, uid, gid in _DIRS:
         entries[path] = (_info(path, tarfile.DIRTYPE, mode, uid, gid), None)

@@ -33,7 +33,6 @@ from matchlock.errors import ImageError
 from matchlock.image.config import ImageConfig, parse_image_config
 from matchlock.image.digest import CHUNK, digest_hex, verify_digest
 from matchlock.image.ext4 import MIB, make_ext4
-from matchlock.image.layers import apply_layer
 from matchlock.image.oci import MAX_DOCUMENT_BYTES, malformed
 from matchlock.image.reference import parse_reference
 from matchlock.paths import cache_dir
@@ -404,6 +403,10 @@ class ImageStore:
         try:
             tree = work / "root"
             tree.mkdir(mode=0o755)
+            # Here, not at the top: zstandard, gzip and tarfile are for building only, and a
+            # warm `run` (root filesystem already built) does not pay for them.
+            from matchlock.image.layers import apply_layer
+
             count = len(image.layers)
             for i, digest in enumerate(image.layers, 1):
                 with self.blob_path(digest).open("rb") as blob:
