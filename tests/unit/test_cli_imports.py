@@ -158,3 +158,34 @@ def test_resolving_a_stored_image_does_not_load_the_registry_client(tmp_path: Pa
     assert added & (REGISTRY | TLS_STACK) == set()
     # Its root filesystem is built: nothing of the unpacking either.
     assert added & {"matchlock.image.layers", "tarfile", "gzip"} == set()
+
+
+@pytest.mark.skipif(not Path("/bin/busybox").exists(), reason="needs busybox-static")
+def test_plain_run_no_network_imports_up_to_the_boot(tmp_path: Path, bare: set[str]) -> None:
+    # `matchlock run --no-network -- true` on the stored built-in image, stopped where the
+    # VM would boot: what it has imported by then.
+    env = {"MATCHLOCK_STATE_DIR": str(tmp_path), "MATCHLOCK_CACHE_DIR": str(tmp_path / "cache")}
+    _, r = _modules(tmp_path, "from matchlock.image.resolve import resolve_image\n"
+                    "resolve_image(None)", env)  # builds and stores it
+    assert r.returncode == 0, r.stderr
+    mods, r = _modules(tmp_path, "\n".join([
+        "from matchlock.image import resolve",
+        "from matchlock.sandbox import boot",
+        "real = resolve.resolve_image",
+        "def stop(*a, **kw):",
+        "    print(real(*a, **kw).name)",
+        "    raise SystemExit(0)",
+        "resolve.resolve_image = stop",
+        "boot.artifacts = lambda: None",
+        "sys.argv = ['matchlock', 'run', '--no-network', '--', 'true']",
+        "from matchlock.cli.entry import main",
+        "main()",
+    ]), env)
+    assert (r.returncode, r.stdout) == (0, b"matchlock-builtin:busybox\n"), r.stderr
+    added = _added(mods, bare)
+    assert added & (HEAVY - {"click", "sqlite3"}) == set()
+    assert added & (REGISTRY | TLS_STACK) == set()
+    assert {m for m in added if m.startswith("matchlock.net.")} <= {"matchlock.net.limits"}
+    # No -v, no --disk: nothing of mounts or disks; the image is built: no unpacker.
+    assert added & {"matchlock.sandbox.mounts", "matchlock.sandbox.disks",
+                    "matchlock.sandbox.volumes", "matchlock.image.layers", "tarfile"} == set()
