@@ -15,12 +15,14 @@ import socket
 import subprocess
 import sys
 import threading
+import tomllib
 from pathlib import Path
 
 import pytest
 
 from matchlock.sandbox import wire
 
+ROOT = Path(__file__).resolve().parents[2]
 # Loaded by a bare interpreter here or not, these must never be what our paths add.
 HEAVY = {"ssl", "_ssl", "cryptography", "h2", "h11", "httpx", "httpcore", "rich", "uvloop",
          "asyncio", "dns", "zstandard", "sqlite3", "click"}
@@ -119,6 +121,27 @@ def test_version_imports_nothing_heavy(tmp_path: Path, bare: set[str]) -> None:
     assert added & (HEAVY | STDLIB_SLOW) == set()
     assert {m for m in added if m.startswith("matchlock.")} == {
         "matchlock.cli", "matchlock.cli.entry"}
+
+
+def _importtime(argv: list[str]) -> tuple[set[str], subprocess.CompletedProcess[bytes]]:
+    r = subprocess.run([sys.executable, "-X", "importtime", *argv], capture_output=True,
+                       timeout=60)
+    lines = r.stderr.decode().splitlines()
+    return {ln.rsplit("|", 1)[1].strip() for ln in lines if ln.startswith("import time:")}, r
+
+
+def test_the_installed_executable_is_the_plain_launcher() -> None:
+    # pip's script for a [project.scripts] entry point imports `re` before our code: the
+    # executable is bin/matchlock instead (setuptools script-files), which adds nothing.
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert cfg["tool"]["setuptools"]["script-files"] == ["bin/matchlock"]
+    assert "scripts" not in cfg["project"]
+    launcher = ROOT / "bin" / "matchlock"
+    assert launcher.read_text().startswith("#!python\n")
+    bare, _ = _importtime(["-c", "pass"])
+    mods, r = _importtime([str(launcher), "--version"])
+    assert (r.returncode, r.stdout) == (0, b"matchlock, version 0.1.0\n")
+    assert (mods - bare) & (HEAVY | STDLIB_SLOW) == set()
 
 
 def test_version_line_is_click_s(tmp_path: Path) -> None:
