@@ -6,10 +6,12 @@ the `run` path (what `matchlock run` loads before it boots), each as a fresh int
     MATCHLOCK_HOME=/tmp/somewhere .venv/bin/python benchmarks/cli_overhead.py \\
         --before /tmp/before/src [-n 50]
 
-Both trees run the same way: pip's console-script template (which imports `re` before our
-code) run by this interpreter with the tree first on PYTHONPATH, after `compileall` (a wheel
-install has its .pyc files; a PYTHONDONTWRITEBYTECODE environment would otherwise compile
-every module on every start). The exec rows talk to one sandbox started by the current tree.
+Each tree runs through the executable it installs, by this interpreter with the tree first
+on PYTHONPATH, after `compileall` (a wheel install has its .pyc files; a
+PYTHONDONTWRITEBYTECODE environment would otherwise compile every module on every start):
+before, pip's console-script template (which imports `re` before our code); after,
+bin/matchlock; the after tree through pip's template too, for comparison. The exec rows talk
+to one sandbox started by the current tree.
 Medians of wall time and of the child's CPU time (user+sys, less sensitive to a shared
 machine); the exec includes the guest's own exec of `true` (TCG on machines without KVM).
 """
@@ -36,11 +38,7 @@ if __name__ == '__main__':
     sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])
     sys.exit(main())
 """
-NO_RE_SCRIPT = """import sys
-from matchlock.cli.entry import main
-if __name__ == '__main__':
-    sys.exit(main())
-"""
+LAUNCHER = AFTER_SRC.parent / "bin" / "matchlock"
 # What a plain `run` (stored image, no -v, no --disk) imports before it boots...
 RUN_PATH = ("matchlock.cli.main", "matchlock.cli.run", "matchlock.image.resolve",
             "matchlock.image.builtin", "matchlock.sandbox.attach", "matchlock.sandbox.core",
@@ -69,9 +67,9 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "compileall", "-q", str(src / "matchlock")],
                        check=True)
     tmp = Path(tempfile.mkdtemp(prefix="ml-cli-overhead-"))
-    pip_script, no_re = tmp / "matchlock", tmp / "matchlock-no-re"
+    pip_script = tmp / "matchlock"
     pip_script.write_text(PIP_SCRIPT)
-    no_re.write_text(NO_RE_SCRIPT)
+    exe = {"before": str(pip_script), "after": str(LAUNCHER)}
     envs = {k: {**os.environ, "PYTHONPATH": str(src)} for k, src in trees.items()}
     py = sys.executable
     sid = subprocess.run([py, str(pip_script), "run", "-d"], env=envs["after"], check=True,
@@ -84,9 +82,9 @@ def main() -> None:
     for name, args in (("--version", ["--version"]), ("exec ID -- true", ["exec", sid, "--",
                                                                           "true"])):
         for tree in trees:
-            cases.append((f"{name} [{tree}]", [py, str(pip_script), *args], envs[tree]))
-    cases.append(("exec ID -- true [after, script without `import re`]",
-                  [py, str(no_re), "exec", sid, "--", "true"], envs["after"]))
+            cases.append((f"{name} [{tree}]", [py, exe[tree], *args], envs[tree]))
+        cases.append((f"{name} [after, pip's script]", [py, str(pip_script), *args],
+                      envs["after"]))
     for tree in trees:
         cases.append((f"run-path imports [{tree}]", [py, "-c", imports[tree]], envs[tree]))
     load0 = os.getloadavg()
