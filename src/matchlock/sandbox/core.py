@@ -507,7 +507,7 @@ class Sandbox:
         self._qmp.command("cont")
         self.paused = False
         try:
-            result = self.conn.resume(time.time_ns(), secrets.token_bytes(64))
+            result = self.conn.resume(time.time_ns(), os.urandom(64))
         except AgentGone as e:
             raise self.agent_failure(e) from None
         if result.errno:
