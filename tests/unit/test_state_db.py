@@ -254,8 +254,11 @@ def test_a_zombie_is_not_alive() -> None:
 
 
 def _zombie_check() -> None:
-    child = subprocess.Popen(["true"])
+    # The child waits for its stdin to close, so its start time is read while it still runs.
+    child = subprocess.Popen(["sh", "-c", "read x"], stdin=subprocess.PIPE)
     start = registry.proc_start_time(child.pid)
+    assert child.stdin is not None
+    child.stdin.close()
     deadline = time.monotonic() + 10
     while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
         assert time.monotonic() < deadline
