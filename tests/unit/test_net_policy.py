@@ -65,6 +65,17 @@ def test_open_mode() -> None:
     assert one_port.check("x.example", 22).allowed and not one_port.check("x.example", 443).allowed
 
 
+def test_open_mode_covers_exactly_the_tcp_ports() -> None:
+    # `*` opens every port from 1 to 65535 (a range since it stopped being a 4 MiB set).
+    policy = Policy(["*"])
+    for port in (1, 22, 65535):
+        assert policy.check("x.example", port).allowed
+        assert policy.check_address("93.184.216.34", port).allowed
+    for port in (0, 65536, -1):
+        assert not policy.check("x.example", port).allowed
+        assert not policy.check_address("93.184.216.34", port).allowed
+
+
 @pytest.mark.parametrize(
     "spec",
     [
