@@ -862,7 +862,8 @@ def test_output_stops_at_the_window_and_other_execs_go_on(agent: Agent) -> None:
 def test_output_credit_covers_stdout_and_stderr_together(agent: Agent) -> None:
     chan = agent.new_channel()
     agent.no_auto_ack.add(chan)
-    script = "head -c 600000 /dev/zero >&2; head -c 600000 /dev/zero"
+    # stdout is more than what is left of the window plus its pipe (1 MiB): it must block.
+    script = "head -c 600000 /dev/zero >&2; head -c 2000000 /dev/zero"
     agent.send(T.EXEC, chan, ExecRequest(["sh", "-c", script], env=[PATH]).encode())
     used, streams = 0, set()
     while True:

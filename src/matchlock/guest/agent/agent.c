@@ -324,16 +324,22 @@ static void port_hangup(const char *why)
     shutdown_agent(why);
 }
 
+/* A virtio-serial read returns one port buffer (a page) at most: read on while there is
+ * more, rather than going round the loop (and poll) once per page. Bounded, so that the
+ * other fds are served while the host keeps sending. */
 static void port_read(void)
 {
-    ssize_t n = read(g_in, g_inbuf + g_in_len, sizeof g_inbuf - g_in_len);
-    if (n > 0) {
-        g_host_seen = true;
-        g_in_len += (size_t)n;
-    } else if (n == 0) {
-        port_hangup("the host closed the connection");
-    } else if (errno != EAGAIN && errno != EINTR) {
-        port_hangup("reading the port failed");
+    for (int i = 0; i < 64 && g_in_len < sizeof g_inbuf; i++) {
+        ssize_t n = read(g_in, g_inbuf + g_in_len, sizeof g_inbuf - g_in_len);
+        if (n > 0) {
+            g_host_seen = true;
+            g_in_len += (size_t)n;
+            continue;
+        }
+        if (n == 0) port_hangup("the host closed the connection");
+        else if (errno == EINTR) continue;
+        else if (errno != EAGAIN) port_hangup("reading the port failed");
+        return;
     }
 }
 
@@ -394,10 +400,11 @@ static __attribute__((noreturn)) void serve(void)
         size_t n = P_FIXED + nexec;
         n += port_poll_fill(pfd + n);
 
-        int timeout = busy ? 0 : parked ? 50 : -1;
-        int grace = exec_poll_timeout();
+        int64_t timeout = busy ? 0 : parked ? 50000 : -1; /* us */
+        int64_t grace = exec_poll_timeout();
         if (grace >= 0 && (timeout < 0 || grace < timeout)) timeout = grace;
-        if (poll(pfd, n, timeout) < 0) {
+        struct timespec ts = {(time_t)(timeout / 1000000), (long)(timeout % 1000000) * 1000};
+        if (ppoll(pfd, n, timeout < 0 ? NULL : &ts, NULL) < 0) {
             if (errno != EINTR) agent_log("poll: %s", strerror(errno));
             continue;
         }

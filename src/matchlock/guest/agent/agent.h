@@ -175,8 +175,9 @@ bool exec_exists(uint32_t chan);
 size_t exec_poll_count(void);
 size_t exec_poll_fill(struct pollfd *pfd);
 void exec_poll_handle(const struct pollfd *pfd);
-/* Milliseconds until an exec needs attention without any fd event (a drain grace), or -1. */
-int exec_poll_timeout(void);
+/* Microseconds until an exec needs attention without any fd event (a drain grace, an output
+ * hold), or -1. */
+int64_t exec_poll_timeout(void);
 void exec_reap(void);
 void exec_kill_all(void);
 /* Start the sandbox init (PID 1 of the execs' namespaces) unless it runs; 0, or -1 with a

@@ -45,6 +45,18 @@
 /* How long an exec's EXIT waits, after its command exited, for a background process that
  * still holds its stdout/stderr. Output already in the pipes is always delivered. */
 #define DRAIN_GRACE_MS 500
+/* Process pipes hold this much (the kernel's default is 64 KiB): a producer runs on while the
+ * agent holds its output back or the port is busy, and one read can fill a frame. */
+#define PIPE_BYTES (1 << 20)
+/* Coalescing of small writes: a read that got less than it asked for emptied the pipe (or
+ * PTY); that fd is then not read again for OUTPUT_HOLD_US, so what a program writes in many
+ * small writes meanwhile goes out as one frame instead of a frame (and a port write, and a
+ * host wake-up) per write. The first output after a quiet spell is never held, a hang-up
+ * (every writer closed: the command ended) ends the hold at once, and a full read never
+ * starts one: bulk output is not slowed and interactive output waits at most this long. */
+#define OUTPUT_HOLD_US 1000
+/* A PTY master returns at most this much per read (the line discipline's buffer). */
+#define PTY_READ_MAX 4096
 
 struct exec_req {
     char **argv;
@@ -75,6 +87,7 @@ struct exec {
     uint8_t veof[2];  /* VEOF characters still to write to the PTY */
     size_t veof_len;
     size_t out_unacked; /* output credit in use (see OUTPUT_WINDOW) */
+    uint64_t hold_out, hold_err; /* CLOCK_MONOTONIC us: that fd is not read before (coalescing) */
     bool reaped;
     int status;        /* the command's wait status, once reaped */
     uint64_t deadline; /* reaped: end of the drain grace (CLOCK_MONOTONIC ms) */
@@ -103,6 +116,13 @@ static uint64_t now_ms(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+static uint64_t now_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
 }
 
 static struct exec *exec_find(uint32_t chan)
@@ -743,6 +763,9 @@ static int open_stdio(struct exec *e, const struct exec_req *r, int child[3])
     } else if ((child[0] = open("/dev/null", O_RDONLY | O_CLOEXEC)) < 0) {
         return -1;
     }
+    /* Larger pipes are an optimisation: a failure leaves the default size. */
+    fcntl(e->out_fd, F_SETPIPE_SZ, PIPE_BYTES);
+    fcntl(e->err_fd, F_SETPIPE_SZ, PIPE_BYTES);
     set_nonblock(e->out_fd);
     set_nonblock(e->err_fd);
     return 0;
@@ -1111,6 +1134,7 @@ size_t exec_poll_fill(struct pollfd *pfd)
 {
     size_t n = 0;
     bool room = out_data_room(); /* a full outgoing buffer stops process output */
+    uint64_t now = now_us();
 #define ADD(slot, fd_, ev)                                                                     \
     do {                                                                                       \
         (slot) = (int)n;                                                                       \
@@ -1121,10 +1145,11 @@ size_t exec_poll_fill(struct pollfd *pfd)
         /* Output is read only while the host's credit lasts: a slow consumer slows its own
          * process, and the port stays free for every other channel. */
         bool credit = e->out_unacked + OUTPUT_FRAME_COST < OUTPUT_WINDOW;
+        /* A held fd is polled for nothing but a hang-up (always reported). */
         if (e->out_fd >= 0 && room && credit && (!e->final || e->owed_out))
-            ADD(e->pfd_out, e->out_fd, POLLIN);
+            ADD(e->pfd_out, e->out_fd, e->hold_out > now ? 0 : POLLIN);
         if (e->err_fd >= 0 && room && credit && (!e->final || e->owed_err))
-            ADD(e->pfd_err, e->err_fd, POLLIN);
+            ADD(e->pfd_err, e->err_fd, e->hold_err > now ? 0 : POLLIN);
         if (e->in_fd >= 0 && (e->in_len || e->in_eof) && out_free() >= CTRL_RESERVE)
             ADD(e->pfd_in, e->in_fd, POLLOUT);
     }
@@ -1136,19 +1161,23 @@ size_t exec_poll_fill(struct pollfd *pfd)
     return n;
 }
 
-/* Milliseconds until the next drain grace ends, or -1 when none is running. */
-int exec_poll_timeout(void)
+/* Microseconds until the next drain grace or output hold ends, or -1 when none is running. */
+int64_t exec_poll_timeout(void)
 {
-    uint64_t now = now_ms(), next = UINT64_MAX;
-    for (struct exec *e = g_execs; e; e = e->next)
-        if (e->reaped && !e->final && e->deadline < next) next = e->deadline;
+    uint64_t now = now_us(), next = UINT64_MAX;
+    for (struct exec *e = g_execs; e; e = e->next) {
+        if (e->reaped && !e->final && e->deadline * 1000u < next) next = e->deadline * 1000u;
+        if (e->out_fd >= 0 && e->hold_out > now && e->hold_out < next) next = e->hold_out;
+        if (e->err_fd >= 0 && e->hold_err > now && e->hold_err < next) next = e->hold_err;
+    }
     if (next == UINT64_MAX) return -1;
-    return next <= now ? 0 : next - now > 60000 ? 60000 : (int)(next - now);
+    return next <= now ? 0 : next - now > 60000000u ? 60000000 : (int64_t)(next - now);
 }
 
 /* One read of process output into a frame; EOF (or EIO: a PTY without slave) closes it. After
- * the grace only the bytes owed are read, and the fd is closed once they were. */
-static void pump_output(struct exec *e, int *fd, uint8_t type, size_t *owed)
+ * the grace only the bytes owed are read, and the fd is closed once they were. A short read
+ * holds the fd (see OUTPUT_HOLD_US). */
+static void pump_output(struct exec *e, int *fd, uint8_t type, size_t *owed, uint64_t *hold)
 {
     size_t credit = e->out_unacked + OUTPUT_FRAME_COST < OUTPUT_WINDOW
                         ? OUTPUT_WINDOW - e->out_unacked - OUTPUT_FRAME_COST
@@ -1157,6 +1186,8 @@ static void pump_output(struct exec *e, int *fd, uint8_t type, size_t *owed)
     if (credit < max) max = credit;
     if (!out_data_room() || !max) return;
     ssize_t n = send_from_fd(type, e->chan, *fd, max);
+    size_t full = e->tty && max > PTY_READ_MAX ? PTY_READ_MAX : max;
+    *hold = n > 0 && (size_t)n < full ? now_us() + OUTPUT_HOLD_US : 0;
     if (n > 0) e->out_unacked += (size_t)n + OUTPUT_FRAME_COST;
     if (n > 0 && e->final) *owed -= (size_t)n;
     if (n > 0 || (n < 0 && (errno == EAGAIN || errno == EINTR))) return;
@@ -1244,9 +1275,9 @@ void exec_poll_handle(const struct pollfd *pfd)
     for (struct exec **pp = &g_execs; *pp;) {
         struct exec *e = *pp;
         if (e->pfd_out >= 0 && pfd[e->pfd_out].revents)
-            pump_output(e, &e->out_fd, F_STDOUT, &e->owed_out);
+            pump_output(e, &e->out_fd, F_STDOUT, &e->owed_out, &e->hold_out);
         if (e->pfd_err >= 0 && pfd[e->pfd_err].revents)
-            pump_output(e, &e->err_fd, F_STDERR, &e->owed_err);
+            pump_output(e, &e->err_fd, F_STDERR, &e->owed_err, &e->hold_err);
         if (e->pfd_in >= 0 && pfd[e->pfd_in].revents) exec_write_stdin(e);
         e->pfd_out = e->pfd_err = e->pfd_in = -1;
         if (exec_finish(e)) {
