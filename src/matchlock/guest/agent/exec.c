@@ -55,6 +55,9 @@
  * (every writer closed: the command ended) ends the hold at once, and a full read never
  * starts one: bulk output is not slowed and interactive output waits at most this long. */
 #define OUTPUT_HOLD_US 1000
+/* Output frames are 64 KiB with their header: the port takes at most 32 KiB per write (one
+ * virtio buffer), so a lone frame of 64 KiB + 12 bytes cost three port writes, this two. */
+#define OUTPUT_READ_MAX (MAX_DATA - HDR_SIZE)
 /* A PTY master returns at most this much per read (the line discipline's buffer). */
 #define PTY_READ_MAX 4096
 
@@ -1182,7 +1185,7 @@ static void pump_output(struct exec *e, int *fd, uint8_t type, size_t *owed, uin
     size_t credit = e->out_unacked + OUTPUT_FRAME_COST < OUTPUT_WINDOW
                         ? OUTPUT_WINDOW - e->out_unacked - OUTPUT_FRAME_COST
                         : 0;
-    size_t max = e->final && *owed < MAX_DATA ? *owed : MAX_DATA;
+    size_t max = e->final && *owed < OUTPUT_READ_MAX ? *owed : OUTPUT_READ_MAX;
     if (credit < max) max = credit;
     if (!out_data_room() || !max) return;
     ssize_t n = send_from_fd(type, e->chan, *fd, max);
