@@ -41,8 +41,10 @@ class Case:
 def cases(mb: int) -> list[Case]:
     n = mb << 20
     return [
-        Case("stdout 1 MiB writes", "out", n, f"dd if=/dev/zero bs=1048576 count={mb} 2>/dev/null"),
-        Case("stdout 4 KiB writes", "out", n, f"dd if=/dev/zero bs=4096 count={n // 4096} 2>/dev/null"),
+        Case("stdout 1 MiB writes", "out", n,
+             f"dd if=/dev/zero bs=1048576 count={mb} 2>/dev/null"),
+        Case("stdout 4 KiB writes", "out", n,
+             f"dd if=/dev/zero bs=4096 count={n // 4096} 2>/dev/null"),
         Case("stdout 100 B writes", "out", n // 1000 * 100,
              f"dd if=/dev/zero bs=100 count={n // 1000} 2>/dev/null"),
         Case("stdin 1 MiB writes", "in", n, chunk=1 << 20),

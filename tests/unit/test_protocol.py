@@ -33,6 +33,21 @@ def test_decoder_handles_split_and_coalesced_input() -> None:
     assert again == got
 
 
+def test_decoder_gives_the_same_frames_for_any_split_of_the_stream() -> None:
+    frames = [frame(0x82 + i % 2, 1 + i % 3, bytes([i]) * (i * 997 % 70000 % 65537))
+              for i in range(40)]
+    frames = [f for f in frames if f[8:12] != b"\0\0\0\0"]  # no empty output frames
+    data = b"".join(frames)
+    whole = p.FrameDecoder().feed(data)
+    assert len(whole) == len(frames)
+    for step in (1000, 4096, 65536 + 11, 300000):
+        dec = p.FrameDecoder()
+        got = []
+        for i in range(0, len(data), step):
+            got += dec.feed(data[i : i + step])
+        assert got == whole and dec.pending == 0
+
+
 @pytest.mark.parametrize(
     "data, reason",
     [

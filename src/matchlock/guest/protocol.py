@@ -142,27 +142,38 @@ class FrameDecoder:
         self._max = max_payload
 
     def feed(self, data: bytes) -> list[Frame]:
-        self._buf += data
+        # Frames are cut out of one view by offset and the consumed prefix is dropped once:
+        # one copy per payload, however many frames a read brought.
+        if self._buf:
+            self._buf += data
+            buf: bytes | bytearray = self._buf
+        else:
+            buf = data
         frames: list[Frame] = []
-        while len(self._buf) >= HEADER_SIZE:
-            raw_type = self._buf[0]
-            if self._buf[1:4] != b"\0\0\0":
-                raise ProtocolError("reserved header bytes are not zero")
-            _, channel, length = HEADER.unpack_from(self._buf)
-            if raw_type not in GUEST_TYPES:
-                raise ProtocolError(f"unknown frame type 0x{raw_type:02x}")
-            if length > self._max:
-                raise ProtocolError(f"frame payload of {length} bytes exceeds {self._max}")
-            ftype = T(raw_type)
-            if ftype in _CONTROL_ONLY and channel != 0:
-                raise ProtocolError(f"{ftype.name} on channel {channel}")
-            if ftype not in _CONTROL_ONLY and ftype != T.RESULT and channel == 0:
-                raise ProtocolError(f"{ftype.name} on the control channel")
-            end = HEADER_SIZE + length
-            if len(self._buf) < end:
-                break
-            frames.append(Frame(ftype, channel, bytes(self._buf[HEADER_SIZE:end])))
-            del self._buf[:end]
+        pos, size = 0, len(buf)
+        with memoryview(buf) as view:
+            while size - pos >= HEADER_SIZE:
+                raw_type, channel, length = HEADER.unpack_from(buf, pos)
+                if buf[pos + 1] or buf[pos + 2] or buf[pos + 3]:
+                    raise ProtocolError("reserved header bytes are not zero")
+                if raw_type not in GUEST_TYPES:
+                    raise ProtocolError(f"unknown frame type 0x{raw_type:02x}")
+                if length > self._max:
+                    raise ProtocolError(f"frame payload of {length} bytes exceeds {self._max}")
+                ftype = T(raw_type)
+                if ftype in _CONTROL_ONLY and channel != 0:
+                    raise ProtocolError(f"{ftype.name} on channel {channel}")
+                if ftype not in _CONTROL_ONLY and ftype != T.RESULT and channel == 0:
+                    raise ProtocolError(f"{ftype.name} on the control channel")
+                end = pos + HEADER_SIZE + length
+                if size < end:
+                    break
+                frames.append(Frame(ftype, channel, bytes(view[pos + HEADER_SIZE:end])))
+                pos = end
+        if buf is self._buf:
+            del self._buf[:pos]
+        elif pos < size:
+            self._buf += buf[pos:]  # a partial frame: at most one
         return frames
 
     @property

@@ -79,7 +79,7 @@ def _attach(sock: socket, send: Callable[[bytes], None], tty: bool) -> int:
                         except OSError:
                             pass
                     continue
-                data = sock.recv(1 << 16)
+                data = sock.recv(1 << 20)  # a few output frames per wake-up
                 if not data:
                     raise MatchlockError("lost the connection to the sandbox's supervisor")
                 for f in dec.feed(data):

@@ -127,18 +127,30 @@ class Decoder:
         self._buf = bytearray()
 
     def feed(self, data: bytes) -> list[Frame]:
-        self._buf += data
+        # Frames are cut out of one view by offset and the consumed prefix dropped once: one
+        # copy per payload, however many frames a read brought.
+        if self._buf:
+            self._buf += data
+            buf: bytes | bytearray = self._buf
+        else:
+            buf = data
         out: list[Frame] = []
-        while len(self._buf) >= HEADER.size:
-            ftype, n = HEADER.unpack_from(self._buf)
-            if ftype not in TYPES:
-                raise WireError(f"unknown frame type {ftype}")
-            if n > MAX_PAYLOAD:
-                raise WireError(f"frame of {n} bytes is too large")
-            if len(self._buf) < HEADER.size + n:
-                break
-            out.append(Frame(ftype, bytes(self._buf[HEADER.size : HEADER.size + n])))
-            del self._buf[: HEADER.size + n]
+        pos, size, hs = 0, len(buf), HEADER.size
+        with memoryview(buf) as view:
+            while size - pos >= hs:
+                ftype, n = HEADER.unpack_from(buf, pos)
+                if ftype not in TYPES:
+                    raise WireError(f"unknown frame type {ftype}")
+                if n > MAX_PAYLOAD:
+                    raise WireError(f"frame of {n} bytes is too large")
+                if size < pos + hs + n:
+                    break
+                out.append(Frame(ftype, bytes(view[pos + hs : pos + hs + n])))
+                pos += hs + n
+        if buf is self._buf:
+            del self._buf[:pos]
+        elif pos < size:
+            self._buf += buf[pos:]  # a partial frame: at most one
         return out
 
     @property
