@@ -142,6 +142,22 @@ def test_state_and_background_processes_persist_between_execs(ml: Run, python_im
         ml("rm", "-f", sid)
 
 
+def test_exec_streams_64mib_each_way_byte_exact(ml: Run) -> None:
+    # Through the supervisor's socket: stdin in, back out in 4 KiB guest writes, and stderr
+    # alongside (its own stream, in order).
+    sid = _start(ml, "--no-network")
+    try:
+        data = os.urandom(64 << 20)
+        r = ml("exec", "-i", sid, "--", "sh", "-c",
+               "echo begin >&2; dd bs=4096 2>/dev/null; echo end >&2", input=data, timeout=600)
+        assert r.returncode == 0, r.stderr
+        assert r.stderr == b"begin\nend\n"
+        assert len(r.stdout) == len(data)
+        assert hashlib.sha256(r.stdout).digest() == hashlib.sha256(data).digest()
+    finally:
+        ml("rm", "-f", sid)
+
+
 def test_one_shot_run_with_a_background_child_still_ends(ml: Run) -> None:
     # The VM goes away with the command, background processes and all (ml checks leftovers).
     t0 = time.monotonic()

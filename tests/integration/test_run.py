@@ -56,6 +56,16 @@ def test_binary_stdin_arrives_byte_exact(ml: Run) -> None:
     assert r.stdout.decode().split()[0] == hashlib.sha256(data).hexdigest()
 
 
+def test_64mib_round_trip_in_small_guest_writes_is_byte_exact(ml: Run) -> None:
+    # stdin in, and back out through 4 KiB writes (coalesced by the agent into big frames).
+    data = os.urandom(64 << 20)
+    r = ml("run", "-i", "--no-network", "--", "sh", "-c", "dd bs=4096 2>/dev/null",
+           input=data, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout) == len(data)
+    assert hashlib.sha256(r.stdout).digest() == hashlib.sha256(data).digest()
+
+
 def test_stdin_is_empty_without_i(ml: Run) -> None:
     r = ml("run", "--", "sh", "-c", "wc -c", input=b"not forwarded")
     assert r.stdout.decode().strip() == "0"

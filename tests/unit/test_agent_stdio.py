@@ -372,6 +372,35 @@ def test_stdout_and_stderr_are_separate_and_ordered(agent: Agent) -> None:
     assert r.code == 0
 
 
+def test_many_small_writes_keep_each_streams_order(agent: Agent) -> None:
+    script = "i=0; while [ $i -lt 2000 ]; do echo out$i; echo err$i >&2; i=$((i+1)); done"
+    r = agent.run(["sh", "-c", script], timeout=60)
+    assert r.code == 0, r.stderr
+    assert r.stdout.decode().split() == [f"out{i}" for i in range(2000)]
+    assert r.stderr.decode().split() == [f"err{i}" for i in range(2000)]
+
+
+def test_small_writes_are_coalesced_into_few_frames(agent: Agent) -> None:
+    # 20,000 writes of 100 bytes: read as they come, they would be thousands of frames.
+    chan = agent.start(ExecRequest(["dd", "if=/dev/zero", "bs=100", "count=20000"], env=[PATH]))
+    got, frames = 0, 0
+    while (f := agent.on(chan)).type != T.EXIT:
+        if f.type == T.STDOUT:
+            got, frames = got + len(f.payload), frames + 1
+    assert parse_exit(f.payload).code == 0
+    assert got == 2_000_000
+    assert frames < 1000, frames
+
+
+def test_held_output_still_goes_out_while_the_command_runs(agent: Agent) -> None:
+    # The second write comes right after the first (which starts a hold): it must arrive on
+    # its own after the hold, not wait for the command to end.
+    chan = agent.start(ExecRequest(["sh", "-c", "echo a; echo b; sleep 30"], env=[PATH]))
+    assert agent.wait_output(chan, b"a\nb\n", timeout=5) == b"a\nb\n"
+    agent.send(T.KILL, chan)
+    assert agent.collect(chan).code == 137
+
+
 def test_20mb_of_output_is_byte_exact(agent: Agent) -> None:
     script = (
         "exec 3>&1; head -c 20000000 /dev/urandom | tee /dev/fd/3 | sha256sum | cut -d' ' -f1 >&2"
