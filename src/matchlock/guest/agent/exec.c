@@ -1020,6 +1020,23 @@ void exec_stdin(uint32_t chan, const uint8_t *p, size_t n)
         exec_abort(e, why);
         return;
     }
+    if (!e->in_len) { /* nothing queued before it: write straight from the frame, no copy */
+        ssize_t w;
+        do w = write(e->in_fd, p, n);
+        while (w < 0 && errno == EINTR);
+        if (w < 0 && errno != EAGAIN) { /* the process stopped reading: dropped */
+            close_fd(&e->in_fd);
+            send_ack(chan, n);
+            return;
+        }
+        if (w > 0) {
+            e->last_in = p[w - 1];
+            send_ack(chan, (size_t)w);
+            p += w;
+            n -= (size_t)w;
+        }
+        if (!n) return;
+    }
     if (e->in_off + e->in_len + n > e->in_cap) {
         if (e->in_len) memmove(e->in_buf, e->in_buf + e->in_off, e->in_len);
         e->in_off = 0;
