@@ -393,10 +393,12 @@ def test_small_writes_are_coalesced_into_few_frames(agent: Agent) -> None:
 
 
 def test_held_output_still_goes_out_while_the_command_runs(agent: Agent) -> None:
-    # The second write comes right after the first (which starts a hold): it must arrive on
-    # its own after the hold, not wait for the command to end.
-    chan = agent.start(ExecRequest(["sh", "-c", "echo a; echo b; sleep 30"], env=[PATH]))
-    assert agent.wait_output(chan, b"a\nb\n", timeout=5) == b"a\nb\n"
+    # Lines written one by one start holds: what comes during a hold must go out when it ends,
+    # not wait for the command to end (a hang-up).
+    script = "i=0; while [ $i -lt 50 ]; do echo $i; i=$((i+1)); done; sleep 30"
+    chan = agent.start(ExecRequest(["sh", "-c", script], env=[PATH]))
+    got = agent.wait_output(chan, b"\n49\n", timeout=5)
+    assert got.decode().split() == [str(i) for i in range(50)]
     agent.send(T.KILL, chan)
     assert agent.collect(chan).code == 137
 

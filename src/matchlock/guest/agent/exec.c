@@ -49,11 +49,12 @@
  * agent holds its output back or the port is busy, and one read can fill a frame. */
 #define PIPE_BYTES (1 << 20)
 /* Coalescing of small writes: a read that got less than it asked for emptied the pipe (or
- * PTY); that fd is then not read again for OUTPUT_HOLD_US, so what a program writes in many
- * small writes meanwhile goes out as one frame instead of a frame (and a port write, and a
- * host wake-up) per write. The first output after a quiet spell is never held, a hang-up
- * (every writer closed: the command ended) ends the hold at once, and a full read never
- * starts one: bulk output is not slowed and interactive output waits at most this long. */
+ * PTY). Two such reads in a row mean a program writing in small pieces: that fd is then not
+ * read again for OUTPUT_HOLD_US, so what it writes meanwhile goes out as one frame instead of
+ * a frame (and a port write, and a host wake-up) per write. The first output after a quiet
+ * spell is never held, a hang-up (every writer closed: the command ended) ends the hold at
+ * once, and a full read (or the short tail of a big write, after a full one) never starts
+ * one: bulk output is not slowed and interactive output waits at most this long. */
 #define OUTPUT_HOLD_US 1000
 /* Output frames are 64 KiB with their header: the port takes at most 32 KiB per write (one
  * virtio buffer), so a lone frame of 64 KiB + 12 bytes cost three port writes, this two. */
@@ -91,6 +92,7 @@ struct exec {
     size_t veof_len;
     size_t out_unacked; /* output credit in use (see OUTPUT_WINDOW) */
     uint64_t hold_out, hold_err; /* CLOCK_MONOTONIC us: that fd is not read before (coalescing) */
+    bool short_out, short_err;   /* the last read of that fd emptied it */
     bool reaped;
     int status;        /* the command's wait status, once reaped */
     uint64_t deadline; /* reaped: end of the drain grace (CLOCK_MONOTONIC ms) */
@@ -1197,7 +1199,8 @@ int64_t exec_poll_timeout(void)
 /* One read of process output into a frame; EOF (or EIO: a PTY without slave) closes it. After
  * the grace only the bytes owed are read, and the fd is closed once they were. A short read
  * holds the fd (see OUTPUT_HOLD_US). */
-static void pump_output(struct exec *e, int *fd, uint8_t type, size_t *owed, uint64_t *hold)
+static void pump_output(struct exec *e, int *fd, uint8_t type, size_t *owed, uint64_t *hold,
+                        bool *was_short)
 {
     size_t credit = e->out_unacked + OUTPUT_FRAME_COST < OUTPUT_WINDOW
                         ? OUTPUT_WINDOW - e->out_unacked - OUTPUT_FRAME_COST
@@ -1207,7 +1210,9 @@ static void pump_output(struct exec *e, int *fd, uint8_t type, size_t *owed, uin
     if (!out_data_room() || !max) return;
     ssize_t n = send_from_fd(type, e->chan, *fd, max);
     size_t full = e->tty && max > PTY_READ_MAX ? PTY_READ_MAX : max;
-    *hold = n > 0 && (size_t)n < full ? now_us() + OUTPUT_HOLD_US : 0;
+    bool is_short = n > 0 && (size_t)n < full;
+    *hold = is_short && *was_short ? now_us() + OUTPUT_HOLD_US : 0;
+    if (n >= 0) *was_short = is_short;
     if (n > 0) e->out_unacked += (size_t)n + OUTPUT_FRAME_COST;
     if (n > 0 && e->final) *owed -= (size_t)n;
     if (n > 0 || (n < 0 && (errno == EAGAIN || errno == EINTR))) return;
@@ -1295,9 +1300,9 @@ void exec_poll_handle(const struct pollfd *pfd)
     for (struct exec **pp = &g_execs; *pp;) {
         struct exec *e = *pp;
         if (e->pfd_out >= 0 && pfd[e->pfd_out].revents)
-            pump_output(e, &e->out_fd, F_STDOUT, &e->owed_out, &e->hold_out);
+            pump_output(e, &e->out_fd, F_STDOUT, &e->owed_out, &e->hold_out, &e->short_out);
         if (e->pfd_err >= 0 && pfd[e->pfd_err].revents)
-            pump_output(e, &e->err_fd, F_STDERR, &e->owed_err, &e->hold_err);
+            pump_output(e, &e->err_fd, F_STDERR, &e->owed_err, &e->hold_err, &e->short_err);
         if (e->pfd_in >= 0 && pfd[e->pfd_in].revents) exec_write_stdin(e);
         e->pfd_out = e->pfd_err = e->pfd_in = -1;
         if (exec_finish(e)) {
