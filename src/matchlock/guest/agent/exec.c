@@ -1197,8 +1197,8 @@ int64_t exec_poll_timeout(void)
 }
 
 /* One read of process output into a frame; EOF (or EIO: a PTY without slave) closes it. After
- * the grace only the bytes owed are read, and the fd is closed once they were. A short read
- * holds the fd (see OUTPUT_HOLD_US). */
+ * the grace only the bytes owed are read, and the fd is closed once they were. A second short
+ * read in a row holds the fd (see OUTPUT_HOLD_US). */
 static void pump_output(struct exec *e, int *fd, uint8_t type, size_t *owed, uint64_t *hold,
                         bool *was_short)
 {
