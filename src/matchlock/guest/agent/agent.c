@@ -17,6 +17,8 @@
 
 bool g_stdio;
 uint64_t g_nofile_soft;
+/* A process that closes its stdin must not kill the agent: EPIPE is handled instead. */
+const int g_ignored_signals[N_IGNORED_SIGNALS] = {SIGPIPE};
 
 static int g_in = -1, g_out = -1; /* the port (one fd in a VM), or fds 0 and 1 with --stdio */
 static int g_sigfd = -1;          /* signalfd for SIGCHLD: commands and the sandbox init */
@@ -436,8 +438,11 @@ int main(int argc, char **argv)
         return 2;
     }
     umask(022);
-    /* A process that closes its stdin must not kill the agent: EPIPE is handled instead. */
-    signal(SIGPIPE, SIG_IGN);
+    for (size_t i = 0; i < N_IGNORED_SIGNALS; i++) signal(g_ignored_signals[i], SIG_IGN);
+    /* Commands start on the agent's memory until their execve (exec.c: spawn_into_sandbox);
+     * not dumpable, no process in the sandbox can reach it through /proc (mem, environ, fds)
+     * in that window, whatever its uid and capabilities short of CAP_SYS_PTRACE. */
+    prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
 
     /* Commands and the sandbox init are reaped from the poll loop through a signalfd. */
     sigset_t chld;

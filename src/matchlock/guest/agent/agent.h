@@ -114,6 +114,9 @@ enum file_tag {
 
 extern bool g_stdio; /* --stdio test mode: no PID-1 duties, SETUP is a no-op */
 extern uint64_t g_nofile_soft; /* RLIMIT_NOFILE soft limit we started with, for commands */
+/* The signals the agent ignores: every command gets them back at their default. */
+#define N_IGNORED_SIGNALS 1
+extern const int g_ignored_signals[N_IGNORED_SIGNALS];
 
 uint16_t get_be16(const uint8_t *p);
 uint32_t get_be32(const uint8_t *p);

@@ -30,9 +30,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <termios.h>
@@ -41,6 +43,7 @@
 
 #define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #define MAX_GROUPS 256
+#define LINE_BUF 65536 /* longest /etc/passwd or /etc/group line read */
 #define NOFILE_HARD (1u << 20)
 /* How long an exec's EXIT waits, after its command exited, for a background process that
  * still holds its stdout/stderr. Output already in the pipes is always delivered. */
@@ -152,7 +155,8 @@ static void set_nonblock(int fd)
 }
 
 /* ======================================================================================== */
-/* In the exec's processes (after clone). Only async-signal-safe-ish code and _exit here.    */
+/* In the exec's processes (after clone). A command runs on the agent's memory until its     */
+/* execve: no malloc or stdio (whose state is the agent's), only _exit.                      */
 /* ======================================================================================== */
 
 /* Report an error before execve the way a shell would: one line on stderr, exit code. */
@@ -170,24 +174,27 @@ static __attribute__((noreturn, format(printf, 2, 3))) void die(int code, const 
     _exit(code);
 }
 
-/* Leave exactly fds 0-2 (the command's stdio) and 3 (extra, close-on-exec). The child is a
- * copy of the agent and holds copies of all its fds; another exec's stdin pipe kept open
- * here would never reach EOF. */
+/* Leave exactly fds 0-2 (the command's stdio) and 3 (extra, close-on-exec). The child holds
+ * copies of all the agent's fds; another exec's stdin pipe kept open here would never reach
+ * EOF. */
 static int arrange_fds(const int stdio[3], int status)
 {
-    int src[4] = {stdio[0], stdio[1], stdio[2], status}, tmp[4];
-    /* Move everything above the targets first, so no dup2 below clobbers a source. */
-    for (int i = 0; i < 4; i++)
-        if ((tmp[i] = fcntl(src[i], F_DUPFD, 4)) < 0) return -1;
-    for (int i = 0; i < 4; i++)
-        if (dup2(tmp[i], i) < 0) return -1;
+    int src[4] = {stdio[0], stdio[1], stdio[2], status};
+    /* A source below 4 could be clobbered by a dup2 below: move the sources up first. The
+     * agent's own fds are all above 3 in practice, so this is the exception. */
+    if (src[0] < 4 || src[1] < 4 || src[2] < 4 || src[3] < 4)
+        for (int i = 0; i < 4; i++)
+            if ((src[i] = fcntl(src[i], F_DUPFD, 4)) < 0) return -1;
+    for (int i = 0; i < 3; i++)
+        if (dup2(src[i], i) < 0) return -1;
+    if (dup3(src[3], 3, O_CLOEXEC) < 0) return -1;
     if (syscall(SYS_close_range, 4u, ~0u, 0u) < 0) {
         struct rlimit rl;
         int max = getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < 65536 ? (int)rl.rlim_cur
                                                                              : 65536;
         for (int fd = 4; fd < max; fd++) close(fd);
     }
-    return fcntl(3, F_SETFD, FD_CLOEXEC);
+    return 0;
 }
 
 /* ---- user resolution from the guest's /etc/passwd and /etc/group -------------------------- */
@@ -219,7 +226,6 @@ static bool parse_id(const char *s, uint32_t *out)
 /* Split a passwd/group line at ':' into at most max fields; returns the field count. */
 static size_t split_fields(char *line, char **field, size_t max)
 {
-    line[strcspn(line, "\n")] = 0;
     size_t n = 0;
     field[n++] = line;
     for (char *c = line; *c && n < max; c++)
@@ -230,59 +236,112 @@ static size_t split_fields(char *line, char **field, size_t max)
     return n;
 }
 
+/* Call fn(line, ctx) for each line of path until it returns true; whether one did. Plain
+ * read(2) into a buffer on the stack: this runs in the command's process before its execve,
+ * on the agent's memory (see spawn_into_sandbox), where stdio's malloc has no business (and
+ * costs page faults). A line longer than the buffer is skipped; a path that is not a regular
+ * file (a FIFO would block the open) reads as empty. */
+static bool scan_lines(const char *path, bool (*fn)(char *line, void *ctx), void *ctx)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+    if (fd < 0) return false;
+    struct stat st;
+    bool done = false, skip = false;
+    char buf[LINE_BUF];
+    size_t len = 0;
+    if (fstat(fd, &st) || !S_ISREG(st.st_mode)) goto out;
+    for (;;) {
+        ssize_t n = read(fd, buf + len, sizeof buf - 1 - len);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) { /* the end (or an error): a last line without its newline */
+            buf[len] = 0;
+            if (len && !skip) done = fn(buf, ctx);
+            break;
+        }
+        len += (size_t)n;
+        char *start = buf, *nl;
+        while (!done && (nl = memchr(start, '\n', len - (size_t)(start - buf)))) {
+            *nl = 0;
+            if (!skip) done = fn(start, ctx);
+            skip = false;
+            start = nl + 1;
+        }
+        if (done) break;
+        len -= (size_t)(start - buf);
+        memmove(buf, start, len);
+        if (len == sizeof buf - 1) { /* no newline in a whole buffer: drop that line */
+            skip = true;
+            len = 0;
+        }
+    }
+out:
+    close(fd);
+    return done;
+}
+
+struct passwd_query {
+    const char *name; /* or NULL: by uid */
+    uint32_t uid;
+    struct user *u;
+};
+
+static bool passwd_line(char *line, void *ctx)
+{
+    struct passwd_query *q = ctx;
+    char *fld[7];
+    uint32_t id, gid;
+    if (split_fields(line, fld, 7) < 7 || !parse_id(fld[2], &id) || !parse_id(fld[3], &gid))
+        return false;
+    if (q->name ? strcmp(fld[0], q->name) != 0 : id != q->uid) return false;
+    q->u->uid = id;
+    q->u->gid = gid;
+    q->u->named = true;
+    snprintf(q->u->name, sizeof q->u->name, "%s", fld[0]);
+    snprintf(q->u->home, sizeof q->u->home, "%s", fld[5]);
+    return true;
+}
+
 /* Find a passwd entry by name, or by uid when name is NULL. */
 static bool passwd_lookup(const char *name, uint32_t uid, struct user *u)
 {
-    FILE *f = fopen("/etc/passwd", "re");
-    if (!f) return false;
-    char *line = NULL, *fld[7];
-    size_t cap = 0;
-    bool found = false;
-    while (!found && getline(&line, &cap, f) > 0) {
-        uint32_t id, gid;
-        if (split_fields(line, fld, 7) < 7 || !parse_id(fld[2], &id) || !parse_id(fld[3], &gid))
-            continue;
-        if (name ? strcmp(fld[0], name) != 0 : id != uid) continue;
-        found = true;
-        u->uid = id;
-        u->gid = gid;
-        u->named = true;
-        snprintf(u->name, sizeof u->name, "%s", fld[0]);
-        snprintf(u->home, sizeof u->home, "%s", fld[5]);
+    struct passwd_query q = {name, uid, u};
+    return scan_lines("/etc/passwd", passwd_line, &q);
+}
+
+struct group_query {
+    const char *name; /* a group to find, into gid; or NULL: u->name's groups, into u */
+    gid_t *gid;
+    struct user *u;
+};
+
+static bool group_line(char *line, void *ctx)
+{
+    struct group_query *q = ctx;
+    char *fld[4];
+    uint32_t gid;
+    if (split_fields(line, fld, 4) < 4 || !parse_id(fld[2], &gid)) return false;
+    if (q->name) {
+        if (strcmp(fld[0], q->name) != 0) return false;
+        *q->gid = gid;
+        return true;
     }
-    free(line);
-    fclose(f);
-    return found;
+    struct user *u = q->u;
+    size_t want = strlen(u->name);
+    for (char *m = fld[3], *end; *m; m = *end ? end + 1 : end) { /* members, comma-separated */
+        end = strchrnul(m, ',');
+        if (!want || (size_t)(end - m) != want || memcmp(m, u->name, want) != 0) continue;
+        bool dup = false;
+        for (int i = 0; i < u->ngroups; i++) dup |= u->groups[i] == gid;
+        if (!dup && u->ngroups < MAX_GROUPS) u->groups[u->ngroups++] = gid;
+    }
+    return false;
 }
 
 /* With group_name: find its gid. Otherwise: add every group that lists u->name as member. */
 static bool group_scan(const char *group_name, gid_t *gid_out, struct user *u)
 {
-    FILE *f = fopen("/etc/group", "re");
-    if (!f) return false;
-    char *line = NULL, *fld[4];
-    size_t cap = 0;
-    bool found = false;
-    while (!found && getline(&line, &cap, f) > 0) {
-        uint32_t gid;
-        if (split_fields(line, fld, 4) < 4 || !parse_id(fld[2], &gid)) continue;
-        if (group_name) {
-            if (strcmp(fld[0], group_name) == 0) {
-                *gid_out = gid;
-                found = true;
-            }
-            continue;
-        }
-        for (char *m = strtok(fld[3], ","); m; m = strtok(NULL, ",")) {
-            if (strcmp(m, u->name) != 0) continue;
-            bool dup = false;
-            for (int i = 0; i < u->ngroups; i++) dup |= u->groups[i] == gid;
-            if (!dup && u->ngroups < MAX_GROUPS) u->groups[u->ngroups++] = gid;
-        }
-    }
-    free(line);
-    fclose(f);
-    return found;
+    struct group_query q = {group_name, gid_out, u};
+    return scan_lines("/etc/group", group_line, &q);
 }
 
 /* USER is `uid`, `uid:gid`, `name` or `name:group` (absent: root). A numeric uid missing from
@@ -494,9 +553,12 @@ static __attribute__((noreturn)) void exec_command(char **argv, char **envp)
             const char *end = strchrnul(dir, ':');
             char file[4096];
             int len = (int)(end - dir);
-            /* An empty PATH entry means the working directory, as in execvp. */
+            /* An empty PATH entry means the working directory, as in execvp. A failed execve
+             * costs the kernel a new address space and copies of argv and envp: entries
+             * where name does not exist are told apart with access first. */
             if (snprintf(file, sizeof file, "%.*s%s%s", len, dir, len ? "/" : "", name) <
-                (int)sizeof file) {
+                    (int)sizeof file &&
+                (access(file, F_OK) == 0 || (errno != ENOENT && errno != ENOTDIR))) {
                 execve(file, argv, envp);
                 if (errno == EACCES) denied = true;
                 else if (errno != ENOENT && errno != ENOTDIR) {
@@ -516,11 +578,11 @@ static __attribute__((noreturn)) void exec_command(char **argv, char **envp)
 
 static __attribute__((noreturn)) void run_command(struct exec_req *r)
 {
-    /* execve keeps ignored signals ignored (the agent ignores SIGPIPE) and the signal mask
-     * (blocked while forking, so that a SIGNAL sent before this point waits instead of being
-     * lost): give the command the usual clean slate. A pending signal hits it right here. */
-    for (int s = 1; s < 65; s++)
-        if (s != SIGKILL && s != SIGSTOP) signal(s, SIG_DFL);
+    /* execve keeps ignored signals ignored and the signal mask (blocked while starting, so
+     * that a SIGNAL sent before this point waits instead of being lost): give the command the
+     * usual clean slate. Handlers do not survive execve, and the agent has none: only the
+     * signals it ignores need resetting. A pending signal hits the command right here. */
+    for (size_t i = 0; i < N_IGNORED_SIGNALS; i++) signal(g_ignored_signals[i], SIG_DFL);
     sigset_t none;
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
@@ -550,11 +612,14 @@ static __attribute__((noreturn)) void run_command(struct exec_req *r)
     }
     if (setgroups((size_t)u.ngroups, u.groups) || setgid(u.gid) || setuid(u.uid))
         die(126, "matchlock: switch to user %s: %s", r->user ? r->user : "0", strerror(errno));
+    /* Changing uid resets dumpable to fs.suid_dumpable, for the memory we share with the
+     * agent until execve: keep it out of reach (see main). */
+    prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
 
     const char *cwd = r->cwd ? r->cwd : "/";
     if (chdir("/") || chdir(cwd)) die(126, "matchlock: cwd %s: %s", cwd, strerror(errno));
 
-    static char home[1100];
+    char home[1100];
     if (!env_get(r->envp, "HOME")) {
         snprintf(home, sizeof home, "HOME=%s", u.named && *u.home ? u.home : "/");
         r->envp[r->envc] = home;
@@ -563,15 +628,22 @@ static __attribute__((noreturn)) void run_command(struct exec_req *r)
     exec_command(r->argv, r->envp);
 }
 
-/* The command's process, forked by the agent into the sandbox's PID namespace: fd 3 is the
- * sandbox's mount namespace, which it joins (a privileged exec then takes a private copy). */
-static __attribute__((noreturn)) void exec_child(struct exec_req *r, const int stdio[3],
-                                                 int mntns)
+struct spawn {
+    struct exec_req *r;
+    const int *stdio; /* the command's fds 0-2 */
+    int mntns;        /* the sandbox's mount namespace */
+    int released;     /* open (close-on-exec) until the command no longer uses our memory */
+};
+
+/* The command's process (spawn_into_sandbox): joins the sandbox's mounts (a privileged exec
+ * then takes a private copy of them) and becomes the command. */
+static int exec_child(void *arg)
 {
-    if (arrange_fds(stdio, mntns) < 0) _exit(126);
-    if (setns(3, CLONE_NEWNS))
-        die(126, "matchlock: join the sandbox's mounts: %s", strerror(errno));
-    close(3);
+    struct spawn *s = arg;
+    struct exec_req *r = s->r;
+    int ns_err = setns(s->mntns, CLONE_NEWNS) ? errno : 0;
+    if (arrange_fds(s->stdio, s->released) < 0) _exit(126);
+    if (ns_err) die(126, "matchlock: join the sandbox's mounts: %s", strerror(ns_err));
     if (r->flags & EXEC_FLAG_PRIVILEGED) {
         if (unshare(CLONE_NEWNS))
             die(126, "matchlock: private mounts for a privileged exec: %s", strerror(errno));
@@ -858,19 +930,84 @@ void sandbox_drop(void)
     sandbox_forget();
 }
 
-/* fork() into the sandbox's PID namespace: setns changes where the agent's next children go,
- * so it points back at the agent's own namespace right after. */
-static long fork_into_sandbox(void)
+/* A command's process runs on the agent's memory until its execve (spawn_into_sandbox): on
+ * this stack, and for at most this long. */
+#define CHILD_STACK (256u << 10)
+#define GUARD 4096u
+#define SPAWN_TIMEOUT_MS 10000
+static char *g_child_stack; /* its top; NULL until the first exec */
+
+/* Wait until fd (the read end of a pipe whose only writer is the starting command) reports
+ * the hang-up: the command's execve replaced its memory, or it ended. */
+static bool wait_released(int fd, int timeout_ms)
 {
-    if (setns(g_pidns, CLONE_NEWPID)) return -1;
-    long pid = syscall(SYS_clone, SIGCHLD, NULL, NULL, NULL, NULL);
-    if (pid == 0) return 0;
+    uint64_t end = now_ms() + (uint64_t)timeout_ms;
+    for (;;) {
+        uint64_t now = now_ms();
+        struct pollfd p = {.fd = fd, .events = POLLIN};
+        int n = poll(&p, 1, now >= end ? 0 : (int)(end - now));
+        if (n == 0) return false;
+        if (n > 0 && (p.revents & (POLLHUP | POLLERR))) return true;
+        if (n > 0) { /* nothing writes to it; read whatever it is and go on waiting */
+            char c[64];
+            if (read(fd, c, sizeof c) == 0) return true;
+        }
+    }
+}
+
+/* Start a command in the sandbox's PID namespace (setns changes where the agent's next
+ * children go, so it points back at the agent's own namespace right after).
+ *
+ * The child shares the agent's memory (CLONE_VM) and runs on a stack of its own until its
+ * execve: under emulation, copying the agent's page tables for a fork, the copy-on-write
+ * faults on both sides, and tearing the copy down again at execve cost more than everything
+ * else an exec does. The agent waits meanwhile (its memory must not change under the child),
+ * like vfork, but only for SPAWN_TIMEOUT_MS: a command stopped before its execve (SIGSTOP
+ * from inside the sandbox) is killed then rather than stopping the agent. Returns the pid, or
+ * -1 with errno set. */
+static long spawn_into_sandbox(struct spawn *s)
+{
+    if (!g_child_stack) {
+        /* One stack for every command, kept: its pages are faulted in once. A guard page
+         * below it turns an overflow into a fault instead of a write into the agent. */
+        char *m = mmap(NULL, CHILD_STACK + GUARD, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+        if (m == MAP_FAILED) return -1;
+        if (mprotect(m, GUARD, PROT_NONE)) {
+            int err = errno;
+            munmap(m, CHILD_STACK + GUARD);
+            errno = err;
+            return -1;
+        }
+        g_child_stack = m + GUARD + CHILD_STACK;
+    }
+    int rel[2];
+    if (pipe2(rel, O_CLOEXEC)) return -1;
+    s->released = rel[1];
+    if (setns(g_pidns, CLONE_NEWPID)) {
+        int err = errno;
+        close(rel[0]);
+        close(rel[1]);
+        errno = err;
+        return -1;
+    }
+    long pid = clone(exec_child, g_child_stack, CLONE_VM | SIGCHLD, s);
     int err = errno;
+    close(rel[1]);
     if (setns(g_own_pidns, CLONE_NEWPID)) {
         /* Cannot happen (our own namespace is always a valid target); if it did, later
          * children would land in the sandbox: say so loudly. */
         agent_log("cannot return to the agent's PID namespace: %s", strerror(errno));
     }
+    if (pid > 0 && !wait_released(rel[0], SPAWN_TIMEOUT_MS)) {
+        agent_log("process %ld did not start within %d s; killing it", pid,
+                  SPAWN_TIMEOUT_MS / 1000);
+        kill((pid_t)pid, SIGKILL);
+        /* Dead, it no longer runs code of ours; one still inside a system call may yet
+         * write to its stack, which is then left to it. */
+        if (!wait_released(rel[0], 1000)) g_child_stack = NULL;
+    }
+    close(rel[0]);
     errno = err;
     return pid;
 }
@@ -913,8 +1050,8 @@ void exec_start(uint32_t chan, const uint8_t *p, size_t n)
     sigset_t all, old;
     sigfillset(&all);
     sigprocmask(SIG_BLOCK, &all, &old);
-    long pid = fork_into_sandbox();
-    if (pid == 0) exec_child(&r, child, g_mntns);
+    struct spawn s = {.r = &r, .stdio = child, .mntns = g_mntns};
+    long pid = spawn_into_sandbox(&s);
     int clone_err = errno;
     sigprocmask(SIG_SETMASK, &old, NULL);
     if (pid < 0) {
