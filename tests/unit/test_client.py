@@ -54,6 +54,25 @@ def test_exec_round_trip(pair: tuple[AgentConnection, socket.socket]) -> None:
     )
     events = list(ex.events())
     assert events == [Output("stdout", b"a"), Output("stderr", b"b"), p.ExitStatus(3, 0)]
+    assert ex.pid == 9
+
+
+def test_started_needs_no_consumer(pair: tuple[AgentConnection, socket.socket]) -> None:
+    # STARTED only records the pid (its consumer is not woken for it); a second one is still
+    # a protocol error.
+    conn, guest = pair
+    guest.sendall(hello())
+    conn.wait_hello(5)
+    ex = conn.exec(p.ExecRequest(argv=["x"]))
+    guest.sendall(gframe(T.STARTED, ex.channel, struct.pack(">I", 7)))
+    deadline = time.monotonic() + 5
+    while ex.pid is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert ex.pid == 7
+    guest.sendall(gframe(T.STARTED, ex.channel, struct.pack(">I", 8)))
+    with pytest.raises(AgentGone, match="second STARTED"):
+        list(ex.events())
 
 
 @pytest.mark.parametrize(

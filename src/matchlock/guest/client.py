@@ -51,8 +51,10 @@ ExecEvent = Output | p.ExitStatus
 
 
 class _Channel:
-    def __init__(self, cid: int, lock: threading.Lock, stall: float | None) -> None:
+    def __init__(self, cid: int, kind: Kind, lock: threading.Lock, stall: float | None) -> None:
         self.id = cid
+        self.kind = kind
+        self.pid: int | None = None  # an exec's, from STARTED
         self.cond = threading.Condition(lock)  # the connection's lock
         self.events: collections.deque[p.ChannelEvent] = collections.deque()
         self.size = 0
@@ -157,6 +159,9 @@ class AgentConnection:
             if event is None:
                 ch.cond.notify_all()  # stdin credit
                 return
+            if isinstance(event, p.Started) and ch.kind == Kind.EXEC:
+                ch.pid = event.pid  # nobody waits for it: no wake-up for the consumer
+                return
             if not closed and ch.size >= CHANNEL_BUFFER:
                 self._wait_room(ch)
             if not ch.abandoned:
@@ -218,7 +223,7 @@ class AgentConnection:
             if self.error is not None:
                 raise AgentGone(self.error)
             cid = self._table.open(kind)
-            ch = _Channel(cid, self._lock, stall)
+            ch = _Channel(cid, kind, self._lock, stall)
             self._channels[cid] = ch
             return ch
 
@@ -407,7 +412,11 @@ class Exec:
         self._ch = ch
         self.channel = ch.id
         self.status: p.ExitStatus | None = None
-        self.pid: int | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The process's pid in the guest, once it started."""
+        return self._ch.pid
 
     def events(self, timeout: float | None = None) -> Iterator[ExecEvent]:
         """Output in the order the guest produced it, then the exit status. Raises
@@ -416,9 +425,6 @@ class Exec:
         try:
             while self.status is None:
                 ev = self._conn._next(self._ch, timeout)
-                if isinstance(ev, p.Started):
-                    self.pid = ev.pid
-                    continue
                 if isinstance(ev, p.ExitStatus):
                     self.status = ev
                 assert isinstance(ev, (Output, p.ExitStatus))
