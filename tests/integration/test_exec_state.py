@@ -177,3 +177,68 @@ def test_an_exec_whose_output_nobody_reads_stalls_only_itself(box: Guest) -> Non
         elif isinstance(ev, ExitStatus):
             codes.append(ev.code)
     assert (got, codes) == (size, [0])
+
+
+def _as(box: Guest, user: str, script: str, cwd: str = "/") -> tuple[int, str, str]:
+    ex = box.sandbox.exec(ExecRequest(argv=["sh", "-c", script], env=box.env, cwd=cwd,
+                                      user=user))
+    out, err, code = bytearray(), bytearray(), -1
+    for ev in ex.events(timeout=60):
+        if isinstance(ev, Output):
+            (out if ev.stream == "stdout" else err).extend(ev.data)
+        elif isinstance(ev, ExitStatus):
+            code = ev.code
+    return code, out.decode(), err.decode()
+
+
+@pytest.fixture
+def etc_restored(box: Guest) -> Iterator[None]:
+    assert box.sh("cp -p /etc/passwd /tmp/passwd.orig && cp -p /etc/group /tmp/group.orig")[0] == 0
+    yield
+    # As uid 0: a name may not resolve any more.
+    code, _, err = _as(box, "0", "rm -f /etc/passwd /etc/group && "
+                       "cp -p /tmp/passwd.orig /etc/passwd && cp -p /tmp/group.orig /etc/group")
+    assert code == 0, err
+
+
+def test_users_are_looked_up_in_the_files_as_they_are_now(box: Guest, etc_restored: None) -> None:
+    # A last line without its newline counts; a group line longer than the agent reads
+    # (64 KiB) is skipped, and the lines after it are read as usual.
+    long_members = ",".join(f"m{i}" for i in range(12000)) + ",alice"
+    script = ("printf '\\nalice:x:2345:2345::/home/alice:/bin/sh' >> /etc/passwd && "
+              "printf 'devs:x:777:bob,alice\\nstaff:x:778:alice\\n' >> /etc/group && "
+              f"printf 'huge:x:780:{long_members}\\nlate:x:779:carol,alice' >> /etc/group")
+    assert box.sh(script)[0] == 0
+    assert _as(box, "alice", 'echo "$(id -u) $(id -g) $(id -G) $HOME"') == (
+        0, "2345 2345 2345 777 778 779 /home/alice\n", "")
+    # Changed between two execs: the next exec sees the change.
+    assert box.sh("sed -i 's/^alice:x:2345:/alice:x:2346:/' /etc/passwd && "
+                  "sed -i 's/^staff:x:778:alice$/staff:x:778:/' /etc/group")[0] == 0
+    assert _as(box, "alice", 'echo "$(id -u) $(id -G)"') == (0, "2346 2345 777 779\n", "")
+    assert _as(box, "alice:devs", "id -g") == (0, "777\n", "")
+
+
+def test_a_fifo_for_etc_passwd_does_not_hold_up_execs(box: Guest, etc_restored: None) -> None:
+    assert box.sh("rm /etc/passwd && mkfifo /etc/passwd")[0] == 0
+    t0 = time.monotonic()
+    assert _as(box, "alice", "true") == (
+        126, "", 'matchlock: user "alice": not found in /etc/passwd\n')
+    # (Commands that read /etc/passwd themselves would block on it: none here.)
+    assert _as(box, "0", 'echo "$HOME"; grep ^Uid: /proc/self/status') == (
+        0, "/\nUid:\t0\t0\t0\t0\n", "")
+    assert time.monotonic() - t0 < 20
+
+
+def test_many_execs_at_once_each_get_their_own_user_and_directory(box: Guest) -> None:
+    # Every command starts on the agent's memory until its execve (one at a time): none may
+    # see another's user, groups or directory.
+    users, dirs = ["root", "nobody", "1000", "4242:4243"], ["/", "/tmp", "/etc"]
+    cases = [(users[i % 4], dirs[i % 3]) for i in range(32)]
+    want = {"root": "0 0", "nobody": "65534 65534", "1000": "1000 1000", "4242:4243": "4242 4243"}
+
+    def one(case: tuple[str, str]) -> tuple[int, str, str]:
+        return _as(box, case[0], 'echo "$(id -u) $(id -g) $PWD"', cwd=case[1])
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, cases))
+    assert results == [(0, f"{want[u]} {cwd}\n", "") for u, cwd in cases]
