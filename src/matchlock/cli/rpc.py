@@ -9,13 +9,25 @@ import click
 
 
 @click.command()
-def rpc() -> None:
+@click.option("--data-fds", metavar="R,W", default=None,
+              help="Inherited pipes for streamed file content (this SDK's data channel).")
+def rpc(data_fds: str | None) -> None:
     """Serve one sandbox over newline-delimited JSON-RPC 2.0 on stdin/stdout."""
+    from matchlock.rpc import datachan
     from matchlock.rpc.server import Server
+
+    fds = None
+    if data_fds is not None:
+        try:
+            fds = datachan.parse_fds(data_fds)
+        except datachan.DataChannelError as e:
+            raise click.UsageError(str(e)) from None
+        for fd in fds:  # ours alone: the VMM and the reaper must not hold them open
+            os.set_inheritable(fd, False)
 
     # Only the protocol may reach stdout: anything else printed (progress, a library's
     # warning) goes to stderr, and the protocol writes to a private copy of the descriptor.
     out = os.dup(1)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    sys.exit(Server(0, out).serve())
+    sys.exit(Server(0, out, fds).serve())

@@ -26,7 +26,7 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 
 from matchlock.guest import protocol as p
 from matchlock.guest.protocol import Kind, Output, T
@@ -381,6 +381,61 @@ class AgentConnection:
             for ev in self._file_events(ch, timeout):
                 if isinstance(ev, p.Result) and ev.errno:
                     raise FileOpError(ev.errno, ev.message)
+
+    def read_file_chunks(self, path: str, limit: int | None = None,
+                         timeout: float = FILE_STALL) -> Generator[bytes, None, None]:
+        """The file's content as the guest sends it, a frame at a time, without a whole-file
+        buffer. `timeout`: the longest the guest may send nothing. Closing the iterator early
+        (or an error, or more than `limit` bytes) ends the guest's operation (KILL)."""
+        with self._file_op(Kind.FILE_READ) as ch:
+            self.send(T.FILE_READ, ch.id, p.encode_path(path))
+            total, ended = 0, False
+            try:
+                for ev in self._file_events(ch, timeout):
+                    if isinstance(ev, p.FileData):
+                        total += len(ev.data)
+                        if limit is not None and total > limit:
+                            raise FileOpError(27, f"{path}: larger than {limit} bytes")  # EFBIG
+                        yield ev.data
+                    elif isinstance(ev, p.Result):
+                        ended = True
+                        if ev.errno:
+                            raise FileOpError(ev.errno, ev.message)
+            finally:
+                if not ended:
+                    self._kill_file_op(ch)
+
+    def write_file_chunks(self, path: str, chunks: Iterable[bytes], mode: int = 0o644,
+                          timeout: float = FILE_STALL) -> int:
+        """Stream `chunks` into a new file at `path` (renamed over it only once all arrived);
+        returns the size. If `chunks` raises, the guest drops what it wrote (KILL) and the
+        exception propagates: a partial file is never committed."""
+        with self._file_op(Kind.FILE_WRITE) as ch:
+            self.send(T.FILE_WRITE, ch.id, p.encode_path(path, mode))
+            total, sent_end = 0, False
+            try:
+                for chunk in chunks:
+                    if ch.done or ch.error is not None:
+                        break  # the guest answered early (a failure): its RESULT tells
+                    view = memoryview(chunk)
+                    for off in range(0, len(view), p.MAX_DATA):
+                        self.send(T.FILE_DATA_IN, ch.id, bytes(view[off : off + p.MAX_DATA]))
+                    total += len(view)
+                self.send(T.FILE_DATA_IN, ch.id, b"")
+                sent_end = True
+                for ev in self._file_events(ch, timeout):
+                    if isinstance(ev, p.Result) and ev.errno:
+                        raise FileOpError(ev.errno, ev.message)
+            finally:
+                if not sent_end:
+                    self._kill_file_op(ch)
+            return total
+
+    def _kill_file_op(self, ch: _Channel) -> None:
+        """End a file operation the host gave up on, so the guest closes its side too."""
+        if not (ch.done or ch.abandoned or ch.error):
+            with contextlib.suppress(AgentGone):
+                self.send(T.KILL, ch.id)
 
     def list_files(self, path: str, timeout: float = 60.0) -> list[p.DirEntry]:
         with self._file_op(Kind.FILE_LIST) as ch:

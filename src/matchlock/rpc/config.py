@@ -425,6 +425,30 @@ def parse_path(params: Any) -> str:
     return path
 
 
+def parse_limit(params: Any) -> int | None:
+    """read_file_stream's optional `limit` (bytes, ≥ 0)."""
+    p = _obj(params, "params")
+    if p.get("limit") is None:
+        return None
+    return _int(p, "limit", "", 0, 1 << 62)
+
+
+def parse_via(params: Any) -> bool:
+    """The streamed file methods' `via`: "fd" = content on the data channel; absent or
+    "json" = base64 in JSON lines."""
+    v = _obj(params, "params").get("via")
+    if v in (None, "", "json"):
+        return False
+    if v == "fd":
+        return True
+    raise _bad('invalid params: via must be "fd" or "json"')
+
+
+def parse_mode(params: Any) -> int:
+    """A file's permission bits; absent or 0 → 0644 (as write_file)."""
+    return _int(_obj(params, "params"), "mode", "", 0, 0o7777) or 0o644
+
+
 @dataclass(frozen=True)
 class WriteSpec:
     path: str

@@ -1,18 +1,19 @@
 """One request in flight (`Ctx`: answered once, cancellable), and the stdin queue of an
-exec_pipe/exec_tty (`StdinFeed`)."""
+exec_pipe/exec_tty (`StdinFeed`), the content queue of a write_file_stream (`FileFeed`)."""
 
 from __future__ import annotations
 
 import contextlib
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from matchlock.guest.client import AgentGone, Exec
 from matchlock.rpc import protocol as proto
 
 STDIN_QUEUE_LIMIT = 16 << 20  # queued stdin per exec before the read loop waits
+FILE_QUEUE_LIMIT = 8 << 20  # queued content per write_file_stream before the read loop waits
 
 
 class Ctx:
@@ -104,3 +105,56 @@ class StdinFeed:
                 self.ex.write_stdin(item)
         except (AgentGone, OSError):
             pass
+
+
+class FileFeed:
+    """The content of one write_file_stream: chunks queued by the read loop (in order, at most
+    FILE_QUEUE_LIMIT bytes before the loop waits), taken by the request's thread, which sends
+    them to the guest. `end()` (cancel, failure) drops what is queued and makes the taker
+    raise, so the guest discards the partial file."""
+
+    def __init__(self) -> None:
+        self._items: deque[bytes | None] = deque()
+        self._pending = 0
+        self._cond = threading.Condition()
+        self._ended = False
+        self.failure = ""  # why the content was refused (bad base64, a broken data channel)
+        self.via_fd = False  # the content comes over the data channel, not JSON lines
+
+    def put(self, data: bytes | None) -> None:
+        """A chunk, or None for the end of the content."""
+        with self._cond:
+            while self._pending > FILE_QUEUE_LIMIT and not self._ended:
+                self._cond.wait(0.5)
+            if self._ended:
+                return
+            self._items.append(data)
+            self._pending += len(data or b"")
+            self._cond.notify_all()
+
+    def end(self, failure: str = "") -> None:
+        with self._cond:
+            if not self._ended and failure:
+                self.failure = failure
+            self._ended = True
+            self._items.clear()
+            self._pending = 0
+            self._cond.notify_all()
+
+    def chunks(self, cancelled: threading.Event) -> Iterator[bytes]:
+        while True:
+            with self._cond:
+                while not self._items and not self._ended:
+                    self._cond.wait(0.5)
+                if self._ended or cancelled.is_set():
+                    raise FeedEnded
+                item = self._items.popleft()
+                self._pending -= len(item or b"")
+                self._cond.notify_all()
+            if item is None:
+                return
+            yield item
+
+
+class FeedEnded(Exception):
+    """A write_file_stream ended before its content did (cancelled, or the session ends)."""

@@ -16,7 +16,7 @@ from matchlock.errors import MatchlockError
 from matchlock.guest.client import AgentGone, Exec, FileOpError, Output
 from matchlock.rpc import config as cfg
 from matchlock.rpc import protocol as proto
-from matchlock.rpc.context import Ctx, StdinFeed
+from matchlock.rpc.context import Ctx, FeedEnded, StdinFeed
 from matchlock.rpc.protocol import RpcError
 from matchlock.rpc.session import Session, file_info
 
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from matchlock.rpc.server import Server
 
 READ_FILE_LIMIT = 16 << 20
+STREAM_CHUNK = 512 << 10  # raw bytes per read_file_stream.data notification (at most)
 MAX_BUFFERED_OUTPUT = 64 << 20  # `exec` answers with all output at once: bounded
 MAX_LOG = 16 << 20  # `log` answers with the last 16 MiB
 LOG_POLL_S = 0.1
@@ -137,6 +138,100 @@ def _read_file(server: Server, ctx: Ctx) -> None:
     _done(ctx, {"content": base64.b64encode(data).decode()})
 
 
+# --- streamed files (extensions: this project's SDK; no size limit, no whole-file buffer) ---
+
+
+_NO_DATA_CHANNEL = 'via "fd" needs the data channel (matchlock rpc --data-fds R,W)'
+
+
+def _read_file_stream(server: Server, ctx: Ctx) -> None:
+    """`{path, limit?}` → `read_file_stream.data {id, data}` notifications (chunks of at most
+    STREAM_CHUNK bytes, in order), then `{size}`. `limit`: fail (-32002) rather than send
+    more than that many bytes (a guest file that grows, or a guest that lies)."""
+    assert ctx.id is not None
+    rid = ctx.id
+    path = cfg.parse_path(ctx.params)
+    limit = cfg.parse_limit(ctx.params)
+    via_fd = cfg.parse_via(ctx.params)
+    if via_fd and server.data_broken:
+        raise RpcError(proto.INVALID_PARAMS, _NO_DATA_CHANNEL)
+    sess = server.need_session()
+    total = 0
+    buf = bytearray()
+
+    def flush() -> None:
+        if via_fd:
+            server.data_write(rid, bytes(buf))
+        else:
+            server.notify("read_file_stream.data",
+                          {"id": ctx.id, "data": base64.b64encode(buf).decode()})
+        buf.clear()
+
+    def op() -> None:
+        nonlocal total
+        chunks = sess.sandbox.conn.read_file_chunks(path, limit)
+        try:
+            for chunk in chunks:
+                if ctx.cancelled.is_set() or server.broken:
+                    raise RpcError(proto.CANCELLED, proto.CANCELLED_MESSAGE)
+                total += len(chunk)
+                if via_fd:  # raw frames: no need to gather chunks
+                    server.data_write(rid, chunk)
+                    continue
+                buf.extend(chunk)
+                if len(buf) >= STREAM_CHUNK:
+                    flush()
+        finally:
+            chunks.close()  # a consumer that stops early ends the guest's read (KILL)
+
+    try:
+        _file_call(ctx, sess, op)
+    except RpcError as e:
+        if limit is not None and "larger than" in e.message:
+            raise RpcError(proto.FILE_FAILED,
+                           f"read_file_stream exceeds {limit} bytes: {path}") from None
+        raise
+    if buf:
+        flush()
+    if via_fd and not ctx.cancelled.is_set():
+        server.data_write(ctx.id, b"")  # the SDK has all the content before the result
+    _done(ctx, {"size": total})
+
+
+def _write_file_stream(server: Server, ctx: Ctx) -> None:
+    """`{path, mode?}`; the content follows as `write_file_stream.data {id, data}` and
+    `write_file_stream.end {id}` (queued by the read loop into the feed registered for this
+    request before it started); → `{size}` once the guest renamed the file into place."""
+    assert ctx.id is not None
+    feed = server.file_feeds[ctx.id]
+    try:
+        path = cfg.parse_path(ctx.params)
+        mode = cfg.parse_mode(ctx.params)
+        feed.via_fd = cfg.parse_via(ctx.params)
+        if feed.via_fd and server.data_broken:
+            raise RpcError(proto.INVALID_PARAMS, _NO_DATA_CHANNEL)
+        sess = server.need_session()
+        ctx.on_cancel(feed.end)
+        if feed.via_fd:  # the content is on another pipe: it may come once we listen
+            server.notify("write_file_stream.ready", {"id": ctx.id})
+
+        def op() -> int:
+            try:
+                return sess.sandbox.conn.write_file_chunks(path, feed.chunks(ctx.cancelled),
+                                                           mode)
+            except FeedEnded:
+                if feed.failure and not ctx.cancelled.is_set():
+                    raise RpcError(proto.INVALID_PARAMS, feed.failure) from None
+                raise RpcError(proto.CANCELLED, proto.CANCELLED_MESSAGE) from None
+
+        size = _file_call(ctx, sess, op)
+    finally:
+        feed.end()
+        if server.file_feeds.get(ctx.id) is feed:
+            del server.file_feeds[ctx.id]
+    _done(ctx, {"size": size})
+
+
 def _list_files(server: Server, ctx: Ctx) -> None:
     path = cfg.parse_path(ctx.params)
     sess = server.need_session()
@@ -241,6 +336,8 @@ HANDLERS: dict[str, Callable[[Server, Ctx], None]] = {
     "write_file": _write_file,
     "read_file": _read_file,
     "list_files": _list_files,
+    "read_file_stream": _read_file_stream,
+    "write_file_stream": _write_file_stream,
 }
 
 

@@ -32,8 +32,9 @@ from typing import Any
 from matchlock.errors import MatchlockError
 from matchlock.guest.client import AgentGone
 from matchlock.rpc import config as cfg
+from matchlock.rpc import datachan
 from matchlock.rpc import protocol as proto
-from matchlock.rpc.context import Ctx, StdinFeed
+from matchlock.rpc.context import Ctx, FileFeed, StdinFeed
 from matchlock.rpc.methods import HANDLERS, network_event
 from matchlock.rpc.protocol import RpcError
 from matchlock.rpc.session import Session
@@ -44,15 +45,20 @@ EVENT_QUEUE = 100
 
 _STDIN = {"exec_pipe.stdin": False, "exec_tty.stdin": True}
 _STDIN_EOF = {"exec_pipe.stdin_eof": False, "exec_tty.stdin_eof": True}
-_NEED_ID = ("exec_pipe", "exec_tty", "log_stream")
+_NEED_ID = ("exec_pipe", "exec_tty", "log_stream", "read_file_stream", "write_file_stream")
+_FILE_DATA = ("write_file_stream.data", "write_file_stream.end")
 _EOF = object()
 _EXPIRED = object()  # resources.timeout_seconds ran out
 
 class Server:
-    def __init__(self, rfd: int, wfd: int) -> None:
+    def __init__(self, rfd: int, wfd: int, data_fds: tuple[int, int] | None = None) -> None:
         self.rfd = rfd
         self.wfd = wfd
         self._wlock = threading.Lock()
+        # The SDK's binary data channel (rpc/datachan.py), when it gave us one.
+        self.data_fds = data_fds
+        self._dlock = threading.Lock()
+        self.data_broken = data_fds is None
         self.broken = False  # stdout failed: stop
         self.session: Session | None = None
         self.closed = False
@@ -62,6 +68,7 @@ class Server:
         self._active = 0
         self._cond = threading.Condition()
         self.feeds: dict[int, StdinFeed] = {}
+        self.file_feeds: dict[int, FileFeed] = {}
         self._signal: int | None = None
         self._events: queue.Queue[dict[str, Any]] = queue.Queue(EVENT_QUEUE)
         # Lines of up to 10 MiB wait here while the loop is busy (a boot): few of them.
@@ -88,6 +95,37 @@ class Server:
     def notify(self, method: str, params: dict[str, Any]) -> None:
         self.write(proto.encode_notification(method, params))
 
+    def data_write(self, req_id: int, data: bytes) -> None:
+        """One frame of a transfer's content on the data channel (b"": its end)."""
+        assert self.data_fds is not None
+        with self._dlock:
+            if self.data_broken:
+                raise RpcError(proto.FILE_FAILED, "the data channel is closed")
+            try:
+                datachan.write_frame(self.data_fds[1], req_id, data)
+            except OSError:
+                self.data_broken = True
+                raise RpcError(proto.FILE_FAILED, "the data channel is closed") from None
+
+    def _read_data(self) -> None:
+        """Content of write_file_stream requests made with `"via": "fd"`, routed to their
+        feeds in order. A broken frame closes the channel and fails what was using it."""
+        assert self.data_fds is not None
+        why = ""
+        try:
+            while (frame := datachan.read_frame(self.data_fds[0])) is not None:
+                req_id, data = frame
+                feed = self.file_feeds.get(req_id)
+                if feed is not None:
+                    feed.put(data or None)
+        except (datachan.DataChannelError, OSError) as e:
+            why = f"data channel: {e}"
+        with self._dlock:
+            self.data_broken = True
+        for feed in list(self.file_feeds.values()):
+            if feed.via_fd:
+                feed.end(why or "the data channel was closed")
+
     # --- the loop -------------------------------------------------------------------------
 
     def serve(self) -> int:
@@ -100,6 +138,8 @@ class Server:
         threading.Thread(target=self._read, name="rpc-read", daemon=True).start()
         threading.Thread(target=self._watch, name="rpc-watch", daemon=True).start()
         threading.Thread(target=self._pump_events, name="rpc-events", daemon=True).start()
+        if self.data_fds is not None:
+            threading.Thread(target=self._read_data, name="rpc-data", daemon=True).start()
         reason = "stdin closed"
         while True:
             if self._signal is not None:
@@ -193,6 +233,8 @@ class Server:
                 ctx.error(e.code, e.message)
         elif m in _STDIN or m in _STDIN_EOF:
             self._stdin(req)
+        elif m in _FILE_DATA:
+            self._file_data(req)
         elif m == "exec_tty.resize":
             self._resize(req)
         elif m in HANDLERS:
@@ -207,6 +249,10 @@ class Server:
                     return
                 if req.id is not None:
                     self._inflight[req.id] = ctx
+                    if m == "write_file_stream":
+                        # Before the thread starts: the content lines that follow this
+                        # request on the read loop must find their queue.
+                        self.file_feeds[req.id] = FileFeed()
                 self._active += 1
             threading.Thread(target=self._run, args=(ctx,), name=f"rpc-{m}",
                              daemon=True).start()
@@ -267,6 +313,24 @@ class Server:
         feed = self.feeds.get(target)
         tty = _STDIN.get(req.method, _STDIN_EOF.get(req.method))
         if feed is None or feed.tty != tty:
+            return
+        if data is None or data:
+            feed.put(data)
+
+    def _file_data(self, req: proto.Request) -> None:
+        # Never answered, as stdin; an unknown id is ignored. Bad content fails the transfer
+        # (its request answers -32602): a file must never be written with a chunk missing.
+        try:
+            target = cfg.parse_target(req.params)
+        except RpcError:
+            return
+        feed = self.file_feeds.get(target)
+        if feed is None:
+            return
+        try:
+            data = cfg.parse_data(req.params) if req.method.endswith(".data") else None
+        except RpcError as e:
+            feed.end(e.message)
             return
         if data is None or data:
             feed.put(data)

@@ -113,6 +113,14 @@ class AsyncClient:
     async def read_file(self, path: str, timeout: float | None = None) -> bytes:
         return await self._run(self.sync.read_file, path, timeout)
 
+    async def write_file_from(self, path: str, source: bytes | IO[Any], mode: int = 0o644,
+                              timeout: float | None = None) -> int:
+        return await self._run(self.sync.write_file_from, path, source, mode, timeout)
+
+    async def read_file_to(self, path: str, writer: IO[Any], timeout: float | None = None,
+                           limit: int | None = None) -> int:
+        return await self._run(self.sync.read_file_to, path, writer, timeout, limit)
+
     async def list_files(self, path: str, timeout: float | None = None) -> list[FileInfo]:
         return await self._run(self.sync.list_files, path, timeout)
 

@@ -20,10 +20,12 @@ import json
 import os
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import IO, Any
 
 from matchlock.errors import MatchlockError
+from matchlock.sdk import files as F
 from matchlock.sdk import params as P
 from matchlock.sdk.builder import Sandbox
 from matchlock.sdk.hooks import HookServer
@@ -95,7 +97,13 @@ class Client:
     def start(self) -> None:
         with self._lock:
             if self._rpc is None and self._pool is None:
-                self._rpc = RPCProcess(self._argv("rpc"), self._on_event)
+                self._rpc = self._spawn()
+
+    def _spawn(self) -> RPCProcess:
+        # The data channel's pipes cannot pass through sudo (it closes inherited
+        # descriptors): streamed files then go as base64 JSON lines.
+        return RPCProcess(self._argv("rpc"), self._on_event,
+                          data_channel=not self._config.use_sudo)
 
     def _from_pool(self, opts: CreateOptions) -> bool:
         """Adopt a ready pool member of exactly this configuration, if there is one; else
@@ -106,7 +114,7 @@ class Client:
                 return False
             member = self._pool.take(self._config, opts)
             if member is None:
-                self._rpc = RPCProcess(self._argv("rpc"), self._on_event)
+                self._rpc = self._spawn()
                 return False
             member.rpc.set_on_event(self._on_event)
             self._rpc, self._vm_id = member.rpc, member.vm_id
@@ -356,13 +364,114 @@ class Client:
 
     def write_file(self, path: str, content: bytes | str, mode: int = 0o644,
                    timeout: float | None = None) -> None:
-        data = content.encode() if isinstance(content, str) else bytes(content)
-        self._proc.call("write_file", {"path": path, "content": base64.b64encode(data).decode(),
+        """Write a file (parents created, atomically, as root). Any size: above 1 MiB the
+        content is streamed in chunks (`write_file_from`)."""
+        data = content.encode() if isinstance(content, str) else content
+        if len(data) > F.SMALL_WRITE:
+            self.write_file_from(path, data, mode, timeout)
+            return
+        self._proc.call("write_file", {"path": path,
+                                       "content": base64.b64encode(data).decode(),
                                        "mode": mode}, timeout=timeout)
 
+    def write_file_from(self, path: str, source: bytes | IO[Any], mode: int = 0o644,
+                        timeout: float | None = None) -> int:
+        """Stream `source` (bytes or a file-like object, read to its end) into a file; the
+        number of bytes written. The file appears only once all of it arrived; a failure or
+        cancellation leaves the previous file (or none)."""
+        rpc = self._proc
+        deadline = None if timeout is None else time.monotonic() + timeout
+        via_fd = rpc.has_data_channel
+        params: dict[str, Any] = {"path": path, "mode": mode}
+        ready = threading.Event()
+        if via_fd:
+            params["via"] = "fd"
+        req_id, pending = rpc.begin("write_file_stream", params,
+                                    lambda method, _p: ready.set())
+        try:
+            # Over the data channel the content may only come once the server listens for
+            # it (JSON lines are ordered after the request anyway).
+            while via_fd and not ready.wait(0.05) and not pending.done.is_set():
+                if deadline is not None and time.monotonic() > deadline:
+                    break
+            for chunk in F.chunks_of(source):
+                if pending.done.is_set():
+                    break  # answered early (an error): finish() raises it
+                if deadline is not None and time.monotonic() > deadline:
+                    break  # finish() times out and cancels
+                if via_fd:
+                    rpc.send_data(req_id, chunk)
+                else:
+                    rpc.send("write_file_stream.data", F.data_params(req_id, chunk))
+            else:
+                if via_fd:
+                    rpc.send_data(req_id, b"")
+                else:
+                    rpc.send("write_file_stream.end", {"id": req_id})
+        except BaseException:  # the source failed, or Ctrl-C: the guest drops the file
+            rpc.send("cancel", {"id": req_id})
+            rpc.forget(req_id)
+            raise
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        r = rpc.finish("write_file_stream", req_id, pending, left)
+        return int(r.get("size") or 0) if isinstance(r, dict) else 0
+
     def read_file(self, path: str, timeout: float | None = None) -> bytes:
-        r = self._proc.call("read_file", {"path": path}, timeout=timeout)
-        return base64.b64decode(r["content"])
+        """A regular file's content, any size (streamed in chunks)."""
+        parts: list[bytes] = []
+        self._read_stream(path, parts.append, timeout, None)
+        return b"".join(parts)
+
+    def read_file_to(self, path: str, writer: IO[Any], timeout: float | None = None,
+                     limit: int | None = None) -> int:
+        """Stream a file into a binary writer, a chunk at a time; the number of bytes.
+        `limit`: fail (`RPCError` -32002) rather than take more than that many bytes."""
+        return self._read_stream(path, writer.write, timeout, limit)
+
+    def _read_stream(self, path: str, sink: Callable[[bytes], Any], timeout: float | None,
+                     limit: int | None) -> int:
+        failure: list[BaseException] = []
+
+        def on(method: str, params: dict[str, Any]) -> None:
+            if method == "read_file_stream.data" and not failure:
+                try:
+                    raw = params["data"]
+                    sink(raw if isinstance(raw, bytes) else F.decode_data(params))
+                except BaseException as e:  # the writer failed: stop the transfer
+                    failure.append(e)
+                    self._proc.send("cancel", {"id": req_id})
+
+        def raw_sink(data: bytes) -> None:  # content on the data channel
+            on("read_file_stream.data", {"data": data})
+
+        params: dict[str, Any] = {"path": path}
+        if limit is not None:
+            params["limit"] = limit
+        rpc = self._proc
+        via_fd = rpc.has_data_channel
+        if via_fd:
+            params["via"] = "fd"
+        deadline = None if timeout is None else time.monotonic() + timeout
+        req_id, pending = rpc.begin("read_file_stream", params, on,
+                                    raw_sink if via_fd else None)
+        try:
+            r = rpc.finish("read_file_stream", req_id, pending, timeout, keep=via_fd)
+            if via_fd:
+                # The server ended the content before it answered; it may still be in the
+                # pipe behind us.
+                left = None if deadline is None else max(0.1, deadline - time.monotonic())
+                if not pending.data_end.wait(left):
+                    raise TimeoutError(f"request read_file_stream (id={req_id}) timed out "
+                                       f"after {timeout}s")
+        except BaseException:
+            if failure:
+                raise failure[0] from None
+            raise
+        finally:
+            rpc.forget(req_id)
+        if failure:
+            raise failure[0]
+        return int(r.get("size") or 0) if isinstance(r, dict) else 0
 
     def list_files(self, path: str, timeout: float | None = None) -> list[FileInfo]:
         return P.file_infos(self._proc.call("list_files", {"path": path}, timeout=timeout))

@@ -206,7 +206,8 @@ class Pool:
                 if self._closed:
                     return
                 try:
-                    rpc: RPCProcess | None = RPCProcess(self._argv())
+                    rpc: RPCProcess | None = RPCProcess(
+                        self._argv(), data_channel=not self.config.use_sudo)
                 except OSError as e:  # no such binary
                     rpc, error = None, MatchlockError(f"cannot start matchlock rpc: {e}")
                 self._making = rpc

@@ -7,12 +7,14 @@ import contextlib
 import contextvars
 import itertools
 import json
+import os
 import subprocess
 import threading
 from collections.abc import Callable
 from typing import IO, Any
 
 from matchlock.errors import MatchlockError
+from matchlock.rpc import datachan
 from matchlock.sdk.types import RPCError
 
 Notification = Callable[[str, dict[str, Any]], None]
@@ -25,22 +27,44 @@ SENT: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("matchlo
 
 
 class _Pending:
-    __slots__ = ("done", "error", "on_notification", "result")
+    __slots__ = ("data_end", "data_sink", "done", "error", "on_notification", "result")
 
-    def __init__(self, on_notification: Notification | None) -> None:
+    def __init__(self, on_notification: Notification | None,
+                 data_sink: Callable[[bytes], None] | None = None) -> None:
         self.done = threading.Event()
         self.result: Any = None
         self.error: BaseException | None = None
         self.on_notification = on_notification
+        # Content of this request on the data channel, and its end (datachan.py).
+        self.data_sink = data_sink
+        self.data_end = threading.Event()
 
 
 class RPCProcess:
     """One `matchlock rpc` child. Thread-safe: any thread may send requests."""
 
-    def __init__(self, argv: list[str], on_event: Callable[[dict[str, Any]], None] | None = None
-                 ) -> None:
-        self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      stderr=subprocess.DEVNULL)
+    def __init__(self, argv: list[str], on_event: Callable[[dict[str, Any]], None] | None = None,
+                 data_channel: bool = False) -> None:
+        # The data channel: raw file content both ways, beside the JSON lines (datachan.py).
+        self._data: tuple[int, int] | None = None  # ours: (read, write)
+        theirs: tuple[int, int] | None = None
+        if data_channel:
+            to_sdk, to_rpc = os.pipe(), os.pipe()
+            self._data = (to_sdk[0], to_rpc[1])
+            theirs = (to_rpc[0], to_sdk[1])
+            argv = [*argv, "--data-fds", f"{theirs[0]},{theirs[1]}"]
+        try:
+            self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                          stderr=subprocess.DEVNULL, pass_fds=theirs or ())
+        except BaseException:
+            for fd in self._data or ():
+                os.close(fd)
+            raise
+        finally:
+            for fd in theirs or ():
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._data_lock = threading.Lock()
         self._ids = itertools.count(1)
         self._write_lock = threading.Lock()
         self._lock = threading.Lock()
@@ -49,6 +73,46 @@ class RPCProcess:
         self._reader = threading.Thread(target=self._read_loop, name="matchlock-rpc-reader",
                                         daemon=True)
         self._reader.start()
+        if self._data is not None:
+            threading.Thread(target=self._read_data, name="matchlock-rpc-data",
+                             daemon=True).start()
+
+    @property
+    def has_data_channel(self) -> bool:
+        return self._data is not None
+
+    def _read_data(self) -> None:
+        assert self._data is not None
+        fd = self._data[0]
+        try:
+            while (frame := datachan.read_frame(fd)) is not None:
+                req_id, data = frame
+                with self._lock:
+                    p = self._pending.get(req_id)
+                if p is None or p.data_sink is None:
+                    continue  # a transfer that was given up: its content is dropped
+                if data:
+                    p.data_sink(data)
+                else:
+                    p.data_end.set()
+        except (datachan.DataChannelError, OSError):
+            pass
+        finally:
+            os.close(fd)
+
+    def send_data(self, req_id: int, data: bytes) -> None:
+        """Content of a transfer on the data channel, in frames (b"": its end)."""
+        assert self._data is not None
+        view = memoryview(data)
+        with self._data_lock:
+            try:
+                if not view:
+                    datachan.write_frame(self._data[1], req_id, b"")
+                for off in range(0, len(view), datachan.MAX_FRAME):
+                    datachan.write_frame(self._data[1], req_id,
+                                         view[off : off + datachan.MAX_FRAME])
+            except OSError:
+                raise MatchlockError("Matchlock process not running") from None
 
     @property
     def alive(self) -> bool:
@@ -110,9 +174,10 @@ class RPCProcess:
                 raise MatchlockError("Matchlock process not running") from None
 
     def begin(self, method: str, params: dict[str, Any] | None = None,
-              on_notification: Notification | None = None) -> tuple[int, _Pending]:
+              on_notification: Notification | None = None,
+              data_sink: Callable[[bytes], None] | None = None) -> tuple[int, _Pending]:
         req_id = next(self._ids)
-        p = _Pending(on_notification)
+        p = _Pending(on_notification, data_sink)
         with self._lock:
             self._pending[req_id] = p
         msg: dict[str, Any] = {"jsonrpc": "2.0", "method": method, "id": req_id}
@@ -137,7 +202,11 @@ class RPCProcess:
             if waiting:
                 self.send("cancel", {"id": req_id})
 
-    def finish(self, method: str, req_id: int, p: _Pending, timeout: float | None) -> Any:
+    def finish(self, method: str, req_id: int, p: _Pending, timeout: float | None,
+               keep: bool = False) -> Any:
+        """The answer to a request (raised if an error). `keep`: stay registered on success
+        (the caller still waits for its content on the data channel, then `forget`s it)."""
+        ok = False
         try:
             try:
                 done = p.done.wait(timeout)
@@ -149,10 +218,17 @@ class RPCProcess:
                 raise TimeoutError(f"request {method} (id={req_id}) timed out after {timeout}s")
             if p.error is not None:
                 raise p.error
+            ok = True
             return p.result
         finally:
-            with self._lock:
-                self._pending.pop(req_id, None)
+            if not (ok and keep):
+                with self._lock:
+                    self._pending.pop(req_id, None)
+
+    def forget(self, req_id: int) -> None:
+        """Stop waiting for a request's answer (it was cancelled; its answer is dropped)."""
+        with self._lock:
+            self._pending.pop(req_id, None)
 
     def call(self, method: str, params: dict[str, Any] | None = None,
              on_notification: Notification | None = None, timeout: float | None = None) -> Any:
@@ -184,3 +260,6 @@ class RPCProcess:
             self._proc.kill()
             self._proc.wait()
         self._reader.join(1)
+        if self._data is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._data[1])

@@ -273,6 +273,7 @@ static void dispatch(uint8_t type, uint32_t chan, const uint8_t *p, size_t n)
     case F_RESIZE: exec_resize(chan, p, n); break;
     case F_KILL:
         if (port_exists(chan)) port_kill(chan);
+        else if (file_exists(chan)) file_kill(chan);
         else exec_kill(chan);
         break;
     case F_CONNECT: port_connect(chan, p, n); break;

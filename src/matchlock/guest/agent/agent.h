@@ -195,6 +195,8 @@ void file_data(uint32_t chan, const uint8_t *p, size_t n);
 void file_read_begin(uint32_t chan, const uint8_t *p, size_t n);
 void file_list_begin(uint32_t chan, const uint8_t *p, size_t n);
 bool file_exists(uint32_t chan);
+/* KILL on a file channel: abandon the operation (a write leaves no file), RESULT ECANCELED. */
+void file_kill(uint32_t chan);
 /* Produce FILE_DATA/DIRENT frames while there is room; true if work remains that can proceed
  * without waiting for any fd (so the poll loop must not sleep). */
 bool file_pump(void);

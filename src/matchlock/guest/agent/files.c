@@ -193,6 +193,17 @@ void file_data(uint32_t chan, const uint8_t *p, size_t n)
     }
 }
 
+void file_kill(uint32_t chan)
+{
+    struct fileop *op = op_find(chan);
+    if (!op) return;
+    /* A write's temporary file goes (op_free unlinks it once err is set); later FILE_DATA for
+     * this channel finds no operation and is ignored. */
+    op_fail(op, ECANCELED, "cancelled:");
+    send_result(chan, ECANCELED, "%s", op->msg);
+    op_free(op);
+}
+
 /* ---- FILE_READ / FILE_LIST ---------------------------------------------------------------- */
 
 void file_read_begin(uint32_t chan, const uint8_t *p, size_t n)
