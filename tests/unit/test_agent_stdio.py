@@ -1070,6 +1070,40 @@ def test_file_write_replaces_and_default_mode(agent: Agent, tmp_path: Path) -> N
     assert (tmp_path / "empty").read_bytes() == b""
 
 
+def test_kill_ends_a_file_operation(agent: Agent, tmp_path: Path) -> None:
+    """KILL on a write mid-way: RESULT ECANCELED, the temporary file is gone, the old file
+    stays, and FILE_DATA that still comes for the channel is ignored. On a read: RESULT
+    ECANCELED, no more data."""
+    target = tmp_path / "f"
+    target.write_bytes(b"old")
+    chan = agent.new_channel()
+    agent.send(T.FILE_WRITE, chan, encode_path(str(target)))
+    agent.send(T.FILE_DATA_IN, chan, b"x" * MAX_DATA)
+    agent.send(T.KILL, chan)
+    err, msg = agent.result(chan)
+    assert err == errno.ECANCELED and str(target) in msg
+    agent.send(T.FILE_DATA_IN, chan, b"late")
+    agent.send(T.FILE_DATA_IN, chan, b"")
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+    big = tmp_path / "big"
+    big.write_bytes(os.urandom(8 << 20))
+    chan = agent.new_channel()
+    agent.send(T.FILE_READ, chan, encode_path(str(big)))
+    first = agent.on(chan)
+    assert first.type == T.FILE_DATA
+    agent.send(T.KILL, chan)
+    got = len(first.payload)
+    while (f := agent.on(chan)).type == T.FILE_DATA:
+        got += len(f.payload)
+    assert f.type == T.RESULT and parse_result(f.payload).errno == errno.ECANCELED
+    assert got < 8 << 20
+    # The agent goes on: another operation works.
+    assert _write_file(agent, str(target), b"new") == (0, "")
+    assert target.read_bytes() == b"new"
+
+
 def test_file_errors(agent: Agent, tmp_path: Path) -> None:
     _, err, msg = _read_file(agent, str(tmp_path))
     assert err == errno.EISDIR and str(tmp_path) in msg

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -276,3 +278,126 @@ def test_channel_table_rules() -> None:
     t.receive(p.Frame(T.STARTED, e, struct.pack(">I", 1)))
     with pytest.raises(p.ProtocolError, match="second STARTED"):
         t.receive(p.Frame(T.STARTED, e, struct.pack(">I", 1)))
+
+
+# --- streamed file operations against a hostile guest ---------------------------------------
+
+
+def _ready(pair: tuple[AgentConnection, socket.socket]) -> tuple[AgentConnection, socket.socket]:
+    conn, guest = pair
+    guest.sendall(hello())
+    conn.wait_hello(5)
+    return conn, guest
+
+
+def test_streamed_read_of_a_guest_that_stops_mid_file(
+    pair: tuple[AgentConnection, socket.socket],
+) -> None:
+    """The guest sends part of a file and then nothing: the read ends with ChannelStalled
+    after its timeout, the host sends KILL for that channel, and an exec on another channel
+    is answered normally (the connection is fine)."""
+    from matchlock.guest.client import ChannelStalled
+
+    conn, guest = _ready(pair)
+
+    def guest_side() -> None:
+        f = read_frame(guest)
+        assert f.type == T.FILE_READ
+        guest.sendall(gframe(T.FILE_DATA, f.channel, b"b" * 1000))
+
+    t = threading.Thread(target=guest_side, daemon=True)
+    t.start()
+    got = []
+    with pytest.raises(ChannelStalled):
+        for c in conn.read_file_chunks("/f", timeout=0.5):
+            got.append(c)
+    t.join(5)
+    assert got == [b"b" * 1000]
+    kill = read_frame(guest)
+    assert kill.type == T.KILL and kill.payload == b""
+    ex = conn.exec(p.ExecRequest(argv=["x"]))
+    assert read_frame(guest).type == T.EXEC
+    guest.sendall(gframe(T.RESULT, kill.channel, struct.pack(">i", 125))  # the late answer
+                  + gframe(T.EXIT, ex.channel, struct.pack(">iI", 0, 0)))
+    assert list(ex.events()) == [p.ExitStatus(0, 0)]
+    assert conn.error is None
+
+
+def test_streamed_read_stops_at_the_limit_and_on_early_close(
+    pair: tuple[AgentConnection, socket.socket],
+) -> None:
+    from matchlock.guest.client import FileOpError
+
+    conn, guest = _ready(pair)
+
+    def guest_sends(n: int) -> int:
+        f = read_frame(guest)
+        assert f.type == T.FILE_READ
+        for _ in range(n):
+            guest.sendall(gframe(T.FILE_DATA, f.channel, b"x" * 65536))
+        return f.channel
+
+    # More than the caller's limit (a file that grows, or a guest that lies): EFBIG, KILL.
+    t = threading.Thread(target=guest_sends, args=(4,), daemon=True)
+    t.start()
+    with pytest.raises(FileOpError, match="larger than 100000"):
+        for _ in conn.read_file_chunks("/f", limit=100_000, timeout=5):
+            pass
+    t.join(5)
+    assert read_frame(guest).type == T.KILL
+    # The consumer stops after the first chunk (closes the iterator): KILL too.
+    it = conn.read_file_chunks("/g", timeout=5)
+    t = threading.Thread(target=guest_sends, args=(2,), daemon=True)
+    t.start()
+    assert next(it) == b"x" * 65536
+    it.close()
+    t.join(5)
+    assert read_frame(guest).type == T.KILL
+    assert conn.error is None
+
+
+def test_streamed_write_whose_source_fails_is_killed_not_committed(
+    pair: tuple[AgentConnection, socket.socket],
+) -> None:
+    """A source that raises mid-way: the host sends KILL, never the empty FILE_DATA that
+    would commit the partial file; the exception reaches the caller."""
+    conn, guest = _ready(pair)
+
+    def source() -> Iterator[bytes]:
+        yield b"a" * 70000
+        raise OSError("source broke")
+
+    frames: list[p.Frame] = []
+
+    def guest_side() -> None:
+        while not frames or frames[-1].type != T.KILL:
+            frames.append(read_frame(guest))
+
+    t = threading.Thread(target=guest_side, daemon=True)
+    t.start()
+    with pytest.raises(OSError, match="source broke"):
+        conn.write_file_chunks("/w", source())
+    t.join(5)
+    assert [f.type for f in frames] == [T.FILE_WRITE, T.FILE_DATA_IN, T.FILE_DATA_IN, T.KILL]
+    assert [len(f.payload) for f in frames[1:3]] == [65536, 70000 - 65536]  # no end frame
+
+
+def test_streamed_write_round_trip(pair: tuple[AgentConnection, socket.socket]) -> None:
+    conn, guest = _ready(pair)
+    got = bytearray()
+
+    def guest_side() -> None:
+        f = read_frame(guest)
+        assert f.type == T.FILE_WRITE
+        while (f := read_frame(guest)).payload:
+            assert f.type == T.FILE_DATA_IN and len(f.payload) <= p.MAX_DATA
+            got.extend(f.payload)
+        guest.sendall(gframe(T.RESULT, f.channel, struct.pack(">i", 0)))
+
+    t = threading.Thread(target=guest_side, daemon=True)
+    t.start()
+    data = os.urandom(300_000)
+    pieces = [data[:1], data[1:200_000], b"", data[200_000:]]
+    assert conn.write_file_chunks("/w", pieces) == len(data)
+    t.join(5)
+    assert bytes(got) == data
