@@ -23,6 +23,7 @@ Every figure carries the accelerator the VMs ran with and the load averages befo
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import io
 import json
@@ -206,6 +207,93 @@ def files(reps: int) -> dict[str, Any]:
     return result
 
 
+def _client(agent: str | None, data_channel: bool = True) -> Client:
+    """A launched client; `agent`: the guest agent binary its sandbox boots with (None: this
+    tree's). Without the data channel the streamed methods go as base64 JSON lines."""
+    from matchlock.sdk.transport import RPCProcess
+
+    saved = os.environ.get("MATCHLOCK_AGENT")
+    if agent:
+        os.environ["MATCHLOCK_AGENT"] = agent
+    try:
+        c = Client(CONFIG)
+        c._rpc = RPCProcess(c._argv("rpc"), None, data_channel=data_channel)
+        c.launch(Sandbox(IMAGE).with_memory(512))
+    finally:
+        if agent:
+            if saved is None:
+                del os.environ["MATCHLOCK_AGENT"]
+            else:
+                os.environ["MATCHLOCK_AGENT"] = saved
+    return c
+
+
+def files64(reps: int, before_agent: str | None) -> dict[str, Any]:
+    """64 MiB each way, before and after, interleaved rep by rep in one run.
+
+    before: the guest agent of `before_agent` (the tree before this change: one virtio-serial
+    page per poll) and the ways an SDK moved files then: the reference `write_file` (one JSON
+    line: 7 MiB at most) and `read_file` (16 MiB at most), and for 64 MiB `exec_pipe("cat >
+    F")` / `exec_stream("cat F")`.
+    after: this tree's agent, `write_file` / `read_file` of 64 MiB (streamed over the data
+    channel), and the same streamed methods as base64 JSON lines (no data channel: `use_sudo`)."""
+    size = 64 * MiB
+    data = os.urandom(size)
+    digest = hashlib.sha256(data).hexdigest()
+    seven, sixteen = data[: 7 * MiB], data[: 16 * MiB]
+    before, after, b64 = _client(before_agent), _client(None), _client(None, False)
+    t: dict[str, list[float]] = {}
+
+    def rec(name: str, fn: Callable[[], Any]) -> None:
+        t.setdefault(name, []).append(timed(fn))
+
+    def check(c: Client, path: str, want: str) -> None:
+        assert c.exec(f"sha256sum < {path}").stdout.split()[0] == want
+
+    try:
+        for _ in range(reps):
+            # before
+            rec("before_write_file_7MiB", lambda: before._proc.call(
+                "write_file", {"path": "/tmp/s", "content": base64.b64encode(seven).decode()}))
+            before.exec("head -c 16777216 /tmp/big > /tmp/s16 2>/dev/null; true")
+            rec("before_exec_pipe_in_64MiB",
+                lambda: before.exec_pipe("cat > /tmp/big", stdin=io.BytesIO(data)))
+            check(before, "/tmp/big", digest)
+            before.exec("head -c 16777216 /tmp/big > /tmp/s16")
+            rec("before_read_file_16MiB", lambda: assert_eq(base64.b64decode(
+                before._proc.call("read_file", {"path": "/tmp/s16"})["content"]), sixteen))
+            sink = Sink()
+            rec("before_exec_stream_out_64MiB",
+                lambda s=sink: before.exec_stream("cat /tmp/big", stdout=s))  # type: ignore[misc]
+            assert sink.n == size and sink.h.hexdigest() == digest
+            # after
+            rec("after_write_file_64MiB", lambda: after.write_file("/tmp/big", data))
+            check(after, "/tmp/big", digest)
+            rec("after_read_file_64MiB", lambda: assert_eq(after.read_file("/tmp/big"), data))
+            rec("after_b64_write_file_64MiB", lambda: b64.write_file("/tmp/big", data))
+            check(b64, "/tmp/big", digest)
+            rec("after_b64_read_file_64MiB", lambda: assert_eq(b64.read_file("/tmp/big"), data))
+    finally:
+        for c in (before, after, b64):
+            c.close()
+            c.remove()
+    sizes = {"7MiB": 7 * MiB, "16MiB": 16 * MiB, "64MiB": size}
+    out: dict[str, Any] = {"reps": reps, "before_agent": before_agent or "this tree's"}
+    for name, xs in t.items():
+        n = sizes[name.rsplit("_", 1)[1]]
+        out[name + "_MBps"] = round(n / p50(xs) / 1e6, 1)
+        out[name + "_all_MBps"] = [round(n / x / 1e6, 1) for x in xs]
+    out["ratio_write_64MiB_after_vs_exec_pipe"] = round(
+        out["after_write_file_64MiB_MBps"] / out["before_exec_pipe_in_64MiB_MBps"], 2)
+    out["ratio_read_64MiB_after_vs_exec_stream"] = round(
+        out["after_read_file_64MiB_MBps"] / out["before_exec_stream_out_64MiB_MBps"], 2)
+    return out
+
+
+def assert_eq(a: bytes, b: bytes) -> None:
+    assert a == b
+
+
 # --- 4 --------------------------------------------------------------------------------------
 
 
@@ -345,7 +433,10 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--execs", type=int, default=200)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--only", choices=["startup", "files", "loop"], action="append")
+    ap.add_argument("--only", choices=["startup", "files", "files64", "loop"], action="append")
+    ap.add_argument("--before-agent", metavar="PATH",
+                    help="files64: the guest agent binary of the tree before (e.g. main's, "
+                         "from ~/.cache/matchlock/agent/KEY/matchlock-agent)")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     parts = a.only or ["startup", "files", "loop"]
@@ -362,6 +453,8 @@ def main() -> None:
         result["startup"] = startup(a.runs, a.execs)
     if "files" in parts:
         result["files"] = files(a.reps)
+    if "files64" in parts:
+        result["files64"] = files64(a.reps, a.before_agent)
     if "loop" in parts:
         result["agent_loop"] = agent_loop()
     stop.set()

@@ -253,7 +253,7 @@ def test_reference_methods_unchanged(state_dir: Path) -> None:
         assert rpc.until(10)[0]["result"] == {"size": 2}
         # The data channel is not there: asking for it is a clear error.
         assert error(rpc.call("read_file_stream", {"path": "/tmp/w", "via": "fd"}, rid=13)) == (
-            -32602, 'via "fd" needs the data channel (matchlock rpc --data-fds R,W)')
+            -32602, 'via "fd" needs the data channel (MATCHLOCK_RPC_DATA_FDS)')
         assert error(rpc.call("read_file_stream", {"path": "/tmp/w"}, rid=None)) == (  # type: ignore[arg-type]
             -32600, "read_file_stream requires a request id")
     finally:

@@ -29,10 +29,28 @@ def serve(log: "typing.TextIO") -> None:
         msg = json.loads(line)
         log.write(json.dumps({"method": msg.get("method"), "params": msg.get("params")}) + "\n")
         log.flush()
-        if "id" in msg:
+        if msg.get("method") == "read_file_stream":
+            read_file_stream(msg)
+        elif "id" in msg:
             out = {"jsonrpc": "2.0", "result": ANSWERS.get(msg["method"], {}), "id": msg["id"]}
             sys.stdout.write(json.dumps(out) + "\n")
             sys.stdout.flush()
+
+
+def read_file_stream(msg: "dict[str, typing.Any]") -> None:
+    """This project's SDK reads files with `read_file_stream` over its data channel (two
+    pipes named in the environment): the same content as `read_file`'s answer above, as the
+    real server sends it (content frames, an empty frame, then the answer)."""
+    import base64
+    import struct
+
+    content = base64.b64decode(ANSWERS["read_file"]["content"])
+    w = int(os.environ["MATCHLOCK_RPC_DATA_FDS"].split(",")[1])
+    for data in (content, b""):
+        os.write(w, struct.pack(">QI", msg["id"], len(data)) + data)
+    out = {"jsonrpc": "2.0", "result": {"size": len(content)}, "id": msg["id"]}
+    sys.stdout.write(json.dumps(out) + "\n")
+    sys.stdout.flush()
 
 
 main()

@@ -9,17 +9,18 @@ import click
 
 
 @click.command()
-@click.option("--data-fds", metavar="R,W", default=None,
-              help="Inherited pipes for streamed file content (this SDK's data channel).")
-def rpc(data_fds: str | None) -> None:
+def rpc() -> None:
     """Serve one sandbox over newline-delimited JSON-RPC 2.0 on stdin/stdout."""
     from matchlock.rpc import datachan
     from matchlock.rpc.server import Server
 
+    # This project's SDK passes two pipes for raw file content (rpc/datachan.py). Taken out
+    # of the environment: no child (the VMM, an exec's host tools) sees a stale name.
     fds = None
-    if data_fds is not None:
+    spec = os.environ.pop(datachan.ENV, None)
+    if spec is not None:
         try:
-            fds = datachan.parse_fds(data_fds)
+            fds = datachan.parse_fds(spec)
         except datachan.DataChannelError as e:
             raise click.UsageError(str(e)) from None
         for fd in fds:  # ours alone: the VMM and the reaper must not hold them open

@@ -1,5 +1,6 @@
 """The binary data channel between this project's SDK and its `matchlock rpc` child: two
-pipes the SDK creates and the child inherits (`matchlock rpc --data-fds R,W`), carrying file
+pipes the SDK creates and the child inherits (named by `MATCHLOCK_RPC_DATA_FDS=R,W` in the
+child's environment), carrying file
 content raw, so streamed transfers skip base64 and JSON (docs/rpc.md, "Data channel").
 
 Each direction is a sequence of frames: request id (u64, big-endian), length (u32), then that
@@ -14,6 +15,7 @@ import os
 import stat
 import struct
 
+ENV = "MATCHLOCK_RPC_DATA_FDS"
 HEADER = struct.Struct(">QI")
 MAX_FRAME = 1 << 20
 
@@ -36,20 +38,20 @@ def parse_header(raw: bytes) -> tuple[int, int]:
 
 
 def parse_fds(text: str) -> tuple[int, int]:
-    """`R,W` of `--data-fds`: two distinct inherited pipe descriptors above stdio."""
+    """`R,W` of MATCHLOCK_RPC_DATA_FDS: two distinct inherited pipe descriptors above stdio."""
     try:
         r, w = (int(x) for x in text.split(","))
     except ValueError:
-        raise DataChannelError(f"--data-fds wants R,W (two descriptors), not {text!r}") from None
+        raise DataChannelError(f"{ENV} wants R,W (two descriptors), not {text!r}") from None
     if r == w or min(r, w) <= 2:
-        raise DataChannelError("--data-fds: two distinct descriptors above 2")
+        raise DataChannelError(f"{ENV}: two distinct descriptors above 2")
     for fd in (r, w):
         try:
             mode = os.fstat(fd).st_mode
         except OSError:
-            raise DataChannelError(f"--data-fds: descriptor {fd} is not open") from None
+            raise DataChannelError(f"{ENV}: descriptor {fd} is not open") from None
         if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
-            raise DataChannelError(f"--data-fds: descriptor {fd} is not a pipe")
+            raise DataChannelError(f"{ENV}: descriptor {fd} is not a pipe")
     return r, w
 
 

@@ -141,7 +141,7 @@ def _read_file(server: Server, ctx: Ctx) -> None:
 # --- streamed files (extensions: this project's SDK; no size limit, no whole-file buffer) ---
 
 
-_NO_DATA_CHANNEL = 'via "fd" needs the data channel (matchlock rpc --data-fds R,W)'
+_NO_DATA_CHANNEL = 'via "fd" needs the data channel (MATCHLOCK_RPC_DATA_FDS)'
 
 
 def _read_file_stream(server: Server, ctx: Ctx) -> None:

@@ -110,8 +110,9 @@ class AsyncClient:
                          timeout: float | None = None) -> None:
         await self._run(self.sync.write_file, path, content, mode, timeout)
 
-    async def read_file(self, path: str, timeout: float | None = None) -> bytes:
-        return await self._run(self.sync.read_file, path, timeout)
+    async def read_file(self, path: str, timeout: float | None = None,
+                        limit: int | None = None) -> bytes:
+        return await self._run(self.sync.read_file, path, timeout, limit)
 
     async def write_file_from(self, path: str, source: bytes | IO[Any], mode: int = 0o644,
                               timeout: float | None = None) -> int:

@@ -416,10 +416,13 @@ class Client:
         r = rpc.finish("write_file_stream", req_id, pending, left)
         return int(r.get("size") or 0) if isinstance(r, dict) else 0
 
-    def read_file(self, path: str, timeout: float | None = None) -> bytes:
-        """A regular file's content, any size (streamed in chunks)."""
+    def read_file(self, path: str, timeout: float | None = None,
+                  limit: int | None = None) -> bytes:
+        """A regular file's content, any size (streamed in chunks). `limit`: fail (`RPCError`
+        -32002) rather than hold more than that many bytes (the guest decides what a file
+        holds)."""
         parts: list[bytes] = []
-        self._read_stream(path, parts.append, timeout, None)
+        self._read_stream(path, parts.append, timeout, limit)
         return b"".join(parts)
 
     def read_file_to(self, path: str, writer: IO[Any], timeout: float | None = None,

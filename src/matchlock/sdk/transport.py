@@ -52,10 +52,15 @@ class RPCProcess:
             to_sdk, to_rpc = os.pipe(), os.pipe()
             self._data = (to_sdk[0], to_rpc[1])
             theirs = (to_rpc[0], to_sdk[1])
-            argv = [*argv, "--data-fds", f"{theirs[0]},{theirs[1]}"]
+        # Named in the environment, not on the command line: the child's argv stays the
+        # official SDK's (`matchlock rpc`).
+        env = None
+        if theirs is not None:
+            env = {**os.environ, datachan.ENV: f"{theirs[0]},{theirs[1]}"}
         try:
             self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                          stderr=subprocess.DEVNULL, pass_fds=theirs or ())
+                                          stderr=subprocess.DEVNULL, pass_fds=theirs or (),
+                                          env=env)
         except BaseException:
             for fd in self._data or ():
                 os.close(fd)
