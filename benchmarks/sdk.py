@@ -11,6 +11,10 @@ with the CLI and with a namespace sandbox (Anthropic's sandbox-runtime, `srt`) o
    line allows (a line is at most 10 MiB, so a write carries at most ~7.5 MiB of raw data;
    `read_file` answers at most 16 MiB), and 64 MiB moved as a stream of base64 chunks
    (`exec_pipe` with `cat > FILE`, `exec_stream` with `cat FILE`), which any size allows.
+   `--only files64 [--before-agent PATH]`: 64 MiB each way, before (PATH's guest agent, the
+   reference methods at their limits, `exec_pipe`/`exec_stream` for 64 MiB) and after
+   (`write_file`/`read_file` of 64 MiB over the data channel, and as base64 JSON lines),
+   interleaved rep by rep in one run.
 4. An agent loop: 50 short shell commands in one sandbox, one at a time, each waiting for
    its output: matchlock SDK (launch + 50 x exec + close), matchlock CLI on a detached
    sandbox (`matchlock exec` per command), srt per command (`srt -c CMD`, a new namespace
