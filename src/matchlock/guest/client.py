@@ -31,8 +31,8 @@ from collections.abc import Callable, Generator, Iterable, Iterator
 from matchlock.guest import protocol as p
 from matchlock.guest.protocol import Kind, Output, T
 
-__all__ = ["AgentConnection", "AgentGone", "Exec", "ExecEvent", "FileOpError", "Output",
-           "Stream"]
+__all__ = ["AgentConnection", "AgentGone", "ChannelStalled", "Exec", "ExecEvent", "FileOpError",
+           "Output", "Stream"]
 
 CHANNEL_BUFFER = 4 << 20  # bytes of undelivered events per channel
 SEND_TIMEOUT = 30.0  # a guest that takes no byte for this long is gone

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from matchlock.errors import MatchlockError
-from matchlock.guest.client import AgentGone, Exec, FileOpError, Output
+from matchlock.guest.client import AgentGone, ChannelStalled, Exec, FileOpError, Output
 from matchlock.rpc import config as cfg
 from matchlock.rpc import protocol as proto
 from matchlock.rpc.context import Ctx, FeedEnded, StdinFeed
@@ -109,6 +109,8 @@ def _file_call(ctx: Ctx, sess: Session, op: Callable[[], Any]) -> Any:
     try:
         return op()
     except FileOpError as e:
+        raise RpcError(proto.FILE_FAILED, str(e)) from None
+    except ChannelStalled as e:  # this transfer only: the guest connection is fine
         raise RpcError(proto.FILE_FAILED, str(e)) from None
     except AgentGone as e:
         raise RpcError(proto.FILE_FAILED, str(sess.sandbox.agent_failure(e))) from None
