@@ -19,7 +19,7 @@ import pytest
 from matchlock import AsyncClient, Client, Config, RPCError, Sandbox
 
 from .conftest import MATCHLOCK
-from .rpc_util import BUILTIN, Rpc, error
+from .rpc_util import BUILTIN, Rpc, error, wait_no_leftovers
 
 pytestmark = pytest.mark.vm
 CONFIG = Config(binary_path=MATCHLOCK)
@@ -44,6 +44,7 @@ def client(state_dir: Path, ro_dir: Path) -> Iterator[Client]:
     finally:
         c.close()
         c.remove()
+    assert wait_no_leftovers(state_dir) == []
 
 
 def _alive(c: Client) -> None:
@@ -84,6 +85,7 @@ def test_64_mib_async(client: Client) -> None:
                 ac.exec("echo side"))
             assert r.stdout == "side\n" and small
             await ac.close()
+            await ac.remove()
             return big
 
     assert asyncio.run(main()) == data
