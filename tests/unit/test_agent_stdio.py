@@ -1022,6 +1022,8 @@ def _read_file(agent: Agent, path: str) -> tuple[bytes, int, str]:
         if f.type == T.FILE_DATA:
             assert 0 < len(f.payload) <= MAX_DATA
             data += f.payload
+            # Credit back, as the host does (FILE_DATA is credited like exec output).
+            agent.send(T.OUTPUT_ACK, chan, struct.pack(">I", len(f.payload) + OUTPUT_FRAME_COST))
         else:
             assert f.type == T.RESULT
             r = parse_result(f.payload)
@@ -1068,6 +1070,34 @@ def test_file_write_replaces_and_default_mode(agent: Agent, tmp_path: Path) -> N
     assert target.stat().st_mode & 0o7777 == 0o644
     assert _write_file(agent, str(tmp_path / "empty"), b"") == (0, "")
     assert (tmp_path / "empty").read_bytes() == b""
+
+
+def test_file_read_stops_at_its_window(agent: Agent, tmp_path: Path) -> None:
+    """Without OUTPUT_ACK the agent sends at most OUTPUT_WINDOW of FILE_DATA (payload + frame
+    cost) and then waits, answering other channels; acknowledged, it sends the rest."""
+    big = tmp_path / "big"
+    content = os.urandom(3 << 20)
+    big.write_bytes(content)
+    chan = agent.new_channel()
+    agent.send(T.FILE_READ, chan, encode_path(str(big)))
+    got, used = bytearray(), 0
+    while True:
+        try:
+            f = agent.on(chan, timeout=1.5)
+        except TimeoutError:
+            break  # nothing more without credit
+        assert f.type == T.FILE_DATA
+        got += f.payload
+        used += len(f.payload) + OUTPUT_FRAME_COST
+    assert used == OUTPUT_WINDOW  # filled exactly (a short last frame), never past it
+    r = agent.run(["true"])  # the agent goes on with other channels
+    assert r.code == 0
+    agent.send(T.OUTPUT_ACK, chan, struct.pack(">I", used))
+    while (f := agent.on(chan)).type == T.FILE_DATA:
+        got += f.payload
+        agent.send(T.OUTPUT_ACK, chan, struct.pack(">I", len(f.payload) + OUTPUT_FRAME_COST))
+    assert f.type == T.RESULT and parse_result(f.payload).errno == 0
+    assert bytes(got) == content
 
 
 def test_kill_ends_a_file_operation(agent: Agent, tmp_path: Path) -> None:

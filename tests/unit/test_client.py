@@ -35,6 +35,30 @@ def read_frame(sock: socket.socket) -> p.Frame:
     return p.Frame(T(t), ch, body)
 
 
+def send_file_data(guest: socket.socket, ch: int, frames: int, size: int = 65536
+                   ) -> list[p.Frame]:
+    """FILE_DATA frames as the agent sends them: within the channel's credit, waiting for the
+    host's OUTPUT_ACKs when it runs out. Returns the other frames read meanwhile."""
+    used, others = 0, []
+    for _ in range(frames):
+        while used + p.output_cost(size) > p.OUTPUT_WINDOW:
+            f = read_frame(guest)
+            if f.type == T.OUTPUT_ACK and f.channel == ch:
+                used -= struct.unpack(">I", f.payload)[0]
+            else:
+                others.append(f)
+        guest.sendall(gframe(T.FILE_DATA, ch, b"x" * size))
+        used += p.output_cost(size)
+    return others
+
+
+def next_request(guest: socket.socket) -> p.Frame:
+    """The next host frame that is not an OUTPUT_ACK (credit returned for file data)."""
+    while (f := read_frame(guest)).type == T.OUTPUT_ACK:
+        pass
+    return f
+
+
 @pytest.fixture
 def pair() -> tuple[AgentConnection, socket.socket]:
     host, guest = socket.socketpair()
@@ -162,10 +186,10 @@ def test_an_abandoned_read_never_stalls_the_connection(
     def guest_side() -> None:
         f = read_frame(guest)
         assert f.type == T.FILE_READ
-        for _ in range(320):  # 20 MiB
-            guest.sendall(gframe(T.FILE_DATA, f.channel, b"x" * 65536))
+        # 20 MiB, inside the window: the host acknowledges what it drops at once.
+        others = send_file_data(guest, f.channel, 320)
         guest.sendall(gframe(T.RESULT, f.channel, struct.pack(">i", 0)))
-        f2 = read_frame(guest)
+        f2 = others[0] if others else next_request(guest)
         assert f2.type == T.FILE_LIST
         guest.sendall(gframe(T.RESULT, f2.channel, struct.pack(">i", 2) + b"nope"))
 
@@ -313,10 +337,10 @@ def test_streamed_read_of_a_guest_that_stops_mid_file(
             got.append(c)
     t.join(5)
     assert got == [b"b" * 1000]
-    kill = read_frame(guest)
+    kill = next_request(guest)
     assert kill.type == T.KILL and kill.payload == b""
     ex = conn.exec(p.ExecRequest(argv=["x"]))
-    assert read_frame(guest).type == T.EXEC
+    assert next_request(guest).type == T.EXEC
     guest.sendall(gframe(T.RESULT, kill.channel, struct.pack(">i", 125))  # the late answer
                   + gframe(T.EXIT, ex.channel, struct.pack(">iI", 0, 0)))
     assert list(ex.events()) == [p.ExitStatus(0, 0)]
@@ -331,7 +355,7 @@ def test_streamed_read_stops_at_the_limit_and_on_early_close(
     conn, guest = _ready(pair)
 
     def guest_sends(n: int) -> int:
-        f = read_frame(guest)
+        f = next_request(guest)
         assert f.type == T.FILE_READ
         for _ in range(n):
             guest.sendall(gframe(T.FILE_DATA, f.channel, b"x" * 65536))
@@ -344,7 +368,7 @@ def test_streamed_read_stops_at_the_limit_and_on_early_close(
         for _ in conn.read_file_chunks("/f", limit=100_000, timeout=5):
             pass
     t.join(5)
-    assert read_frame(guest).type == T.KILL
+    assert next_request(guest).type == T.KILL
     # The consumer stops after the first chunk (closes the iterator): KILL too.
     it = conn.read_file_chunks("/g", timeout=5)
     t = threading.Thread(target=guest_sends, args=(2,), daemon=True)
@@ -352,7 +376,7 @@ def test_streamed_read_stops_at_the_limit_and_on_early_close(
     assert next(it) == b"x" * 65536
     it.close()
     t.join(5)
-    assert read_frame(guest).type == T.KILL
+    assert next_request(guest).type == T.KILL
     assert conn.error is None
 
 
@@ -401,3 +425,33 @@ def test_streamed_write_round_trip(pair: tuple[AgentConnection, socket.socket]) 
     assert conn.write_file_chunks("/w", pieces) == len(data)
     t.join(5)
     assert bytes(got) == data
+
+
+def test_a_read_at_its_window_holds_up_nothing_else_and_more_is_a_violation(
+    pair: tuple[AgentConnection, socket.socket],
+) -> None:
+    """FILE_DATA is credited like exec output: a consumer that stops taking a file holds at
+    most the window on the host while another channel goes on; a guest that sends past the
+    window breaks the protocol (the connection ends, as for exec output)."""
+    conn, guest = _ready(pair)
+    it = conn.read_file_chunks("/f", timeout=30)
+    t = threading.Thread(target=lambda: next(it), daemon=True)  # sends FILE_READ, takes 1
+    t.start()
+    f = next_request(guest)
+    assert f.type == T.FILE_READ
+    n = p.OUTPUT_WINDOW // p.output_cost(65536)
+    for _ in range(n):
+        guest.sendall(gframe(T.FILE_DATA, f.channel, b"x" * 65536))
+    t.join(5)
+    # The reader is not waiting on the stopped consumer: an exec is answered.
+    ex = conn.exec(p.ExecRequest(argv=["x"]))
+    assert next_request(guest).type == T.EXEC
+    guest.sendall(gframe(T.EXIT, ex.channel, struct.pack(">iI", 0, 0)))
+    assert list(ex.events(timeout=5)) == [p.ExitStatus(0, 0)]
+    # One taken frame was not yet acknowledged (a batch is 256 KiB): the window is full
+    # again after two more frames; the second of them is beyond it.
+    guest.sendall(gframe(T.FILE_DATA, f.channel, b"x" * 65536) * 2)
+    deadline = time.monotonic() + 5
+    while conn.error is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert conn.error is not None and "beyond the window" in conn.error

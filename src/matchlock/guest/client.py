@@ -4,11 +4,12 @@ The reader thread is the only one that reads the socket. Which frames a channel 
 when is decided by the pure codec (`protocol.ChannelTable`); this module only moves bytes and
 wakes consumers. The rules that keep one channel from stalling the others:
 
-- an exec's output is credited: the guest sends at most `OUTPUT_WINDOW` (payload bytes plus
-  a fixed cost per frame, the measure of the channel's buffer here) the host has not
-  acknowledged, and the host acknowledges (OUTPUT_ACK, from its own thread) only what the
-  consumer took, or dropped for an abandoned channel; so a slow consumer slows its process,
-  its buffer stays under the window, and the reader never waits for it;
+- an exec's output and a file read's data are credited: the guest sends at most
+  `OUTPUT_WINDOW` (payload bytes plus a fixed cost per frame, the measure of the channel's
+  buffer here) the host has not acknowledged, and the host acknowledges (OUTPUT_ACK, from its
+  own thread) only what the consumer took, or dropped for an abandoned channel; so a slow
+  consumer slows its process (or its read), its buffer stays under the window, and the
+  reader never waits for it;
 - other channels buffer at most `CHANNEL_BUFFER` bytes of events for their consumer; the
   reader waits for room only while that consumer is still listening, and never longer than
   the channel's `stall` bound (None: as long as the consumer lives);
@@ -243,7 +244,7 @@ class AgentConnection:
             ev = ch.events.popleft()
             ch.size -= _size(ev)
             ch.cond.notify_all()
-            if (isinstance(ev, Output) and not ch.abandoned
+            if (isinstance(ev, Output | p.FileData) and not ch.abandoned
                     and self._table.output_taken(ch.id, len(ev.data))):
                 self._acks_due.notify()
             return ev

@@ -19,7 +19,8 @@ MAX_HOST_PAYLOAD = 1 << 20
 MAX_DATA = 65536
 STDIN_WINDOW = 262144
 SOCK_WINDOW = 262144  # unacknowledged bytes per CONNECT channel, each direction
-# Credit per EXEC channel for STDOUT + STDERR: each frame costs its payload plus
+# Credit per EXEC channel for STDOUT + STDERR, and per FILE_READ channel for FILE_DATA: each
+# frame costs its payload plus
 # OUTPUT_FRAME_COST, so a guest cannot make the host hold more than the window in events
 # however small its frames are.
 OUTPUT_WINDOW = 1 << 20
@@ -515,6 +516,8 @@ _ALLOWED: dict[Kind, frozenset[T]] = {
     Kind.FILE_LIST: frozenset({T.DIRENT, T.RESULT}),
     Kind.CONNECT: frozenset({T.STARTED, T.STDOUT, T.SOCK_EOF, T.STDIN_ACK, T.RESULT}),
 }
+# Channels whose guest data is credited (OUTPUT_WINDOW, returned with OUTPUT_ACK).
+_CREDITED = (Kind.EXEC, Kind.FILE_READ)
 _TERMINAL = {Kind.EXEC: T.EXIT, Kind.FILE_READ: T.RESULT, Kind.FILE_WRITE: T.RESULT,
              Kind.FILE_LIST: T.RESULT, Kind.CONNECT: T.RESULT}
 
@@ -564,7 +567,7 @@ class ChannelTable:
         st = self._open.get(cid)
         if st is not None:
             st.abandoned = True
-            if st.kind == Kind.EXEC:
+            if st.kind in _CREDITED:
                 self._ack(cid, st, st.undelivered)
 
     def _ack(self, cid: int, st: _ChannelState, n: int) -> None:
@@ -577,7 +580,7 @@ class ChannelTable:
         is to be acknowledged. True when the acknowledgements gathered should go out now
         (take_acks). Nothing to do once the channel is closed or abandoned."""
         st = self._open.get(cid)
-        if st is None or st.abandoned or st.kind != Kind.EXEC:
+        if st is None or st.abandoned or st.kind not in _CREDITED:
             return False
         cost = output_cost(n)
         if n <= 0 or cost > st.undelivered:
@@ -664,6 +667,13 @@ class ChannelTable:
         elif t == T.EXIT:
             event = parse_exit(frame.payload)
         elif t == T.FILE_DATA:
+            if not frame.payload:
+                raise ProtocolError("empty FILE_DATA frame")
+            st.undelivered += output_cost(len(frame.payload))
+            if st.undelivered > OUTPUT_WINDOW:
+                raise ProtocolError("file data beyond the window")
+            if st.abandoned:
+                self._ack(frame.channel, st, output_cost(len(frame.payload)))
             event = FileData(frame.payload)
         elif t == T.DIRENT:
             event = parse_dirent(frame.payload)

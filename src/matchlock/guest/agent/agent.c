@@ -278,7 +278,10 @@ static void dispatch(uint8_t type, uint32_t chan, const uint8_t *p, size_t n)
         break;
     case F_CONNECT: port_connect(chan, p, n); break;
     case F_SOCK_ACK: port_ack(chan, p, n); break;
-    case F_OUTPUT_ACK: exec_output_ack(chan, p, n); break;
+    case F_OUTPUT_ACK:
+        if (file_exists(chan)) file_output_ack(chan, p, n);
+        else exec_output_ack(chan, p, n);
+        break;
     case F_FILE_WRITE: file_write_begin(chan, p, n); break;
     case F_FILE_READ: file_read_begin(chan, p, n); break;
     case F_FILE_LIST: file_list_begin(chan, p, n); break;

@@ -197,6 +197,8 @@ void file_list_begin(uint32_t chan, const uint8_t *p, size_t n);
 bool file_exists(uint32_t chan);
 /* KILL on a file channel: abandon the operation (a write leaves no file), RESULT ECANCELED. */
 void file_kill(uint32_t chan);
+/* OUTPUT_ACK on a FILE_READ channel: credit for its FILE_DATA frames. */
+void file_output_ack(uint32_t chan, const uint8_t *p, size_t n);
 /* Produce FILE_DATA/DIRENT frames while there is room; true if work remains that can proceed
  * without waiting for any fd (so the poll loop must not sleep). */
 bool file_pump(void);

@@ -25,6 +25,7 @@ struct fileop {
     int err;        /* WRITE: the first failure, reported by the final RESULT */
     char msg[512];
     unsigned skipped; /* LIST: entries whose names are not UTF-8 (the host could not take them) */
+    size_t unacked; /* READ: output credit in use (OUTPUT_WINDOW, as an exec's output) */
 };
 
 static struct fileop *g_ops;
@@ -37,6 +38,29 @@ static struct fileop *op_find(uint32_t chan)
 }
 
 bool file_exists(uint32_t chan) { return op_find(chan) != NULL; }
+
+/* Bytes a read may send now: FILE_DATA is credited as an exec's output (payload + frame
+ * cost against OUTPUT_WINDOW), so a host consumer that stops taking data stops this read and
+ * nothing else. */
+static size_t read_credit(const struct fileop *op)
+{
+    if (op->unacked + OUTPUT_FRAME_COST >= OUTPUT_WINDOW) return 0;
+    size_t c = OUTPUT_WINDOW - op->unacked - OUTPUT_FRAME_COST;
+    return c < MAX_DATA ? c : MAX_DATA;
+}
+
+void file_output_ack(uint32_t chan, const uint8_t *p, size_t n)
+{
+    struct fileop *op = op_find(chan);
+    if (!op || op->kind != OP_READ) return;
+    uint32_t k = n == 4 ? get_be32(p) : 0;
+    if (k == 0 || k > op->unacked) {
+        agent_log("channel %u: malformed OUTPUT_ACK (%u of %zu)", chan, k, op->unacked);
+        op->unacked = 0;
+        return;
+    }
+    op->unacked -= k;
+}
 
 static struct fileop *op_new(uint32_t chan, enum op_kind kind)
 {
@@ -290,9 +314,11 @@ bool file_pump(void)
     bool more = false;
     for (struct fileop *op = g_ops, *next; op; op = next) {
         next = op->next;
-        if (op->kind == OP_READ && out_data_room()) {
-            ssize_t r = send_from_fd(F_FILE_DATA, op->chan, op->fd, MAX_DATA);
+        size_t credit = op->kind == OP_READ ? read_credit(op) : 0;
+        if (op->kind == OP_READ && credit && out_data_room()) {
+            ssize_t r = send_from_fd(F_FILE_DATA, op->chan, op->fd, credit);
             if (r > 0 || (r < 0 && errno == EINTR)) {
+                if (r > 0) op->unacked += (size_t)r + OUTPUT_FRAME_COST;
                 more = true;
                 continue;
             }
@@ -307,6 +333,7 @@ bool file_pump(void)
     }
     /* Work that can go on right now, without waiting for the port to drain. */
     for (struct fileop *op = g_ops; op && !more; op = op->next)
-        more = (op->kind == OP_READ && out_data_room()) || (op->kind == OP_LIST && list_room());
+        more = (op->kind == OP_READ && read_credit(op) && out_data_room()) ||
+               (op->kind == OP_LIST && list_room());
     return more;
 }
