@@ -11,10 +11,10 @@ with the CLI and with a namespace sandbox (Anthropic's sandbox-runtime, `srt`) o
    line allows (a line is at most 10 MiB, so a write carries at most ~7.5 MiB of raw data;
    `read_file` answers at most 16 MiB), and 64 MiB moved as a stream of base64 chunks
    (`exec_pipe` with `cat > FILE`, `exec_stream` with `cat FILE`), which any size allows.
-   `--only files64 [--before-agent PATH]`: 64 MiB each way, before (PATH's guest agent, the
-   reference methods at their limits, `exec_pipe`/`exec_stream` for 64 MiB) and after
-   (`write_file`/`read_file` of 64 MiB over the data channel, and as base64 JSON lines),
-   interleaved rep by rep in one run.
+   `--only files64 [--before-bin PATH | --before-agent PATH]`: 64 MiB each way, before (the
+   matchlock, or only the guest agent, of the tree before; the reference methods at their
+   limits, `exec_pipe`/`exec_stream` for 64 MiB) and after (`write_file`/`read_file` of
+   64 MiB over the data channel, and as base64 JSON lines), interleaved rep by rep.
 4. An agent loop: 50 short shell commands in one sandbox, one at a time, each waiting for
    its output: matchlock SDK (launch + 50 x exec + close), matchlock CLI on a detached
    sandbox (`matchlock exec` per command), srt per command (`srt -c CMD`, a new namespace
@@ -211,16 +211,18 @@ def files(reps: int) -> dict[str, Any]:
     return result
 
 
-def _client(agent: str | None, data_channel: bool = True) -> Client:
-    """A launched client; `agent`: the guest agent binary its sandbox boots with (None: this
-    tree's). Without the data channel the streamed methods go as base64 JSON lines."""
+def _client(agent: str | None, data_channel: bool = True, binary: str | None = None
+            ) -> Client:
+    """A launched client; `agent`: the guest agent binary its sandbox boots with (None: its
+    tree's), `binary`: the `matchlock` whose `rpc` it drives (None: this tree's). Without the
+    data channel the streamed methods go as base64 JSON lines."""
     from matchlock.sdk.transport import RPCProcess
 
     saved = os.environ.get("MATCHLOCK_AGENT")
     if agent:
         os.environ["MATCHLOCK_AGENT"] = agent
     try:
-        c = Client(CONFIG)
+        c = Client(Config(binary_path=binary) if binary else CONFIG)
         c._rpc = RPCProcess(c._argv("rpc"), None, data_channel=data_channel)
         c.launch(Sandbox(IMAGE).with_memory(512))
     finally:
@@ -232,11 +234,13 @@ def _client(agent: str | None, data_channel: bool = True) -> Client:
     return c
 
 
-def files64(reps: int, before_agent: str | None) -> dict[str, Any]:
+def files64(reps: int, before_agent: str | None, before_bin: str | None) -> dict[str, Any]:
     """64 MiB each way, before and after, interleaved rep by rep in one run.
 
-    before: the guest agent of `before_agent` (the tree before this change: one virtio-serial
-    page per poll) and the ways an SDK moved files then: the reference `write_file` (one JSON
+    before: the `matchlock` of `before_bin` (the tree before this change, its rpc server and
+    its guest agent: one virtio-serial page per poll; or only the agent `before_agent` under
+    this tree's server, which is fine while the consumer keeps up: an old agent ignores file
+    read credit) and the ways an SDK moved files then: the reference `write_file` (one JSON
     line: 7 MiB at most) and `read_file` (16 MiB at most), and for 64 MiB `exec_pipe("cat >
     F")` / `exec_stream("cat F")`.
     after: this tree's agent, `write_file` / `read_file` of 64 MiB (streamed over the data
@@ -245,7 +249,8 @@ def files64(reps: int, before_agent: str | None) -> dict[str, Any]:
     data = os.urandom(size)
     digest = hashlib.sha256(data).hexdigest()
     seven, sixteen = data[: 7 * MiB], data[: 16 * MiB]
-    before, after, b64 = _client(before_agent), _client(None), _client(None, False)
+    before = _client(before_agent, False, before_bin)
+    after, b64 = _client(None), _client(None, False)
     t: dict[str, list[float]] = {}
 
     def rec(name: str, fn: Callable[[], Any]) -> None:
@@ -282,7 +287,8 @@ def files64(reps: int, before_agent: str | None) -> dict[str, Any]:
             c.close()
             c.remove()
     sizes = {"7MiB": 7 * MiB, "16MiB": 16 * MiB, "64MiB": size}
-    out: dict[str, Any] = {"reps": reps, "before_agent": before_agent or "this tree's"}
+    out: dict[str, Any] = {"reps": reps, "before_bin": before_bin or "this tree's",
+                           "before_agent": before_agent or "before_bin's"}
     for name, xs in t.items():
         n = sizes[name.rsplit("_", 1)[1]]
         out[name + "_MBps"] = round(n / p50(xs) / 1e6, 1)
@@ -441,6 +447,9 @@ def main() -> None:
     ap.add_argument("--before-agent", metavar="PATH",
                     help="files64: the guest agent binary of the tree before (e.g. main's, "
                          "from ~/.cache/matchlock/agent/KEY/matchlock-agent)")
+    ap.add_argument("--before-bin", metavar="PATH",
+                    help="files64: the matchlock of the tree before (e.g. main's checkout's "
+                         ".venv/bin/matchlock): its rpc server and its agent")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     parts = a.only or ["startup", "files", "loop"]
@@ -458,7 +467,7 @@ def main() -> None:
     if "files" in parts:
         result["files"] = files(a.reps)
     if "files64" in parts:
-        result["files64"] = files64(a.reps, a.before_agent)
+        result["files64"] = files64(a.reps, a.before_agent, a.before_bin)
     if "loop" in parts:
         result["agent_loop"] = agent_loop()
     stop.set()
