@@ -64,10 +64,10 @@ def test_code_interpreter_failing_program(python_image: str, tmp_path: Path, ml:
 
 def test_the_docs_snippets_run(python_image: str, tmp_path: Path, ml: Run,
                                state_dir: Path) -> None:
-    """The quick starts in docs/sdk.md, run as written."""
+    """The snippets in docs/sdk.md (the quick starts and the warm pool), run as written."""
     doc = (EXAMPLES.parent / "docs" / "sdk.md").read_text()
     blocks = [b.split("```", 1)[0] for b in doc.split("```python\n")[1:]]
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     outputs = []
     for i, code in enumerate(blocks):
         script = tmp_path / f"snippet{i}.py"
@@ -79,4 +79,5 @@ def test_the_docs_snippets_run(python_image: str, tmp_path: Path, ml: Run,
         outputs.append(r.stdout)
     assert outputs[0] == "0 42\n\nb'data'\n"
     assert outputs[1] == "a\n b\n\n"
+    assert outputs[2] == "one\ntwo\n"  # the warm pool's snippet
     assert wait_no_leftovers(state_dir) == []
