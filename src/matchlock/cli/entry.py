@@ -1,10 +1,12 @@
 """The `matchlock` executable. `exec` on a running sandbox goes through `cli/fastexec.py`,
-which imports neither click nor the sandbox machinery, and `--version` is answered here;
-everything else is the click application in `cli/main.py`. What these paths may import is
-guarded by tests/unit/test_cli_imports.py."""
+which imports neither click nor the sandbox machinery, the common forms of `run` through
+`cli/fastrun.py` (no click), and `--version` is answered here; everything else is the click
+application in `cli/main.py`. What these paths may import is guarded by
+tests/unit/test_cli_imports.py."""
 
 from __future__ import annotations
 
+import os  # loaded by Python's own start-up: free
 import sys
 
 
@@ -33,6 +35,13 @@ def _main() -> None:
             sys.exit(e.exit_code)
         if code is not None:
             sys.exit(code)
+    # click answers shell completion (the variable its `main` looks for) for every command.
+    if sys.argv[1:2] == ["run"] and "_MATCHLOCK_COMPLETE" not in os.environ:
+        from matchlock.cli import fastrun
+
+        params = fastrun.parse(sys.argv[2:])
+        if params is not None:
+            fastrun.run(params)  # exits
     from matchlock.cli.main import main as click_main
 
     click_main()

@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from matchlock import __version__
+from matchlock.cli.signals import Interrupted, on_sigint
 from matchlock.errors import MatchlockError
 
 _COMMANDS = {
@@ -66,20 +67,11 @@ def cli() -> None:
     """Run untrusted workloads in ephemeral microVMs with host-controlled egress."""
 
 
-class Interrupted(BaseException):
-    """Ctrl-C outside a command's own handling. Not a KeyboardInterrupt, which click turns
-    into "Aborted" after printing an empty line: the user gets one line."""
-
-
-def _interrupted(signo: int, frame: object) -> None:
-    raise Interrupted
-
-
 def main(argv: list[str] | None = None) -> Any:
     import signal
 
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        signal.signal(signal.SIGINT, _interrupted)
+        signal.signal(signal.SIGINT, on_sigint)
     try:
         code = cli.main(args=argv, prog_name="matchlock", standalone_mode=False)
     except MatchlockError as e:

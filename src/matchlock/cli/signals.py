@@ -1,0 +1,10 @@
+"""Ctrl-C as the CLI reports it, shared by the click application and the click-free paths."""
+
+
+class Interrupted(BaseException):
+    """Ctrl-C outside a command's own handling. Not a KeyboardInterrupt, which click turns
+    into "Aborted" after printing an empty line: the user gets one line."""
+
+
+def on_sigint(signo: int, frame: object) -> None:
+    raise Interrupted
