@@ -7,7 +7,6 @@ the proxy's certificates chain to.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import os
 import socket
@@ -27,6 +26,8 @@ from matchlock.net.limits import (
 )
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     from matchlock.net.addressing import GuestConfig
     from matchlock.net.audit import AuditEvent
     from matchlock.net.hooks import HookConfig
@@ -131,7 +132,11 @@ class Egress:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._link_ready = threading.Event()
-        self._proxy: concurrent.futures.Future[Proxy] = concurrent.futures.Future()
+        # concurrent.futures (and the logging it imports, ~4 ms) only for a sandbox with a
+        # network: `run --no-network` never builds an Egress.
+        from concurrent.futures import Future
+
+        self._proxy: Future[Proxy] = Future()
         self._ca_pem = b""
         self._log_file: IO[str] | None = None
 
@@ -236,7 +241,7 @@ class Egress:
     def _wait_proxy(self, timeout: float = 30.0) -> None:
         try:
             self._proxy.result(timeout)
-        except concurrent.futures.TimeoutError:
+        except TimeoutError:  # concurrent.futures' own since 3.11
             raise MatchlockError("the sandbox proxy did not start in time") from None
         except BaseException as e:
             self._raise_error(e)
@@ -299,7 +304,7 @@ class Egress:
 
             try:
                 asyncio.run_coroutine_threadsafe(revoke(), network.loop).result(timeout=5)
-            except (concurrent.futures.TimeoutError, RuntimeError) as e:
+            except (TimeoutError, RuntimeError) as e:
                 raise MatchlockError(f"removed {', '.join(removed)}, but open connections "
                                      f"could not be cut: {e or 'timed out'}") from None
         return removed
