@@ -206,9 +206,43 @@ def test_plain_run_no_network_imports_up_to_the_boot(tmp_path: Path, bare: set[s
     ]), env)
     assert (r.returncode, r.stdout) == (0, b"matchlock-builtin:busybox\n"), r.stderr
     added = _added(mods, bare)
-    assert added & (HEAVY - {"click", "sqlite3"}) == set()
+    assert added & (HEAVY - {"sqlite3"}) == set()  # click too: cli/fastrun.py read the arguments
+    assert {m for m in added if m.startswith("matchlock.cli.")} == {
+        "matchlock.cli.entry", "matchlock.cli.fastrun", "matchlock.cli.runbody",
+        "matchlock.cli.signals"}
+    # No network: no concurrent.futures (nor the logging it brings) for an Egress.
+    assert added & {"concurrent.futures", "logging"} == set()
+    # What all of it comes to: 144 modules when this was written; the tree before the
+    # click-free reader and the lazy concurrent.futures added 167. A new heavy dependency on
+    # this path shows up as a jump.
+    assert len(added) <= 150, sorted(added)
     assert added & (REGISTRY | TLS_STACK) == set()
     assert {m for m in added if m.startswith("matchlock.net.")} <= {"matchlock.net.limits"}
     # No -v, no --disk: nothing of mounts or disks; the image is built: no unpacker.
     assert added & {"matchlock.sandbox.mounts", "matchlock.sandbox.disks",
                     "matchlock.sandbox.volumes", "matchlock.image.layers", "tarfile"} == set()
+
+
+@pytest.mark.parametrize("args", [
+    ["--cpus", "abc", "--", "true"],
+    ["-w", "rel", "true"],
+    ["--timeout=-1", "true"],
+    ["-d", "-it", "sh"],
+    ["--no-network", "--allow-host", "x.com", "true"],
+    ["-p", "nope", "true"],
+])
+def test_run_fast_path_errors_are_click_s(tmp_path: Path, args: list[str]) -> None:
+    # The same one line and exit code as the click command for errors found after the
+    # arguments are read (the click-free reader takes these argument lists).
+    from matchlock.cli.fastrun import parse
+
+    assert parse(args) is not None
+    env = {**os.environ, "MATCHLOCK_STATE_DIR": str(tmp_path),
+           "MATCHLOCK_CACHE_DIR": str(tmp_path / "cache")}
+    fast = subprocess.run([sys.executable, str(ROOT / "bin" / "matchlock"), "run", *args],
+                          capture_output=True, timeout=60, env=env, stdin=subprocess.DEVNULL)
+    slow = subprocess.run([sys.executable, "-m", "matchlock.cli.main", "run", *args],
+                          capture_output=True, timeout=60, env=env, stdin=subprocess.DEVNULL)
+    assert fast.stderr.startswith(b"matchlock: "), fast.stderr
+    assert (fast.returncode, fast.stdout, fast.stderr) == (
+        slow.returncode, slow.stdout, slow.stderr)
