@@ -1,6 +1,7 @@
 """The CLI's own process overhead, before and after, interleaved: `matchlock --version`,
-`matchlock exec ID -- true` on a detached sandbox (a fresh process each), and the imports of
-the `run` path (what `matchlock run` loads before it boots), each as a fresh interpreter.
+`matchlock exec ID -- true` on a detached sandbox (a fresh process each), and `matchlock run`
+up to the point where the VM would boot (the stored built-in image; `--no-network`, and with
+a network when run as root), each as a fresh interpreter.
 
     git archive main src | (mkdir -p /tmp/before && tar -x -C /tmp/before)
     MATCHLOCK_HOME=/tmp/somewhere .venv/bin/python benchmarks/cli_overhead.py \\
@@ -11,7 +12,9 @@ on PYTHONPATH, after `compileall` (a wheel install has its .pyc files; a
 PYTHONDONTWRITEBYTECODE environment would otherwise compile every module on every start):
 before, pip's console-script template (which imports `re` before our code); after,
 bin/matchlock; the after tree through pip's template too, for comparison. The exec rows talk
-to one sandbox started by the current tree.
+to one sandbox started by the current tree. The run rows go through `cli/entry.py` with
+`resolve_image` stopped once the image is resolved and the boot artifacts not checked: what
+the process costs before QEMU starts (the benchmark stores the built-in image first).
 Medians of wall time and of the child's CPU time (user+sys, less sensitive to a shared
 machine); the exec includes the guest's own exec of `true` (TCG on machines without KVM).
 """
@@ -39,14 +42,21 @@ if __name__ == '__main__':
     sys.exit(main())
 """
 LAUNCHER = AFTER_SRC.parent / "bin" / "matchlock"
-# What a plain `run` (stored image, no -v, no --disk) imports before it boots...
-RUN_PATH = ("matchlock.cli.main", "matchlock.cli.run", "matchlock.image.resolve",
-            "matchlock.image.builtin", "matchlock.sandbox.attach", "matchlock.sandbox.core",
-            "matchlock.sandbox.boot", "matchlock.sandbox.network", "matchlock.sandbox.ports",
-            "matchlock.sandbox.supervisor")
-# ... and what it also imported before cli/run.py took them only for -v and --disk.
-RUN_PATH_BEFORE = (*RUN_PATH, "matchlock.sandbox.mounts", "matchlock.sandbox.disks")
-
+# `matchlock run ARGS`, stopped where the VM would boot (as tests/unit/test_cli_imports.py).
+RUN_TO_BOOT = """
+import sys
+from matchlock.image import resolve
+from matchlock.sandbox import boot
+real = resolve.resolve_image
+def stop(*a, **kw):
+    real(*a, **kw)
+    raise SystemExit(0)
+resolve.resolve_image = stop
+boot.artifacts = lambda: None
+sys.argv = ["matchlock", "run", *sys.argv[1:]]
+from matchlock.cli.entry import main
+main()
+"""
 
 def _timed(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
     r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -74,8 +84,9 @@ def main() -> None:
     py = sys.executable
     sid = subprocess.run([py, str(pip_script), "run", "-d"], env=envs["after"], check=True,
                          capture_output=True, text=True).stdout.strip()
-    imports = {"before": "import " + ", ".join(RUN_PATH_BEFORE),
-               "after": "import " + ", ".join(RUN_PATH)}
+    subprocess.run([py, "-c", "from matchlock.image.resolve import resolve_image\n"
+                    "resolve_image(None)"], env=envs["after"], check=True,
+                   stdout=subprocess.DEVNULL)
     cases: list[tuple[str, list[str], dict[str, str]]] = [
         ("python -c pass (floor)", [py, "-c", "pass"], envs["after"]),
     ]
@@ -85,8 +96,12 @@ def main() -> None:
             cases.append((f"{name} [{tree}]", [py, exe[tree], *args], envs[tree]))
         cases.append((f"{name} [after, pip's script]", [py, str(pip_script), *args],
                       envs["after"]))
-    for tree in trees:
-        cases.append((f"run-path imports [{tree}]", [py, "-c", imports[tree]], envs[tree]))
+    run_rows = [("run --no-network -- true, to boot", ["--no-network", "--", "true"])]
+    if os.geteuid() == 0:  # as root a plain run gets a network (an Egress)
+        run_rows.append(("run -- true (network), to boot", ["--", "true"]))
+    for name, args in run_rows:
+        for tree in trees:
+            cases.append((f"{name} [{tree}]", [py, "-c", RUN_TO_BOOT, *args], envs[tree]))
     load0 = os.getloadavg()
     walls: dict[str, list[float]] = {c[0]: [] for c in cases}
     cpus: dict[str, list[float]] = {c[0]: [] for c in cases}
@@ -107,7 +122,7 @@ def main() -> None:
     for name in walls:
         print(f"{name:55s} p50 {med[name]:6.1f} ms  min {min(walls[name]) * 1e3:6.1f} ms  "
               f"cpu p50 {cpu[name]:6.1f} ms")
-    for name in ("--version", "exec ID -- true", "run-path imports"):
+    for name in ("--version", "exec ID -- true", *(r[0] for r in run_rows)):
         b, af = med[f"{name} [before]"], med[f"{name} [after]"]
         cb, ca = cpu[f"{name} [before]"], cpu[f"{name} [after]"]
         print(f"{name}: before -> after wall p50 {b:.1f} -> {af:.1f} ms (x{b / af:.2f}), "
