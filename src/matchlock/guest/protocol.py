@@ -120,11 +120,64 @@ EXEC_PRIVILEGED = 2
 EXEC_STDIN = 4
 
 
-@dataclass(frozen=True, slots=True)
-class Frame:
+class _Record:
+    """What `@dataclass(frozen=True)` gives these message classes (keyword or positional init,
+    equality and hash by value within a class, repr, no assignment, copy), as plain classes with
+    __slots__: every `matchlock run` imports this module, and a frozen dataclass costs ~0.4 ms
+    to create (docs/performance.md, "CLI overhead"). Subclasses name their fields in
+    `_fields`, in order (also their __slots__), and set them with `_set` in __init__."""
+
+    __slots__ = ()
+    _fields: tuple[str, ...] = ()
+
+    def __init_subclass__(cls) -> None:
+        type.__setattr__(cls, "__match_args__", cls._fields)  # positional match patterns
+
+    def _set(self, *values: object) -> None:
+        for name, value in zip(self._fields, values, strict=True):
+            object.__setattr__(self, name, value)
+
+    def _values(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self._fields)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _Record) or other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._fields)
+        return f"{self.__class__.__qualname__}({fields})"
+
+    def __getstate__(self) -> tuple[object, ...]:  # copy and pickle, despite __setattr__
+        return self._values()
+
+    def __setstate__(self, state: tuple[object, ...]) -> None:
+        self._set(*state)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        from dataclasses import FrozenInstanceError
+
+        raise FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        from dataclasses import FrozenInstanceError
+
+        raise FrozenInstanceError(f"cannot delete field {name!r}")
+
+
+class Frame(_Record):
+    _fields = ("type", "channel", "payload")
+    __slots__ = _fields
     type: T
     channel: int
     payload: bytes
+
+    def __init__(self, type: T, channel: int, payload: bytes) -> None:
+        self._set(type, channel, payload)
 
 
 def encode_frame(ftype: T, channel: int, payload: bytes = b"") -> bytes:
@@ -226,12 +279,16 @@ def _guest_text(raw: bytes, what: str) -> str:
 # --- host -> guest messages ------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class NetConfig:
+class NetConfig(_Record):
+    _fields = ("address", "prefix", "gateway", "mtu")
+    __slots__ = _fields
     address: str
     prefix: int
     gateway: str
-    mtu: int = 1500
+    mtu: int
+
+    def __init__(self, address: str, prefix: int, gateway: str, mtu: int = 1500) -> None:
+        self._set(address, prefix, gateway, mtu)
 
     def encode(self) -> bytes:
         import ipaddress
@@ -287,12 +344,16 @@ def encode_resume(clock_ns: int, entropy: bytes) -> bytes:
                        (SetupTag.ENTROPY, entropy)])
 
 
-@dataclass(frozen=True)
-class PrepareRequest:
+class PrepareRequest(_Record):
     """The sandbox-independent part of SETUP, done once in an image template: the root."""
 
+    _fields = ("root_dev", "upper_dev")
+    __slots__ = _fields
     root_dev: str
     upper_dev: str | None
+
+    def __init__(self, root_dev: str, upper_dev: str | None) -> None:
+        self._set(root_dev, upper_dev)
 
     def encode(self) -> bytes:
         fields = [(SetupTag.ROOT_DEV, _text(self.root_dev, "root device"))]
@@ -377,31 +438,47 @@ def encode_path(path: str, mode: int | None = None) -> bytes:
 # --- guest -> host messages ------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Hello:
+class Hello(_Record):
+    _fields = ("version", "boot_ns", "agent")
+    __slots__ = _fields
     version: int
     boot_ns: int
     agent: str
 
+    def __init__(self, version: int, boot_ns: int, agent: str) -> None:
+        self._set(version, boot_ns, agent)
 
-@dataclass(frozen=True)
-class ExitStatus:
+
+class ExitStatus(_Record):
+    _fields = ("code", "signal")
+    __slots__ = _fields
     code: int
     signal: int
 
+    def __init__(self, code: int, signal: int) -> None:
+        self._set(code, signal)
 
-@dataclass(frozen=True)
-class Result:
+
+class Result(_Record):
+    _fields = ("errno", "message")
+    __slots__ = _fields
     errno: int
     message: str
 
+    def __init__(self, errno: int, message: str) -> None:
+        self._set(errno, message)
 
-@dataclass(frozen=True)
-class DirEntry:
+
+class DirEntry(_Record):
+    _fields = ("name", "mode", "size", "mtime")
+    __slots__ = _fields
     name: str
     mode: int
     size: int
     mtime: int
+
+    def __init__(self, name: str, mode: int, size: int, mtime: int) -> None:
+        self._set(name, mode, size, mtime)
 
     @property
     def is_dir(self) -> bool:
@@ -486,25 +563,39 @@ class Kind(IntEnum):
     CONNECT = 5
 
 
-@dataclass(frozen=True, slots=True)
-class Output:
+class Output(_Record):
+    _fields = ("stream", "data")
+    __slots__ = _fields
     stream: str  # "stdout" or "stderr"
     data: bytes
 
+    def __init__(self, stream: str, data: bytes) -> None:
+        self._set(stream, data)
 
-@dataclass(frozen=True, slots=True)
-class Started:
+
+class Started(_Record):
+    _fields = ("pid",)
+    __slots__ = _fields
     pid: int
 
+    def __init__(self, pid: int) -> None:
+        self._set(pid)
 
-@dataclass(frozen=True, slots=True)
-class FileData:
+
+class FileData(_Record):
+    _fields = ("data",)
+    __slots__ = _fields
     data: bytes
 
+    def __init__(self, data: bytes) -> None:
+        self._set(data)
 
-@dataclass(frozen=True, slots=True)
-class SockEof:
+
+class SockEof(_Record):
     """The guest peer of a CONNECT channel closed its sending side."""
+
+    _fields = ()
+    __slots__ = _fields
 
 
 ChannelEvent = Output | Started | ExitStatus | FileData | DirEntry | Result | SockEof
@@ -522,14 +613,16 @@ _TERMINAL = {Kind.EXEC: T.EXIT, Kind.FILE_READ: T.RESULT, Kind.FILE_WRITE: T.RES
              Kind.FILE_LIST: T.RESULT, Kind.CONNECT: T.RESULT}
 
 
-@dataclass
 class _ChannelState:
-    kind: Kind
-    abandoned: bool = False  # the host stopped listening; frames are dropped until the end
-    started: bool = False
-    unacked: int = 0  # stdin bytes sent and not yet acknowledged
-    eof: bool = False  # CONNECT: the guest sent SOCK_EOF
-    undelivered: int = 0  # guest output the host has not acknowledged (SOCK_ACK, OUTPUT_ACK)
+    __slots__ = ("abandoned", "eof", "kind", "started", "unacked", "undelivered")
+
+    def __init__(self, kind: Kind) -> None:
+        self.kind = kind
+        self.abandoned = False  # the host stopped listening; frames are dropped until the end
+        self.started = False
+        self.unacked = 0  # stdin bytes sent and not yet acknowledged
+        self.eof = False  # CONNECT: the guest sent SOCK_EOF
+        self.undelivered = 0  # guest output the host has not acknowledged (SOCK_ACK, OUTPUT_ACK)
 
 
 class ChannelTable:
