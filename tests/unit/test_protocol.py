@@ -167,3 +167,30 @@ def test_prepare_carries_the_root_and_setup_after_it_does_not() -> None:
     tags = {t for t, _v in p.decode_tlv(req.encode())}
     assert p.SetupTag.ROOT_DEV not in tags and p.SetupTag.UPPER_DEV not in tags
     assert p.SetupTag.ENTROPY in tags
+
+
+def test_message_records_behave_as_frozen_dataclasses() -> None:
+    # guest/protocol.py's plain slotted classes keep what the dataclasses gave (issue 10).
+    import copy
+    import dataclasses
+    import pickle
+
+    e = p.DirEntry("a", 0o40755, 1, -2)
+    assert e == p.DirEntry(name="a", mode=0o40755, size=1, mtime=-2) and e.is_dir
+    assert e != p.DirEntry("a", 0o40755, 1, -3)
+    assert p.Started(3) != p.FileData(3)  # type: ignore[arg-type]  # equal fields, other class
+    assert p.Result(0, "") != (0, "")
+    assert hash(p.Output("stdout", b"x")) == hash(p.Output("stdout", b"x"))
+    assert repr(e) == "DirEntry(name='a', mode=16877, size=1, mtime=-2)"
+    assert repr(p.SockEof()) == "SockEof()" and p.SockEof() == p.SockEof()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        e.name = "b"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        del e.name
+    with pytest.raises(AttributeError):
+        e.other = 1
+    assert copy.copy(e) == e and pickle.loads(pickle.dumps(e)) == e
+    assert p.NetConfig("10.0.0.2", 24, "10.0.0.1").mtu == 1500
+    assert p.ExitStatus.__match_args__ == ("code", "signal")
+    with pytest.raises(TypeError):
+        p.Hello(1, 2)  # type: ignore[call-arg]

@@ -129,6 +129,7 @@ class _Record:
 
     __slots__ = ()
     _fields: tuple[str, ...] = ()
+    __match_args__: tuple[str, ...]
 
     def __init_subclass__(cls) -> None:
         type.__setattr__(cls, "__match_args__", cls._fields)  # positional match patterns
