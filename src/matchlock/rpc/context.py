@@ -58,21 +58,21 @@ class Ctx:
         self.answer(proto.encode_error(self.id, code, message))
 
 
-class StdinFeed:
-    """Stdin for one exec_pipe/exec_tty: queued by the read loop, written by a thread (the
-    guest acknowledges stdin in a window; waiting for it must not stop the read loop)."""
+class _Feed:
+    """Chunks queued by the read loop, in order (past `limit` queued bytes the loop waits),
+    taken by another thread; ending the feed drops what is queued and wakes both sides."""
 
-    def __init__(self, ex: Exec, tty: bool) -> None:
-        self.ex = ex
-        self.tty = tty
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
         self._items: deque[bytes | None] = deque()
         self._pending = 0
         self._cond = threading.Condition()
         self._ended = False
 
     def put(self, data: bytes | None) -> None:
+        """A chunk, or None for the end of the content."""
         with self._cond:
-            while self._pending > STDIN_QUEUE_LIMIT and not self._ended:
+            while self._pending > self._limit and not self._ended:
                 self._cond.wait(0.5)
             if self._ended:
                 return
@@ -80,23 +80,45 @@ class StdinFeed:
             self._pending += len(data or b"")
             self._cond.notify_all()
 
+    def _end_locked(self) -> None:
+        self._ended = True
+        self._items.clear()
+        self._pending = 0
+        self._cond.notify_all()
+
+    def _take(self, wait: float | None,
+              stop: threading.Event | None = None) -> tuple[bool, bytes | None]:
+        """(True, the next item), or (False, None) once the feed ended or `stop` is set."""
+        with self._cond:
+            while not self._items and not self._ended:
+                self._cond.wait(wait)
+            if self._ended or (stop is not None and stop.is_set()):
+                return False, None
+            item = self._items.popleft()
+            self._pending -= len(item or b"")
+            self._cond.notify_all()
+            return True, item
+
+
+class StdinFeed(_Feed):
+    """Stdin for one exec_pipe/exec_tty: queued by the read loop, written by a thread (the
+    guest acknowledges stdin in a window; waiting for it must not stop the read loop)."""
+
+    def __init__(self, ex: Exec, tty: bool) -> None:
+        super().__init__(STDIN_QUEUE_LIMIT)
+        self.ex = ex
+        self.tty = tty
+
     def end(self) -> None:
         with self._cond:
-            self._ended = True
-            self._items.clear()
-            self._cond.notify_all()
+            self._end_locked()
 
     def run(self) -> None:
         try:
             while True:
-                with self._cond:
-                    while not self._items and not self._ended:
-                        self._cond.wait()
-                    if self._ended:
-                        return
-                    item = self._items.popleft()
-                    self._pending -= len(item or b"")
-                    self._cond.notify_all()
+                more, item = self._take(None)
+                if not more:
+                    return
                 if item is None:
                     # For a PTY the reference only stops forwarding: the terminal stays open.
                     if not self.tty:
@@ -107,50 +129,28 @@ class StdinFeed:
             pass
 
 
-class FileFeed:
+class FileFeed(_Feed):
     """The content of one write_file_stream: chunks queued by the read loop (in order, at most
     FILE_QUEUE_LIMIT bytes before the loop waits), taken by the request's thread, which sends
     them to the guest. `end()` (cancel, failure) drops what is queued and makes the taker
     raise, so the guest discards the partial file."""
 
     def __init__(self) -> None:
-        self._items: deque[bytes | None] = deque()
-        self._pending = 0
-        self._cond = threading.Condition()
-        self._ended = False
+        super().__init__(FILE_QUEUE_LIMIT)
         self.failure = ""  # why the content was refused (bad base64, a broken data channel)
         self.via_fd = False  # the content comes over the data channel, not JSON lines
-
-    def put(self, data: bytes | None) -> None:
-        """A chunk, or None for the end of the content."""
-        with self._cond:
-            while self._pending > FILE_QUEUE_LIMIT and not self._ended:
-                self._cond.wait(0.5)
-            if self._ended:
-                return
-            self._items.append(data)
-            self._pending += len(data or b"")
-            self._cond.notify_all()
 
     def end(self, failure: str = "") -> None:
         with self._cond:
             if not self._ended and failure:
                 self.failure = failure
-            self._ended = True
-            self._items.clear()
-            self._pending = 0
-            self._cond.notify_all()
+            self._end_locked()
 
     def chunks(self, cancelled: threading.Event) -> Iterator[bytes]:
         while True:
-            with self._cond:
-                while not self._items and not self._ended:
-                    self._cond.wait(0.5)
-                if self._ended or cancelled.is_set():
-                    raise FeedEnded
-                item = self._items.popleft()
-                self._pending -= len(item or b"")
-                self._cond.notify_all()
+            more, item = self._take(0.5, cancelled)
+            if not more:
+                raise FeedEnded
             if item is None:
                 return
             yield item
