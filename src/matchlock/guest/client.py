@@ -360,28 +360,27 @@ class AgentConnection:
             if isinstance(ev, p.Result):
                 return
 
+    def _file_data(self, ch: _Channel, path: str, limit: int | None,
+                   timeout: float) -> Iterator[bytes]:
+        """A FILE_READ's data as it arrives, until its RESULT; FileOpError for the guest's
+        error or past `limit` bytes."""
+        total = 0
+        for ev in self._file_events(ch, timeout):
+            if isinstance(ev, p.FileData):
+                total += len(ev.data)
+                if limit is not None and total > limit:
+                    raise FileOpError(27, f"{path}: larger than {limit} bytes")  # EFBIG
+                yield ev.data
+            elif isinstance(ev, p.Result) and ev.errno:
+                raise FileOpError(ev.errno, ev.message)
+
     def read_file(self, path: str, limit: int, timeout: float = 60.0) -> bytes:
         with self._file_op(Kind.FILE_READ) as ch:
             self.send(T.FILE_READ, ch.id, p.encode_path(path))
-            out = bytearray()
-            for ev in self._file_events(ch, timeout):
-                if isinstance(ev, p.FileData):
-                    out += ev.data
-                    if len(out) > limit:
-                        raise FileOpError(27, f"{path}: larger than {limit} bytes")  # EFBIG
-                elif isinstance(ev, p.Result) and ev.errno:
-                    raise FileOpError(ev.errno, ev.message)
-            return bytes(out)
+            return b"".join(self._file_data(ch, path, limit, timeout))
 
     def write_file(self, path: str, data: bytes, mode: int = 0o644, timeout: float = 60.0) -> None:
-        with self._file_op(Kind.FILE_WRITE) as ch:
-            self.send(T.FILE_WRITE, ch.id, p.encode_path(path, mode))
-            for off in range(0, len(data), p.MAX_DATA):
-                self.send(T.FILE_DATA_IN, ch.id, data[off : off + p.MAX_DATA])
-            self.send(T.FILE_DATA_IN, ch.id, b"")
-            for ev in self._file_events(ch, timeout):
-                if isinstance(ev, p.Result) and ev.errno:
-                    raise FileOpError(ev.errno, ev.message)
+        self.write_file_chunks(path, (data,), mode, timeout)
 
     def read_file_chunks(self, path: str, limit: int | None = None,
                          timeout: float = FILE_STALL) -> Generator[bytes, None, None]:
@@ -390,21 +389,10 @@ class AgentConnection:
         (or an error, or more than `limit` bytes) ends the guest's operation (KILL)."""
         with self._file_op(Kind.FILE_READ) as ch:
             self.send(T.FILE_READ, ch.id, p.encode_path(path))
-            total, ended = 0, False
             try:
-                for ev in self._file_events(ch, timeout):
-                    if isinstance(ev, p.FileData):
-                        total += len(ev.data)
-                        if limit is not None and total > limit:
-                            raise FileOpError(27, f"{path}: larger than {limit} bytes")  # EFBIG
-                        yield ev.data
-                    elif isinstance(ev, p.Result):
-                        ended = True
-                        if ev.errno:
-                            raise FileOpError(ev.errno, ev.message)
+                yield from self._file_data(ch, path, limit, timeout)
             finally:
-                if not ended:
-                    self._kill_file_op(ch)
+                self._kill_file_op(ch)  # a no-op once the guest's RESULT came
 
     def write_file_chunks(self, path: str, chunks: Iterable[bytes], mode: int = 0o644,
                           timeout: float = FILE_STALL) -> int:
