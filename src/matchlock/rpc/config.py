@@ -460,8 +460,7 @@ def parse_write(params: Any) -> WriteSpec:
     p = _obj(params, "params")
     path = parse_path(p)
     content = decode_b64(_str(p, "content", ""), "content")
-    mode = _int(p, "mode", "", 0, 0o7777) or 0o644
-    return WriteSpec(path=path, content=content, mode=mode)
+    return WriteSpec(path=path, content=content, mode=parse_mode(p))
 
 
 def parse_close_timeout(params: Any) -> float:

@@ -80,6 +80,10 @@ class _Feed:
             self._pending += len(data or b"")
             self._cond.notify_all()
 
+    def end(self) -> None:
+        with self._cond:
+            self._end_locked()
+
     def _end_locked(self) -> None:
         self._ended = True
         self._items.clear()
@@ -108,10 +112,6 @@ class StdinFeed(_Feed):
         super().__init__(STDIN_QUEUE_LIMIT)
         self.ex = ex
         self.tty = tty
-
-    def end(self) -> None:
-        with self._cond:
-            self._end_locked()
 
     def run(self) -> None:
         try:

@@ -108,14 +108,24 @@ def _exec_common(server: Server, ctx: Ctx, mode: str) -> None:
 def _file_call(ctx: Ctx, sess: Session, op: Callable[[], Any]) -> Any:
     try:
         return op()
-    except FileOpError as e:
-        raise RpcError(proto.FILE_FAILED, str(e)) from None
-    except ChannelStalled as e:  # this transfer only: the guest connection is fine
+    except (FileOpError, ChannelStalled) as e:  # stalled: this transfer only, not the guest
         raise RpcError(proto.FILE_FAILED, str(e)) from None
     except AgentGone as e:
         raise RpcError(proto.FILE_FAILED, str(sess.sandbox.agent_failure(e))) from None
     except MatchlockError as e:
         raise RpcError(proto.FILE_FAILED, str(e)) from None
+
+
+def _limited_read(ctx: Ctx, sess: Session, op: Callable[[], Any], method: str,
+                  limit: int | None, path: str) -> Any:
+    """_file_call for a read bounded by `limit`: going past it fails with the reference's
+    message for read_file."""
+    try:
+        return _file_call(ctx, sess, op)
+    except RpcError as e:
+        if limit is not None and "larger than" in e.message:
+            raise RpcError(proto.FILE_FAILED, f"{method} exceeds {limit} bytes: {path}") from None
+        raise
 
 
 def _write_file(server: Server, ctx: Ctx) -> None:
@@ -129,14 +139,8 @@ def _write_file(server: Server, ctx: Ctx) -> None:
 def _read_file(server: Server, ctx: Ctx) -> None:
     path = cfg.parse_path(ctx.params)
     sess = server.need_session()
-    try:
-        data = _file_call(ctx, sess,
-                          lambda: sess.sandbox.conn.read_file(path, READ_FILE_LIMIT))
-    except RpcError as e:
-        if "larger than" in e.message:
-            raise RpcError(proto.FILE_FAILED,
-                           f"read_file exceeds {READ_FILE_LIMIT} bytes: {path}") from None
-        raise
+    data = _limited_read(ctx, sess, lambda: sess.sandbox.conn.read_file(path, READ_FILE_LIMIT),
+                         "read_file", READ_FILE_LIMIT, path)
     _done(ctx, {"content": base64.b64encode(data).decode()})
 
 
@@ -151,7 +155,7 @@ def _read_file_stream(server: Server, ctx: Ctx) -> None:
     STREAM_CHUNK bytes, in order), then `{size}`. `limit`: fail (-32002) rather than send
     more than that many bytes (a guest file that grows, or a guest that lies)."""
     assert ctx.id is not None
-    rid = ctx.id
+    rid = ctx.id  # for the closures (mypy keeps the narrowing of a local only)
     path = cfg.parse_path(ctx.params)
     limit = cfg.parse_limit(ctx.params)
     via_fd = cfg.parse_via(ctx.params)
@@ -166,7 +170,7 @@ def _read_file_stream(server: Server, ctx: Ctx) -> None:
             server.data_write(rid, bytes(buf))
         else:
             server.notify("read_file_stream.data",
-                          {"id": ctx.id, "data": base64.b64encode(buf).decode()})
+                          {"id": rid, "data": base64.b64encode(buf).decode()})
         buf.clear()
 
     def op() -> None:
@@ -186,17 +190,11 @@ def _read_file_stream(server: Server, ctx: Ctx) -> None:
         finally:
             chunks.close()  # a consumer that stops early ends the guest's read (KILL)
 
-    try:
-        _file_call(ctx, sess, op)
-    except RpcError as e:
-        if limit is not None and "larger than" in e.message:
-            raise RpcError(proto.FILE_FAILED,
-                           f"read_file_stream exceeds {limit} bytes: {path}") from None
-        raise
+    _limited_read(ctx, sess, op, "read_file_stream", limit, path)
     if buf:
         flush()
     if via_fd and not ctx.cancelled.is_set():
-        server.data_write(ctx.id, b"")  # the SDK has all the content before the result
+        server.data_write(rid, b"")  # the SDK has all the content before the result
     _done(ctx, {"size": total})
 
 
@@ -229,8 +227,7 @@ def _write_file_stream(server: Server, ctx: Ctx) -> None:
         size = _file_call(ctx, sess, op)
     finally:
         feed.end()
-        if server.file_feeds.get(ctx.id) is feed:
-            del server.file_feeds[ctx.id]
+        server.file_feeds.pop(ctx.id, None)
     _done(ctx, {"size": size})
 
 

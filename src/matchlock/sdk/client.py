@@ -311,8 +311,7 @@ class Client:
                 data = chunk.encode() if isinstance(chunk, str) else bytes(chunk)
                 if not data:
                     break
-                rpc.send(f"{method}.stdin", {"id": req_id,
-                                             "data": base64.b64encode(data).decode("ascii")})
+                rpc.send(f"{method}.stdin", F.data_params(req_id, data))
             if not done.is_set():
                 rpc.send(f"{method}.stdin_eof", {"id": req_id})
 

@@ -194,8 +194,7 @@ class RPCProcess:
         try:
             self._write(msg)
         except BaseException:
-            with self._lock:
-                self._pending.pop(req_id, None)
+            self.forget(req_id)
             raise
         return req_id, p
 
@@ -227,8 +226,7 @@ class RPCProcess:
             return p.result
         finally:
             if not (ok and keep):
-                with self._lock:
-                    self._pending.pop(req_id, None)
+                self.forget(req_id)
 
     def forget(self, req_id: int) -> None:
         """Stop waiting for a request's answer (it was cancelled; its answer is dropped)."""
