@@ -154,13 +154,10 @@ def _say(line: str) -> None:
 
 def run(params: dict[str, object]) -> None:
     """cli/main.py's `main` for these parameters (never returns)."""
-    import signal
-
+    from matchlock.cli import signals
     from matchlock.cli.runbody import execute
-    from matchlock.cli.signals import Interrupted, on_sigint
 
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        signal.signal(signal.SIGINT, on_sigint)
+    signals.install()
     try:
         execute(**params)  # type: ignore[arg-type]
     except MatchlockError as e:
@@ -170,7 +167,7 @@ def run(params: dict[str, object]) -> None:
         _say("")
         _say("matchlock: aborted")
         sys.exit(130)
-    except Interrupted:
+    except signals.Interrupted:
         _say("matchlock: interrupted")
         sys.exit(130)
     except OSError as e:

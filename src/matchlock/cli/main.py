@@ -8,7 +8,8 @@ from typing import Any
 import click
 
 from matchlock import __version__
-from matchlock.cli.signals import Interrupted, on_sigint
+from matchlock.cli import signals
+from matchlock.cli.signals import Interrupted
 from matchlock.errors import MatchlockError
 
 _COMMANDS = {
@@ -68,10 +69,7 @@ def cli() -> None:
 
 
 def main(argv: list[str] | None = None) -> Any:
-    import signal
-
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        signal.signal(signal.SIGINT, on_sigint)
+    signals.install()
     try:
         code = cli.main(args=argv, prog_name="matchlock", standalone_mode=False)
     except MatchlockError as e:

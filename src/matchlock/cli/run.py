@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from matchlock.cli.runbody import execute, parse_memory, rewrite_rm
+from matchlock.cli.runbody import execute, rewrite_rm
 from matchlock.errors import MatchlockError
 from matchlock.sandbox.command import (
     DEFAULT_PATH,
@@ -24,7 +24,6 @@ from matchlock.sandbox.envspec import parse_env_entry
 # Re-exported: they were defined here before they moved to the sandbox layer.
 __all__ = ["DEFAULT_PATH", "compose_argv", "compose_env", "hide_from_children",
            "parse_env_entry", "read_env_file", "run"]
-_parse_memory = parse_memory  # its name here before cli/runbody.py
 
 
 class _RunCommand(click.Command):

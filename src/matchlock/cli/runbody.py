@@ -39,9 +39,6 @@ def parse_memory(value: str) -> int:
 _BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
-_BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-
-
 def rewrite_rm(args: list[str], takes_value: set[str]) -> list[str]:
     """The reference's spelling `--rm=false` / `--rm=true` (a click boolean flag takes no
     value) as `--no-rm` / `--rm`, in the options only (up to the first argument or `--`, a

@@ -8,3 +8,11 @@ class Interrupted(BaseException):
 
 def on_sigint(signo: int, frame: object) -> None:
     raise Interrupted
+
+
+def install() -> None:
+    """Ctrl-C raises Interrupted, unless something already chose what SIGINT does."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, on_sigint)

@@ -28,7 +28,7 @@ from matchlock.errors import MatchlockError
 from matchlock.paths import state_dir
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
-MARKER = "pool"  # = supervisor.POOL_MARKER (not imported: the supervisor is heavy)
+MARKER = "pool"  # in a pool member's directory while it waits: "NAME TOKEN"
 
 
 def check_name(name: str) -> str:
@@ -36,6 +36,13 @@ def check_name(name: str) -> str:
         raise MatchlockError(f"invalid pool name {name!r}",
                              hint="use letters, digits, '.', '_' and '-' (at most 63)")
     return name
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write `text` to `path`, owner-only, never through a symlink planted there."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
 
 
 def _dir() -> Path:
@@ -58,9 +65,7 @@ class PoolLock:
             raise MatchlockError(f"pool {name} is already running") from None
         self.token = secrets.token_hex(16)
         tmp = d / f".{name}.{os.getpid()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(self.token)
+        write_private(tmp, self.token)
         os.replace(tmp, d / name)
 
     @property

@@ -33,6 +33,7 @@ from matchlock.sandbox import request, wire
 from matchlock.sandbox.attach import TIMEOUT_EXIT, RunRequest, attach, exec_request
 from matchlock.sandbox.control import frames, sock_path
 from matchlock.sandbox.core import Sandbox
+from matchlock.sandbox.pool import MARKER, write_private
 from matchlock.sandbox.ports import PortForwarder
 from matchlock.state import registry
 
@@ -41,15 +42,6 @@ LOG = "supervisor.log"
 HEADER_TIMEOUT = 10.0
 MAX_SIGNAL = 64
 MAX_PIPES = 256  # concurrent port-forward connections per sandbox
-
-
-POOL_MARKER = "pool"  # in a pool member's directory while it waits: "NAME TOKEN"
-
-
-def _write_private(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
 
 
 # --- the launcher (`matchlock run -d`) ---------------------------------------------------------
@@ -227,7 +219,7 @@ class Supervisor:
                 # Before the id is out: `matchlock pool` reports a member ready when it has
                 # the id, and a claim looks for the marker.
                 self.sandbox.pause()  # no CPU while it waits to be claimed
-                _write_private(self.sandbox.dir / POOL_MARKER, self.pool)
+                write_private(self.sandbox.dir / MARKER, self.pool)
             if not self.foreground:
                 self._announce(self.sandbox.dir / LOG)
             threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
@@ -424,7 +416,7 @@ class Supervisor:
                 raise MatchlockError("not a ready member of this pool")
             self.pooled = False
         assert self.sandbox.dir is not None
-        (self.sandbox.dir / POOL_MARKER).unlink(missing_ok=True)
+        (self.sandbox.dir / MARKER).unlink(missing_ok=True)
         if req.action == "release":
             self.stop("pool closed")
             return {"id": self.sandbox.id}
