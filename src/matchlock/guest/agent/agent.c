@@ -210,6 +210,20 @@ void agent_log(const char *fmt, ...)
     send_frame(F_LOG, 0, msg, len, NULL, 0);
 }
 
+/* OUTPUT_ACK of `n` bytes at p for a credited channel whose unacknowledged count is *unacked. */
+void output_ack(uint32_t chan, size_t *unacked, const uint8_t *p, size_t n)
+{
+    uint32_t k = n == 4 ? get_be32(p) : 0;
+    if (k == 0 || k > *unacked) {
+        /* A host bug. Its own window check fails its session if we overrun; stalling the
+         * channel forever would only hide the bug. */
+        agent_log("channel %u: malformed OUTPUT_ACK (%u of %zu)", chan, k, *unacked);
+        *unacked = 0;
+        return;
+    }
+    *unacked -= k;
+}
+
 /* ---- shutdown ---------------------------------------------------------------------------- */
 
 static __attribute__((noreturn)) void shutdown_agent(const char *why)

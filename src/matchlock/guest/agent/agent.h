@@ -32,6 +32,14 @@ struct pollfd;
  * the host returns it with OUTPUT_ACK as its consumer takes the output. */
 #define OUTPUT_WINDOW (1u << 20)
 #define OUTPUT_FRAME_COST 64u
+
+/* Payload bytes a credited channel (an exec's output, a file read) may send now: 0 once the
+ * host's unacknowledged frames fill OUTPUT_WINDOW. */
+static inline size_t output_credit(size_t unacked)
+{
+    return unacked + OUTPUT_FRAME_COST < OUTPUT_WINDOW ? OUTPUT_WINDOW - unacked - OUTPUT_FRAME_COST
+                                                       : 0;
+}
 #define MAX_LOG 4096u
 #define MAX_PING 64u
 
@@ -154,6 +162,7 @@ ssize_t send_from_fd(uint8_t type, uint32_t chan, int fd, size_t max);
 void send_result(uint32_t chan, int err, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 void agent_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+void output_ack(uint32_t chan, size_t *unacked, const uint8_t *p, size_t n);
 /* Is channel chan in use by an exec or a file operation? */
 bool channel_busy(uint32_t chan);
 

@@ -1243,16 +1243,7 @@ void exec_kill(uint32_t chan)
 void exec_output_ack(uint32_t chan, const uint8_t *p, size_t n)
 {
     struct exec *e = exec_find(chan);
-    if (!e) return;
-    uint32_t k = n == 4 ? get_be32(p) : 0;
-    if (k == 0 || k > e->out_unacked) {
-        /* A host bug. Its own window check fails its session if we overrun; stalling this
-         * exec forever would only hide the bug. */
-        agent_log("channel %u: malformed OUTPUT_ACK (%u of %zu)", chan, k, e->out_unacked);
-        e->out_unacked = 0;
-        return;
-    }
-    e->out_unacked -= k;
+    if (e) output_ack(chan, &e->out_unacked, p, n);
 }
 
 void exec_kill_all(void)
@@ -1303,7 +1294,7 @@ size_t exec_poll_fill(struct pollfd *pfd)
         e->pfd_out = e->pfd_err = e->pfd_in = -1;
         /* Output is read only while the host's credit lasts: a slow consumer slows its own
          * process, and the port stays free for every other channel. */
-        bool credit = e->out_unacked + OUTPUT_FRAME_COST < OUTPUT_WINDOW;
+        bool credit = output_credit(e->out_unacked) > 0;
         /* A held fd is polled for nothing but a hang-up (always reported). */
         if (e->out_fd >= 0 && room && credit && (!e->final || e->owed_out))
             ADD(e->pfd_out, e->out_fd, e->hold_out > now ? 0 : POLLIN);
@@ -1339,9 +1330,7 @@ int64_t exec_poll_timeout(void)
 static void pump_output(struct exec *e, int *fd, uint8_t type, size_t *owed, uint64_t *hold,
                         bool *was_short)
 {
-    size_t credit = e->out_unacked + OUTPUT_FRAME_COST < OUTPUT_WINDOW
-                        ? OUTPUT_WINDOW - e->out_unacked - OUTPUT_FRAME_COST
-                        : 0;
+    size_t credit = output_credit(e->out_unacked);
     size_t max = e->final && *owed < OUTPUT_READ_MAX ? *owed : OUTPUT_READ_MAX;
     if (credit < max) max = credit;
     if (!out_data_room() || !max) return;

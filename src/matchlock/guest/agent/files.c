@@ -44,22 +44,14 @@ bool file_exists(uint32_t chan) { return op_find(chan) != NULL; }
  * nothing else. */
 static size_t read_credit(const struct fileop *op)
 {
-    if (op->unacked + OUTPUT_FRAME_COST >= OUTPUT_WINDOW) return 0;
-    size_t c = OUTPUT_WINDOW - op->unacked - OUTPUT_FRAME_COST;
+    size_t c = output_credit(op->unacked);
     return c < MAX_DATA ? c : MAX_DATA;
 }
 
 void file_output_ack(uint32_t chan, const uint8_t *p, size_t n)
 {
     struct fileop *op = op_find(chan);
-    if (!op || op->kind != OP_READ) return;
-    uint32_t k = n == 4 ? get_be32(p) : 0;
-    if (k == 0 || k > op->unacked) {
-        agent_log("channel %u: malformed OUTPUT_ACK (%u of %zu)", chan, k, op->unacked);
-        op->unacked = 0;
-        return;
-    }
-    op->unacked -= k;
+    if (op && op->kind == OP_READ) output_ack(chan, &op->unacked, p, n);
 }
 
 static struct fileop *op_new(uint32_t chan, enum op_kind kind)
