@@ -17,7 +17,6 @@ import contextlib
 import copy
 import io
 import json
-import os
 import subprocess
 import threading
 import time
@@ -29,7 +28,7 @@ from matchlock.sdk import files as F
 from matchlock.sdk import params as P
 from matchlock.sdk.builder import Sandbox
 from matchlock.sdk.hooks import HookServer
-from matchlock.sdk.pool import Pool
+from matchlock.sdk.pool import Pool, command, default_config, spawn_rpc
 from matchlock.sdk.transport import RPCProcess
 from matchlock.sdk.types import (
     Config,
@@ -66,8 +65,7 @@ class Client:
     def __init__(self, config: Config | None = None, *,
                  on_event: Callable[[dict[str, Any]], None] | None = None,
                  pool: Pool | None = None) -> None:
-        self._config = config or Config(binary_path=os.environ.get("MATCHLOCK_BIN",
-                                                                   "matchlock"))
+        self._config = default_config(config)
         self._on_event = on_event
         # With a pool, `matchlock rpc` starts at create/launch: a matching one adopts a
         # pool member's process instead (sdk/pool.py).
@@ -91,8 +89,7 @@ class Client:
         return self._vm_id
 
     def _argv(self, *args: str) -> list[str]:
-        cmd = [self._config.binary_path, *args]
-        return ["sudo", *cmd] if self._config.use_sudo else cmd
+        return command(self._config, *args)
 
     def start(self) -> None:
         with self._lock:
@@ -100,10 +97,7 @@ class Client:
                 self._rpc = self._spawn()
 
     def _spawn(self) -> RPCProcess:
-        # The data channel's pipes cannot pass through sudo (it closes inherited
-        # descriptors): streamed files then go as base64 JSON lines.
-        return RPCProcess(self._argv("rpc"), self._on_event,
-                          data_channel=not self._config.use_sudo)
+        return spawn_rpc(self._config, self._on_event)
 
     def _from_pool(self, opts: CreateOptions) -> bool:
         """Adopt a ready pool member of exactly this configuration, if there is one; else
@@ -209,14 +203,11 @@ class Client:
             self._hooks = HookServer(rules, [P.callback_id(i) for i in range(len(rules))])
         try:
             params = P.create_params(opts, self._hooks.path if self._hooks else "")
-            result = self._proc.call("create", params)
+            vm_id = P.created_id(self._proc.call("create", params))
         except BaseException:
             self._stop_hooks()
             raise
-        if not isinstance(result, dict) or "id" not in result:
-            self._stop_hooks()
-            raise MatchlockError("invalid create response: missing id")
-        self._vm_id = str(result["id"])
+        self._vm_id = vm_id
         if opts.port_forwards:
             self._forward(opts.port_forward_addresses, opts.port_forwards)
         return self._vm_id

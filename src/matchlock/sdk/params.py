@@ -202,3 +202,10 @@ def exec_result(result: Any) -> ExecResult:
 def file_infos(result: Any) -> list[FileInfo]:
     return [FileInfo(f["name"], int(f["size"]), int(f["mode"]), bool(f["is_dir"]))
             for f in (result or {}).get("files", [])]
+
+
+def created_id(result: Any) -> str:
+    """The sandbox id in a `create` result."""
+    if not isinstance(result, dict) or "id" not in result:
+        raise MatchlockError("invalid create response: missing id")
+    return str(result["id"])

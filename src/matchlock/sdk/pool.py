@@ -27,6 +27,7 @@ import copy
 import json
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,14 +49,27 @@ class Member:
     vm_id: str
 
 
-def _binary(config: Config | None) -> Config:
+def default_config(config: Config | None) -> Config:
+    """The caller's config, or `matchlock` ($MATCHLOCK_BIN) found on PATH."""
     return config or Config(binary_path=os.environ.get("MATCHLOCK_BIN", "matchlock"))
+
+
+def command(config: Config, *args: str) -> list[str]:
+    cmd = [config.binary_path, *args]
+    return ["sudo", *cmd] if config.use_sudo else cmd
+
+
+def spawn_rpc(config: Config,
+              on_event: Callable[[dict[str, Any]], None] | None = None) -> RPCProcess:
+    # The data channel's pipes cannot pass through sudo (it closes inherited
+    # descriptors): streamed files then go as base64 JSON lines.
+    return RPCProcess(command(config, "rpc"), on_event, data_channel=not config.use_sudo)
 
 
 def config_key(config: Config | None, opts: CreateOptions) -> str:
     """What must be equal for a member to serve a request: the binary, the `create` request
     as it would be sent, and the port forwards applied after it."""
-    cfg = _binary(config)
+    cfg = default_config(config)
     return json.dumps({
         "binary": cfg.binary_path, "sudo": cfg.use_sudo,
         "create": P.create_params(opts, ""),
@@ -80,7 +94,7 @@ class Pool:
             raise MatchlockError("a pool cannot hold sandboxes with network hook callbacks "
                                  "(each callback belongs to one client)")
         self.size = size
-        self.config = _binary(config)
+        self.config = default_config(config)
         self._params = P.create_params(opts, "")
         self._key = config_key(self.config, opts)
         self._ready: list[Member] = []
@@ -182,10 +196,6 @@ class Pool:
 
     # --- the filler ----------------------------------------------------------------------------
 
-    def _argv(self) -> list[str]:
-        cmd = [self.config.binary_path, "rpc"]
-        return ["sudo", *cmd] if self.config.use_sudo else cmd
-
     def _prune(self) -> None:
         """Drop members whose rpc process died while pooled (`matchlock kill ID`, a crash):
         they are replaced. Called with the lock held."""
@@ -206,8 +216,7 @@ class Pool:
                 if self._closed:
                     return
                 try:
-                    rpc: RPCProcess | None = RPCProcess(
-                        self._argv(), data_channel=not self.config.use_sudo)
+                    rpc: RPCProcess | None = spawn_rpc(self.config)
                 except OSError as e:  # no such binary
                     rpc, error = None, MatchlockError(f"cannot start matchlock rpc: {e}")
                 self._making = rpc
@@ -240,8 +249,6 @@ class Pool:
             return
 
     def _make(self, rpc: RPCProcess) -> Member:
-        result: Any = rpc.call("create", copy.deepcopy(self._params))
-        if not isinstance(result, dict) or "id" not in result:
-            raise MatchlockError("invalid create response: missing id")
+        vm_id = P.created_id(rpc.call("create", copy.deepcopy(self._params)))
         rpc.call("pause", timeout=RESUME_TIMEOUT_S)
-        return Member(rpc, str(result["id"]))
+        return Member(rpc, vm_id)
