@@ -169,6 +169,21 @@ def test_prepare_carries_the_root_and_setup_after_it_does_not() -> None:
     assert p.SetupTag.ENTROPY in tags
 
 
+def test_the_ca_travels_in_setup_and_a_nic_template_is_told_what_setup_brings() -> None:
+    pem = b"-----BEGIN CERTIFICATE-----\nQUJD\n-----END CERTIFICATE-----\n"
+    req = p.SetupRequest(hostname="h", root_dev=None, upper_dev=None, clock_ns=1,
+                         entropy=b"\x02" * 32, ca=pem)
+    assert (12, pem) in p.decode_tlv(req.encode()) and p.SetupTag.CA == 12
+    for bad in (b"", b"a\0b", b"x" * 65537):
+        with pytest.raises(ValueError):
+            p.SetupRequest(hostname="h", root_dev=None, upper_dev=None, clock_ns=1,
+                           entropy=b"\x02" * 32, ca=bad).encode()
+    net = p.NetConfig("10.0.0.2", 24, "10.0.0.1", 1500)
+    prep = p.decode_tlv(p.PrepareRequest("vda", "vdb", net=net).encode())
+    assert prep[2:] == [(p.SetupTag.NET, net.encode()), (p.SetupTag.RESOLV, b""),
+                        (p.SetupTag.CA, b"")]
+
+
 def test_message_records_behave_as_frozen_dataclasses() -> None:
     # guest/protocol.py's plain slotted classes keep what the dataclasses gave (issue 10).
     import copy

@@ -95,6 +95,7 @@ class SetupTag(IntEnum):
     NET = 9
     MOUNT = 10
     DISK = 11
+    CA = 12
 
 
 class ExecTag(IntEnum):
@@ -314,6 +315,7 @@ class SetupRequest:
     net: NetConfig | None = None
     mounts: tuple[bytes, ...] = ()  # sandbox.mounts.setup_field
     disks: tuple[bytes, ...] = ()  # sandbox.disks.setup_field
+    ca: bytes | None = None  # the sandbox CA (PEM), for the agent to install
 
     def encode(self) -> bytes:
         fields: list[tuple[int, bytes]] = [
@@ -334,6 +336,10 @@ class SetupRequest:
             fields.append((SetupTag.NET, self.net.encode()))
         fields += [(SetupTag.MOUNT, m) for m in self.mounts]
         fields += [(SetupTag.DISK, d) for d in self.disks]
+        if self.ca is not None:
+            if not 0 < len(self.ca) <= 65536 or b"\0" in self.ca:
+                raise ValueError("the CA must be 1 to 65536 bytes of PEM")
+            fields.append((SetupTag.CA, self.ca))
         return encode_tlv(fields)
 
 
@@ -346,20 +352,28 @@ def encode_resume(clock_ns: int, entropy: bytes) -> bytes:
 
 
 class PrepareRequest(_Record):
-    """The sandbox-independent part of SETUP, done once in an image template: the root."""
+    """The sandbox-independent part of SETUP, done once in an image template: the root, the
+    files SETUP fills in, and with `net` (a NIC) eth0, the same in every sandbox. Every SETUP
+    after a PREPARE with `net` must carry the same NET, RESOLV and CA (PREPARE sends empty
+    RESOLV and CA fields: their values are each clone's own)."""
 
-    _fields = ("root_dev", "upper_dev")
+    _fields = ("root_dev", "upper_dev", "net")
     __slots__ = _fields
     root_dev: str
     upper_dev: str | None
+    net: NetConfig | None
 
-    def __init__(self, root_dev: str, upper_dev: str | None) -> None:
-        self._set(root_dev, upper_dev)
+    def __init__(self, root_dev: str, upper_dev: str | None,
+                 net: NetConfig | None = None) -> None:
+        self._set(root_dev, upper_dev, net)
 
     def encode(self) -> bytes:
         fields = [(SetupTag.ROOT_DEV, _text(self.root_dev, "root device"))]
         if self.upper_dev:
             fields.append((SetupTag.UPPER_DEV, _text(self.upper_dev, "upper device")))
+        if self.net is not None:
+            fields += [(SetupTag.NET, self.net.encode()), (SetupTag.RESOLV, b""),
+                       (SetupTag.CA, b"")]
         return encode_tlv(fields)
 
 

@@ -278,14 +278,21 @@ class Sandbox:
         assert restored_from is None or isinstance(restored_from, template.Template)
         t = time.perf_counter()
         try:
-            result = self._conn.prepare(p.PrepareRequest(root_dev="vda", upper_dev="vdb"),
-                                        timeout=self.opts.boot_timeout)
+            # With a NIC, the template has eth0 configured (the same addresses in every
+            # sandbox) and the files for SETUP's resolv.conf and CA ready to be filled in.
+            # eth0 comes up only once the firewall and resolver run, as at SETUP.
+            egress = self.opts.egress
+            net = None
+            if egress is not None:
+                egress.wait_ready()
+                net = egress.guest_config().net_config()
+            result = self._conn.prepare(
+                p.PrepareRequest(root_dev="vda", upper_dev="vdb", net=net),
+                timeout=self.opts.boot_timeout)
         except AgentGone as e:
             raise self.agent_failure(e) from None
         if result.errno:
-            raise GuestError(
-                f"guest set-up failed: {result.message} (errno {result.errno}: "
-                f"{os.strerror(result.errno)})", hint=_ROOTFS_HINT)
+            raise _setup_error(result)
         self._prepared = True
         self.timings.add("prepare", time.perf_counter() - t)
         t = time.perf_counter()
@@ -395,10 +402,14 @@ class Sandbox:
         net = None
         resolv = None
         egress = self.opts.egress
+        ca = None
         if egress is not None:
             egress.wait_ready()
             guest = egress.guest_config()
             net, resolv = guest.net_config(), guest.resolv_conf()
+            # The agent installs it with the image's roots (docs/guest-protocol.md, CA): the
+            # proxy is nearly always up by now (it starts while the guest restores).
+            ca = egress.ca_pem()
         req = p.SetupRequest(
             hostname=self.hostname,
             root_dev=None if self._prepared else "vda",
@@ -411,57 +422,14 @@ class Sandbox:
             resolv=resolv,
             mounts=self._shares.setup_fields if self._shares is not None else (),
             disks=self._disks.setup_fields if self._disks is not None else (),
+            ca=ca,
         )
         try:
             result = self._conn.setup(req, timeout=self.opts.boot_timeout)
         except AgentGone as e:
             raise self.agent_failure(e) from None
         if result.errno:
-            hint = _ROOTFS_HINT
-            if result.message.startswith("mount the disk"):
-                # Written by an earlier guest: only a guest kernel ever parsed it.
-                hint = ("the disk's file system is damaged: check it with `e2fsck -f FILE` "
-                        "(a volume's FILE is in `matchlock volume ls --json`) or use a copy")
-            raise GuestError(
-                f"guest set-up failed: {result.message} (errno {result.errno}: "
-                f"{os.strerror(result.errno)})", hint=hint)
-        if egress is not None:
-            self._install_ca(egress)
-
-    def _install_ca(self, egress: Egress) -> None:
-        """Make the guest trust the proxy: our CA, alone and merged with the image's roots."""
-        from matchlock.guest.client import FileOpError
-        from matchlock.sandbox.network import GUEST_BUNDLE, MAX_BUNDLE, SYSTEM_BUNDLES
-
-        assert self._conn is not None
-        found: list[str] = []
-        bundle: bytes | None = None
-        for path in SYSTEM_BUNDLES:
-            try:
-                data = self._conn.read_file(path, MAX_BUNDLE)
-            except FileOpError as e:
-                if e.errno == errno.EFBIG:
-                    raise GuestError(
-                        f"the image's CA bundle {path} is larger than {MAX_BUNDLE >> 20} MiB, "
-                        "so the sandbox CA cannot be added to it",
-                        hint="trim the image's CA bundle, or run with --no-network",
-                    ) from None
-                continue
-            except AgentGone as e:
-                raise self.agent_failure(e) from None
-            found.append(path)
-            bundle = bundle or data
-        files = egress.ca_files(bundle)
-        # Tools that ignore SSL_CERT_FILE read the system bundle: it gets the merged one too.
-        merged = files[GUEST_BUNDLE]
-        targets = {**files, **{path: merged for path in (found or SYSTEM_BUNDLES[:1])}}
-        try:
-            for path, data in targets.items():
-                self._conn.write_file(path, data, 0o644)
-        except FileOpError as e:
-            raise GuestError(f"cannot install the sandbox CA in the guest: {e}") from None
-        except AgentGone as e:
-            raise self.agent_failure(e) from None
+            raise _setup_error(result)
 
     def cpu_quota_us(self) -> int:
         """A CFS quota when --cpus is not a whole number of vCPUs, else 0 (no limit)."""
@@ -693,6 +661,21 @@ class Sandbox:
             ending = endings.from_error(message or type(outcome).__name__, code, self.console,
                                         kill)
         note(registry.record_end, ending)
+
+
+def _setup_error(result: p.Result) -> GuestError:
+    """The error for a failed PREPARE or SETUP."""
+    msg = result.message
+    if result.errno == errno.EFBIG and "CA bundle" in msg:
+        return GuestError(msg.removesuffix(": File too large"),
+                          hint="trim the image's CA bundle, or run with --no-network")
+    hint = _ROOTFS_HINT
+    if msg.startswith("mount the disk"):
+        # Written by an earlier guest: only a guest kernel ever parsed it.
+        hint = ("the disk's file system is damaged: check it with `e2fsck -f FILE` "
+                "(a volume's FILE is in `matchlock volume ls --json`) or use a copy")
+    return GuestError(f"guest set-up failed: {msg} (errno {result.errno}: "
+                      f"{os.strerror(result.errno)})", hint=hint)
 
 
 class _Recorder:

@@ -40,13 +40,9 @@ if TYPE_CHECKING:
 # Where the guest finds our CA; the merged bundle replaces the image's own bundle as well, for
 # tools that read the system path and ignore the variables.
 GUEST_CA = "/etc/matchlock/ca.pem"
+# The guest agent writes both at SETUP (guest/agent/setup.c, install_ca), and appends our CA
+# to the image's own bundles (where images keep them is listed there).
 GUEST_BUNDLE = "/etc/matchlock/ca-bundle.pem"
-SYSTEM_BUNDLES = (
-    "/etc/ssl/certs/ca-certificates.crt",  # Debian, Ubuntu, Alpine
-    "/etc/pki/tls/certs/ca-bundle.crt",  # Fedora, RHEL
-    "/etc/ssl/cert.pem",  # Alpine (LibreSSL), macOS-like layouts
-)
-MAX_BUNDLE = 8 << 20
 MAX_RUNTIME_ENTRIES = 2048  # an answer listing them all stays well under a wire frame
 _HOST_HINT = "use HOST, *.DOMAIN or HOST:PORT, as for --allow-host"
 
@@ -260,13 +256,11 @@ class Egress:
         assert self.nic is not None
         return guest_config(self.nic.addressing)
 
-    def ca_files(self, image_bundle: bytes | None) -> dict[str, bytes]:
-        """The files the guest gets: our CA, and the image's roots with our CA appended."""
+    def ca_pem(self) -> bytes:
+        """The sandbox CA's certificate (PEM), once the proxy is up; SETUP hands it to the
+        guest agent, which installs it alone and merged with the image's roots."""
         self._wait_proxy()
-        roots = image_bundle or b""
-        if roots and not roots.endswith(b"\n"):
-            roots += b"\n"
-        return {GUEST_CA: self._ca_pem, GUEST_BUNDLE: roots + self._ca_pem}
+        return self._ca_pem
 
     # --- runtime allow-list changes (`matchlock allow-list`, the RPC server) ----------------
 

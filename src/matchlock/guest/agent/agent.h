@@ -94,6 +94,7 @@ enum setup_tag {
     SETUP_NET = 9,
     SETUP_MOUNT = 10,
     SETUP_DISK = 11,
+    SETUP_CA = 12,
 };
 
 enum exec_tag {
@@ -204,6 +205,8 @@ void file_data(uint32_t chan, const uint8_t *p, size_t n);
 void file_read_begin(uint32_t chan, const uint8_t *p, size_t n);
 void file_list_begin(uint32_t chan, const uint8_t *p, size_t n);
 bool file_exists(uint32_t chan);
+/* mkdir -p of the directory part of path (0755); path is modified and restored. */
+int make_parents(char *path);
 /* KILL on a file channel: abandon the operation (a write leaves no file), RESULT ECANCELED. */
 void file_kill(uint32_t chan);
 /* OUTPUT_ACK on a FILE_READ channel: credit for its FILE_DATA frames. */

@@ -119,8 +119,8 @@ static void op_fail(struct fileop *op, int err, const char *what)
     snprintf(op->msg, sizeof op->msg, "%s %s: %s", what, op->path ? op->path : "", strerror(err));
 }
 
-/* mkdir -p of the directory part of path (0755), as the reference agent does. */
-static int make_parents(char *path)
+/* As the reference agent does. */
+int make_parents(char *path)
 {
     for (char *s = strchr(path + 1, '/'); s; s = strchr(s + 1, '/')) {
         *s = 0;

@@ -18,6 +18,7 @@
 #include <sys/mount.h>
 #include <sys/reboot.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -27,6 +28,8 @@
 #define RNDRESEEDCRNG _IO('R', 0x07)
 /* From <linux/fs.h>. */
 #define BLKFLSBUF _IO(0x12, 97)
+/* From <linux/magic.h>. */
+#define OVERLAYFS_SUPER_MAGIC 0x794c7630
 struct rand_pool {
     int entropy_count; /* bits */
     int buf_size;      /* bytes */
@@ -150,6 +153,8 @@ struct setup {
     struct disk disks[MAX_DISKS];
     size_t ndisks;
     char *hostname, *root_dev, *upper_dev, *resolv;
+    const char *ca; /* SETUP_CA: PEM, in the request's buffer */
+    size_t ca_len;
     char **hosts;
     size_t nhosts;
     bool have_clock;
@@ -306,6 +311,184 @@ static int mount_guest_dev(void)
     return 0;
 }
 
+/* Files an image template made for SETUP to fill in (prepare_files): filled in place, a
+ * clone's first writes to its upper layer are no copy-up of /etc, no inode or block
+ * allocation, no truncation and no rename, each a kernel path that TCG translates afresh after
+ * every restore (~30 ms in all). Appends data to the file at path if it is the one PREPARE
+ * left there (regular, root's, 0644, one link, `size` bytes long): 0 done, 1 not that file
+ * (nothing written), -1 a failed write. */
+static int append_prepared(const char *path, const char *data, size_t len, off_t size)
+{
+    if (!g_prepared) return 1;
+    int fd = open(path, O_WRONLY | O_APPEND | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
+    if (fd < 0) return 1;
+    struct stat st;
+    if (fstat(fd, &st) || !S_ISREG(st.st_mode) || st.st_nlink != 1 || st.st_uid != 0 ||
+        (st.st_mode & 07777) != 0644 || st.st_size != size) {
+        close(fd);
+        return 1;
+    }
+    for (size_t off = 0; off < len;) {
+        ssize_t n = write(fd, data + off, len - off);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) {
+            if (n == 0) errno = EIO;
+            fail("write %s", path);
+            close(fd);
+            return -1;
+        }
+        off += (size_t)n;
+    }
+    if (close(fd)) return fail("write %s", path);
+    return 0;
+}
+
+/* hostname, hosts, resolv.conf: in place when PREPARE made them, else written atomically. */
+static int write_setup_file(const char *path, const char *data, size_t len)
+{
+    int rc = append_prepared(path, data, len, 0);
+    return rc <= 0 ? rc : write_file_atomic(path, data, len);
+}
+
+/* ---- the sandbox CA (SETUP_CA) -------------------------------------------------------------- */
+
+/* Where images keep their roots (the first one found is the image's bundle), as the host's
+ * sandbox/network.py lists them, and where the sandbox CA goes. */
+static const char *const ca_bundles[] = {
+    "/etc/ssl/certs/ca-certificates.crt", /* Debian, Ubuntu, Alpine */
+    "/etc/pki/tls/certs/ca-bundle.crt",   /* Fedora, RHEL */
+    "/etc/ssl/cert.pem",                  /* Alpine (LibreSSL), macOS-like layouts */
+};
+#define N_CA_BUNDLES (sizeof ca_bundles / sizeof *ca_bundles)
+#define GUEST_CA "/etc/matchlock/ca.pem"
+#define GUEST_BUNDLE "/etc/matchlock/ca-bundle.pem"
+#define MAX_BUNDLE (8u << 20)
+
+static bool g_ca_prepared;   /* PREPARE wrote the CA files without the CA (g_roots_len bytes) */
+static bool g_resolv_prepared; /* PREPARE made /etc/resolv.conf empty: SETUP must fill it */
+static off_t g_roots_len;
+static unsigned g_bundle_targets; /* bit i: ca_bundles[i] gets the merged bundle */
+
+/* The image's roots: the first bundle found, with a final newline (*roots NULL, *len 0 if
+ * none); *targets: the bundles found, or the first path if none was. A bundle counts if it
+ * is a regular file of the overlay root (an image's symlink into /proc, /sys or /dev is left
+ * alone); larger than MAX_BUNDLE fails (EFBIG). */
+static int read_roots(char **roots, size_t *len, unsigned *targets)
+{
+    *roots = NULL;
+    *len = 0;
+    *targets = 0;
+    for (size_t i = 0; i < N_CA_BUNDLES; i++) {
+        int fd = open(ca_bundles[i], O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
+        if (fd < 0) continue;
+        struct stat st;
+        struct statfs fs;
+        if (fstat(fd, &st) || !S_ISREG(st.st_mode) || fstatfs(fd, &fs) ||
+            fs.f_type != OVERLAYFS_SUPER_MAGIC) {
+            close(fd);
+            continue;
+        }
+        if (st.st_size > MAX_BUNDLE) {
+            close(fd);
+            errno = EFBIG;
+            return fail("the image's CA bundle %s is larger than %u MiB, so the sandbox CA "
+                        "cannot be added to it", ca_bundles[i], MAX_BUNDLE >> 20);
+        }
+        *targets |= 1u << i;
+        if (*roots) {
+            close(fd);
+            continue;
+        }
+        size_t size = (size_t)st.st_size, got = 0;
+        char *buf = malloc(size + 1);
+        if (!buf) {
+            close(fd);
+            return fail("read %s", ca_bundles[i]);
+        }
+        ssize_t n;
+        while (got < size && ((n = read(fd, buf + got, size - got)) > 0 || (n < 0 && errno == EINTR)))
+            if (n > 0) got += (size_t)n;
+        close(fd);
+        if (got && buf[got - 1] != '\n') buf[got++] = '\n';
+        *roots = buf;
+        *len = got;
+    }
+    if (!*targets) *targets = 1;
+    return 0;
+}
+
+static int write_new_file(const char *path, const char *data, size_t len)
+{
+    char dir[256];
+    snprintf(dir, sizeof dir, "%s", path);
+    if (make_parents(dir)) return fail("create the parent directories of %s", path);
+    return write_file_atomic(path, data, len);
+}
+
+/* Our CA alone (GUEST_CA), and the image's roots with it appended (GUEST_BUNDLE and the
+ * image's own bundles, for the tools that ignore SSL_CERT_FILE). pem NULL (PREPARE): the same
+ * files without the CA, for SETUP to append it to. */
+static int write_ca_files(const char *pem, size_t pem_len)
+{
+    char *roots;
+    size_t len;
+    unsigned targets;
+    if (read_roots(&roots, &len, &targets)) return -1;
+    char *merged = malloc(len + pem_len + 1);
+    int rc = merged ? 0 : fail("install the sandbox CA");
+    if (rc == 0) {
+        if (len) memcpy(merged, roots, len);
+        if (pem_len) memcpy(merged + len, pem, pem_len);
+        rc = write_new_file(GUEST_CA, pem_len ? pem : "", pem_len);
+    }
+    if (rc == 0) rc = write_new_file(GUEST_BUNDLE, merged, len + pem_len);
+    for (size_t i = 0; rc == 0 && i < N_CA_BUNDLES; i++)
+        if (targets & (1u << i)) rc = write_new_file(ca_bundles[i], merged, len + pem_len);
+    free(merged);
+    free(roots);
+    if (rc == 0 && !pem) {
+        g_ca_prepared = true;
+        g_roots_len = (off_t)len;
+        g_bundle_targets = targets;
+    }
+    return rc;
+}
+
+static int install_ca(const struct setup *s)
+{
+    if (!s->ca) {
+        if (!g_ca_prepared) return 0;
+        errno = EINVAL;
+        return fail("SETUP: CA missing, but PREPARE made the CA files for it");
+    }
+    if (!g_ca_prepared) return write_ca_files(s->ca, s->ca_len);
+    int rc = append_prepared(GUEST_CA, s->ca, s->ca_len, 0);
+    if (rc == 0) rc = append_prepared(GUEST_BUNDLE, s->ca, s->ca_len, g_roots_len);
+    for (size_t i = 0; rc == 0 && i < N_CA_BUNDLES; i++)
+        if (g_bundle_targets & (1u << i))
+            rc = append_prepared(ca_bundles[i], s->ca, s->ca_len, g_roots_len);
+    if (rc > 0) { /* cannot happen: nothing runs between PREPARE and SETUP */
+        errno = EEXIST;
+        return fail("install the sandbox CA: a file PREPARE made was changed");
+    }
+    return rc;
+}
+
+/* PREPARE: the files every SETUP writes, made empty in the template (see append_prepared):
+ * hostname and hosts always, resolv.conf and the CA files when PREPARE says SETUP will bring
+ * them (RESOLV, CA: their values are ignored here). */
+static int prepare_files(const struct setup *s)
+{
+    if (mkdir_ok("/etc", 0755)) return fail("mkdir /etc");
+    if (write_file_atomic("/etc/hostname", "", 0) || write_file_atomic("/etc/hosts", "", 0))
+        return -1;
+    if (s->resolv) {
+        if (write_file_atomic("/etc/resolv.conf", "", 0)) return -1;
+        g_resolv_prepared = true;
+    }
+    return s->ca ? write_ca_files(NULL, 0) : 0;
+}
+
 static int set_identity(const struct setup *s)
 {
     if (mkdir_ok("/etc", 0755)) return fail("mkdir /etc");
@@ -313,7 +496,7 @@ static int set_identity(const struct setup *s)
     if (sethostname(name, strlen(name))) return fail("sethostname %s", name);
     char line[300];
     snprintf(line, sizeof line, "%s\n", name);
-    if (write_file_atomic("/etc/hostname", line, strlen(line))) return -1;
+    if (write_setup_file("/etc/hostname", line, strlen(line))) return -1;
 
     size_t size = 256 + strlen(name);
     for (size_t i = 0; i < s->nhosts; i++) size += strlen(s->hosts[i]) + 1;
@@ -331,11 +514,15 @@ static int set_identity(const struct setup *s)
         len += l;
         hosts[len++] = '\n';
     }
-    int rc = write_file_atomic("/etc/hosts", hosts, len);
+    int rc = write_setup_file("/etc/hosts", hosts, len);
     free(hosts);
     if (rc) return -1;
-    if (s->resolv && write_file_atomic("/etc/resolv.conf", s->resolv, strlen(s->resolv)))
+    if (s->resolv && write_setup_file("/etc/resolv.conf", s->resolv, strlen(s->resolv)))
         return -1;
+    if (!s->resolv && g_resolv_prepared) {
+        errno = EINVAL;
+        return fail("SETUP: RESOLV missing, but PREPARE made /etc/resolv.conf for it");
+    }
     return 0;
 }
 
@@ -422,10 +609,30 @@ static int if_up(int fd, const char *name, uint32_t mtu)
     return ioctl(fd, SIOCSIFFLAGS, &ifr);
 }
 
+/* What configure_net did (PREPARE in an image template, or SETUP). */
+static bool g_net_done;
+static struct {
+    bool have;
+    uint32_t addr, gw, mtu;
+    uint8_t prefix;
+} g_net;
+
 /* Loopback always; eth0 only when the host gave the VM a NIC. The host is the only peer
- * (its namespace routes nowhere), so a static address and one default route are all it takes. */
+ * (its namespace routes nowhere), so a static address and one default route are all it takes.
+ * Every sandbox has the same addresses and MACs (net/addressing.py), so PREPARE (given NET)
+ * configures them in an image template, and a clone's SETUP finds them done: bringing eth0
+ * up (rx buffers, the device's queues) is kernel code TCG would translate again after every
+ * restore. A SETUP whose NET differs from PREPARE's is refused rather than patched up. */
 static int configure_net(const struct setup *s)
 {
+    if (g_net_done) {
+        if (s->have_net == g_net.have &&
+            (!s->have_net || (s->net_addr == g_net.addr && s->net_gw == g_net.gw &&
+                              s->net_mtu == g_net.mtu && s->net_prefix == g_net.prefix)))
+            return 0;
+        errno = EINVAL;
+        return fail("SETUP: NET differs from the one PREPARE configured");
+    }
     int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
     if (fd < 0) return fail("socket");
     int rc = 0;
@@ -445,6 +652,14 @@ static int configure_net(const struct setup *s)
         }
     }
     close(fd);
+    if (rc == 0) {
+        g_net_done = true;
+        g_net.have = s->have_net;
+        g_net.addr = s->net_addr;
+        g_net.gw = s->net_gw;
+        g_net.mtu = s->net_mtu;
+        g_net.prefix = s->net_prefix;
+    }
     return rc;
 }
 
@@ -726,6 +941,12 @@ static int parse_setup(const uint8_t *p, size_t n, struct setup *s)
                 if (s->disks[i].slot == dk->slot) return fail("SETUP: DISK slot used twice");
             break;
         }
+        case SETUP_CA:
+            if (f.len > 65536 || memchr(f.val, 0, f.len))
+                return fail("SETUP: CA must be at most 65536 bytes of text");
+            s->ca = (const char *)f.val;
+            s->ca_len = f.len;
+            break;
         case SETUP_HOSTS_LINE: {
             char **h = realloc(s->hosts, (s->nhosts + 1) * sizeof *h);
             if (!h) return fail("SETUP");
@@ -825,6 +1046,8 @@ void handle_prepare(const uint8_t *p, size_t n)
             rc = fail("%s", why);
         }
     }
+    if (rc == 0) rc = prepare_files(&s);
+    if (rc == 0) rc = configure_net(&s);
     if (rc == 0) warm_page_cache();
     if (rc == 0) {
         /* Nothing dirty in the template: a clone's first seconds are not the writeback of
@@ -858,6 +1081,7 @@ void handle_setup(const uint8_t *p, size_t n)
     if (rc == 0 && !g_prepared) rc = switch_root(&s);
     if (rc == 0 && !g_prepared) rc = mount_guest_dev();
     if (rc == 0) rc = set_identity(&s);
+    if (rc == 0) rc = install_ca(&s);
     if (rc == 0 && s.cpu_quota_us) {
         rc = limit_cpu(s.cpu_quota_us);
         /* A prepared sandbox init copied the mounts before the cgroup tree existed: the first

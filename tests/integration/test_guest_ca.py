@@ -1,0 +1,108 @@
+"""The sandbox CA and the per-sandbox files SETUP writes, as the guest sees them: the same on a
+cold boot, in the run that builds an image template and in its clones (which fill in files
+the template made for them)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import MATCHLOCK
+from .test_stuck_channels import BUNDLE, write_layout_with_bundle
+
+pytestmark = [
+    pytest.mark.vm,
+    pytest.mark.skipif(os.geteuid() != 0, reason="a sealed NIC needs root"),
+]
+Run = Callable[..., subprocess.CompletedProcess[bytes]]
+ROOTS_SIZE = 3000  # not a whole number of PEM blocks: the image's bundle lacks a final newline
+SHOW = ("for f in /etc/matchlock/ca.pem /etc/matchlock/ca-bundle.pem /" + BUNDLE + " "
+        "/etc/pki/tls/certs/ca-bundle.crt /etc/ssl/cert.pem; do "
+        "if [ -e $f ]; then echo \"== $f $(stat -c %a:%u $f)\"; cat $f; "
+        "else echo \"== $f missing\"; fi; done")
+
+
+@pytest.fixture(scope="module")
+def roots_image(state_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    layout = tmp_path_factory.mktemp("roots") / "layout"
+    write_layout_with_bundle(layout, ROOTS_SIZE)
+    r = subprocess.run([MATCHLOCK, "image", "import", "roots:1", str(layout)],
+                       capture_output=True, timeout=600)
+    assert r.returncode == 0, r.stderr.decode()
+    yield "roots:1"
+
+
+def _files(out: bytes) -> dict[str, bytes | None]:
+    """SHOW's output: each file's content (None if missing), after checking its mode."""
+    files: dict[str, bytes | None] = {}
+    for part in out.split(b"== ")[1:]:
+        head, _, body = part.partition(b"\n")
+        name, state = head.decode().split(" ", 1)
+        if state == "missing":
+            files[name] = None
+        else:
+            assert state == "644:0", (name, state)
+            files[name] = body
+    return files
+
+
+def _roots() -> bytes:
+    pem = (b"-----BEGIN CERTIFICATE-----\n" + b"QUJD" * 16 + b"\n"
+           b"-----END CERTIFICATE-----\n")
+    return (pem * (ROOTS_SIZE // len(pem) + 1))[:ROOTS_SIZE]
+
+
+def _check(files: dict[str, bytes | None], roots: bytes | None) -> bytes:
+    ca = files["/etc/matchlock/ca.pem"]
+    assert ca is not None and ca.startswith(b"-----BEGIN CERTIFICATE-----") and \
+        ca.count(b"BEGIN") == 1, ca
+    merged = (roots + b"\n" if roots else b"") + ca
+    assert files["/etc/matchlock/ca-bundle.pem"] == merged
+    assert files["/" + BUNDLE] == merged  # the image's own bundle, or the first place if none
+    assert files["/etc/pki/tls/certs/ca-bundle.crt"] is None
+    assert files["/etc/ssl/cert.pem"] is None
+    return ca
+
+
+@pytest.mark.parametrize("snapshots", ["1", "0"])
+def test_the_ca_is_appended_to_the_images_roots(ml: Run, roots_image: str, snapshots: str,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MATCHLOCK_SNAPSHOTS", snapshots)
+    # With snapshots: the first run builds the image template, the next ones are its clones.
+    cas = {_check(_files(ml("run", "--image", roots_image, "--", "sh", "-c", SHOW,
+                            check=True).stdout), _roots()) for _ in range(3)}
+    assert len(cas) == 3  # a CA per sandbox
+
+
+def test_an_image_without_roots_gets_the_ca_alone(ml: Run) -> None:
+    cas = {_check(_files(ml("run", "--", "sh", "-c", SHOW, check=True).stdout), None)
+           for _ in range(3)}
+    assert len(cas) == 3
+
+
+def test_without_a_nic_the_images_files_stay_as_they_are(ml: Run, roots_image: str) -> None:
+    script = (f"cat /{BUNDLE}; ls /etc/matchlock 2>&1; ls /etc/resolv.conf 2>&1; "
+              "cat /etc/hostname; hostname; grep -c . /etc/hosts")
+    for _ in range(3):  # template, clones
+        r = ml("run", "--no-network", "--image", roots_image, "--", "sh", "-c", script,
+               check=True)
+        out = r.stdout
+        assert out.startswith(_roots()), out[:200]
+        rest = out[len(_roots()):].decode().splitlines()
+        assert "No such file" in rest[0] and "No such file" in rest[1], rest
+        assert rest[2] == rest[3] and rest[2].startswith("vm-"), rest
+        assert rest[4] == "3", rest  # localhost, ::1 and the hostname
+
+
+def test_the_network_setup_of_a_clone(ml: Run) -> None:
+    script = "cat /etc/resolv.conf; ip -4 addr show eth0; ip route; ip link show lo"
+    outs = [ml("run", "--", "sh", "-c", script, check=True).stdout.decode() for _ in range(3)]
+    for out in outs:
+        assert "nameserver 10.213.0.1\n" in out
+        assert "inet 10.213.0.2/24" in out
+        assert "default via 10.213.0.1 dev eth0" in out
+        assert "<LOOPBACK,UP," in out
