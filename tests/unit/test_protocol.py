@@ -182,6 +182,9 @@ def test_the_ca_travels_in_setup_and_a_nic_template_is_told_what_setup_brings() 
     prep = p.decode_tlv(p.PrepareRequest("vda", "vdb", net=net).encode())
     assert prep[2:] == [(p.SetupTag.NET, net.encode()), (p.SetupTag.RESOLV, b""),
                         (p.SetupTag.CA, b"")]
+    timed = dict(p.decode_tlv(p.PrepareRequest("vda", "vdb", clock_ns=7).encode()))
+    assert timed[p.SetupTag.CLOCK_NS] == struct.pack(">Q", 7)
+    assert p.SetupTag.ENTROPY not in timed  # random state is each clone's, from SETUP
 
 
 def test_message_records_behave_as_frozen_dataclasses() -> None:

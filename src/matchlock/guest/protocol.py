@@ -357,18 +357,21 @@ class PrepareRequest(_Record):
     after a PREPARE with `net` must carry the same NET, RESOLV and CA (PREPARE sends empty
     RESOLV and CA fields: their values are each clone's own)."""
 
-    _fields = ("root_dev", "upper_dev", "net")
+    _fields = ("root_dev", "upper_dev", "net", "clock_ns")
     __slots__ = _fields
     root_dev: str
     upper_dev: str | None
     net: NetConfig | None
+    clock_ns: int | None  # the wall clock, for the times of what PREPARE creates
 
-    def __init__(self, root_dev: str, upper_dev: str | None,
-                 net: NetConfig | None = None) -> None:
-        self._set(root_dev, upper_dev, net)
+    def __init__(self, root_dev: str, upper_dev: str | None, net: NetConfig | None = None,
+                 clock_ns: int | None = None) -> None:
+        self._set(root_dev, upper_dev, net, clock_ns)
 
     def encode(self) -> bytes:
         fields = [(SetupTag.ROOT_DEV, _text(self.root_dev, "root device"))]
+        if self.clock_ns is not None:
+            fields.append((SetupTag.CLOCK_NS, struct.pack(">Q", self.clock_ns)))
         if self.upper_dev:
             fields.append((SetupTag.UPPER_DEV, _text(self.upper_dev, "upper device")))
         if self.net is not None:

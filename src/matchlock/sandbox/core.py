@@ -287,7 +287,8 @@ class Sandbox:
                 egress.wait_ready()
                 net = egress.guest_config().net_config()
             result = self._conn.prepare(
-                p.PrepareRequest(root_dev="vda", upper_dev="vdb", net=net),
+                p.PrepareRequest(root_dev="vda", upper_dev="vdb", net=net,
+                                 clock_ns=time.time_ns()),
                 timeout=self.opts.boot_timeout)
         except AgentGone as e:
             raise self.agent_failure(e) from None

@@ -1037,6 +1037,13 @@ void handle_prepare(const uint8_t *p, size_t n)
         errno = EINVAL;
         rc = fail("PREPARE: MOUNT and DISK belong to SETUP");
     }
+    /* The clock first: a restored generic template's clock is that of its save, and the
+     * directories PREPARE creates (or changes) keep their times in every clone. */
+    if (rc == 0 && s.entropy_len) {
+        errno = EINVAL;
+        rc = fail("PREPARE: ENTROPY belongs to SETUP");
+    }
+    if (rc == 0) rc = set_clock_and_entropy(&s);
     if (rc == 0) rc = switch_root(&s);
     if (rc == 0) rc = mount_guest_dev();
     if (rc == 0) {
