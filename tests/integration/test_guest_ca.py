@@ -4,15 +4,18 @@ the template made for them)."""
 
 from __future__ import annotations
 
+import gzip
+import io
 import os
 import subprocess
+import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from .conftest import MATCHLOCK
-from .test_stuck_channels import BUNDLE, write_layout_with_bundle
+from .test_stuck_channels import BUNDLE, write_layout_with_bundle, write_layout_with_layer
 
 pytestmark = [
     pytest.mark.vm,
@@ -106,3 +109,32 @@ def test_the_network_setup_of_a_clone(ml: Run) -> None:
         assert "inet 10.213.0.2/24" in out
         assert "default via 10.213.0.1 dev eth0" in out
         assert "<LOOPBACK,UP," in out
+
+
+def _symlink_layer() -> bytes:
+    """The image's bundle is a symlink into /proc: the agent (root, in its own view of /proc)
+    must not take that file for the image's roots."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for d in ("etc", "etc/ssl", "etc/ssl/certs"):
+            info = tarfile.TarInfo(d)
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            tar.addfile(info)
+        info = tarfile.TarInfo(BUNDLE)
+        info.type, info.linkname = tarfile.SYMTYPE, "/proc/version"
+        tar.addfile(info)
+    return gzip.compress(out.getvalue(), mtime=0)
+
+
+def test_a_bundle_that_links_into_proc_is_not_read(ml: Run,
+                                                  tmp_path_factory: pytest.TempPathFactory
+                                                  ) -> None:
+    layout = tmp_path_factory.mktemp("linkca") / "layout"
+    write_layout_with_layer(layout, _symlink_layer())
+    r = ml("image", "import", "linkca:1", str(layout), timeout=600)
+    assert r.returncode == 0, r.stderr.decode()
+    for _ in range(2):  # the template's run, a clone
+        files = _files(ml("run", "--image", "linkca:1", "--", "sh", "-c", SHOW,
+                          check=True).stdout)
+        _check(files, None)  # replaced by a file holding the CA alone, as without roots
+        assert b"Linux version" not in (files["/" + BUNDLE] or b"")

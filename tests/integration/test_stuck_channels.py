@@ -62,8 +62,12 @@ def _bundle_layer(size: int) -> bytes:
 
 def write_layout_with_bundle(dest: Path, size: int) -> None:
     """The built-in busybox image plus one layer with a `size`-byte CA bundle."""
+    write_layout_with_layer(dest, _bundle_layer(size))
+
+
+def write_layout_with_layer(dest: Path, extra: bytes) -> None:
+    """The built-in busybox image plus one more layer (a gzip tar)."""
     base = build_builtin()
-    extra = _bundle_layer(size)
     config = parse_json_object(base.config, "config")
     config["rootfs"]["diff_ids"].append(sha256_digest(gzip.decompress(extra)))
     config_raw = dump_json(config)

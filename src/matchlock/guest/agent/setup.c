@@ -379,9 +379,11 @@ static int read_roots(char **roots, size_t *len, unsigned *targets)
     *len = 0;
     *targets = 0;
     for (size_t i = 0; i < N_CA_BUNDLES; i++) {
+        struct stat st;
+        /* Never open a device node or FIFO of the image (opening one can have effects). */
+        if (stat(ca_bundles[i], &st) || !S_ISREG(st.st_mode)) continue;
         int fd = open(ca_bundles[i], O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
         if (fd < 0) continue;
-        struct stat st;
         struct statfs fs;
         if (fstat(fd, &st) || !S_ISREG(st.st_mode) || fstatfs(fd, &fs) ||
             fs.f_type != OVERLAYFS_SUPER_MAGIC) {
@@ -405,10 +407,19 @@ static int read_roots(char **roots, size_t *len, unsigned *targets)
             close(fd);
             return fail("read %s", ca_bundles[i]);
         }
-        ssize_t n;
-        while (got < size && ((n = read(fd, buf + got, size - got)) > 0 || (n < 0 && errno == EINTR)))
+        int err = 0;
+        while (got < size && !err) {
+            ssize_t n = read(fd, buf + got, size - got);
             if (n > 0) got += (size_t)n;
+            else if (n == 0) err = EIO; /* shorter than fstat said */
+            else if (errno != EINTR) err = errno;
+        }
         close(fd);
+        if (err) {
+            free(buf);
+            errno = err;
+            return fail("read %s", ca_bundles[i]);
+        }
         if (got && buf[got - 1] != '\n') buf[got++] = '\n';
         *roots = buf;
         *len = got;
