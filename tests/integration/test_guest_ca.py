@@ -14,7 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from matchlock.sandbox.network import Egress, NetworkOptions
+
 from .conftest import MATCHLOCK
+from .guest_util import booted
 from .test_stuck_channels import BUNDLE, write_layout_with_bundle, write_layout_with_layer
 
 pytestmark = [
@@ -138,3 +141,27 @@ def test_a_bundle_that_links_into_proc_is_not_read(ml: Run,
                           check=True).stdout)
         _check(files, None)  # replaced by a file holding the CA alone, as without roots
         assert b"Linux version" not in (files["/" + BUNDLE] or b"")
+
+
+class _Egress(Egress):
+    """The proxy (and so the CA) ready by SETUP, or late: the CA then follows SETUP."""
+
+    def __init__(self, ready: bool) -> None:
+        super().__init__(NetworkOptions())
+        self.ready = ready
+
+    def proxy_ready(self) -> bool:
+        if self.ready:
+            self.ca_pem()  # waits for it
+        return self.ready
+
+
+@pytest.mark.parametrize("ready", [True, False], ids=["in-setup", "late"])
+def test_the_ca_in_setup_or_right_behind_it(ml: Run, roots_image: str, ready: bool) -> None:
+    ml("run", "--image", roots_image, "--", "true", check=True)  # the image template exists
+    egress = _Egress(ready)
+    with booted(roots_image, egress) as g:
+        assert g.sandbox.restored
+        code, out, err = g.sh(SHOW)
+        assert code == 0, err
+        assert _check(_files(out.encode()), _roots()) == egress.ca_pem()

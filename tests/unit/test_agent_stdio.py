@@ -43,6 +43,7 @@ from matchlock.guest.protocol import (
     PrepareRequest,
     SetupRequest,
     T,
+    encode_ca,
     encode_connect,
     encode_frame,
     encode_output_ack,
@@ -302,6 +303,27 @@ def test_prepare_after_setup_is_refused(agent: Agent) -> None:
     agent.send(T.SETUP, 0, req.encode())
     assert agent.result(0) == (0, "")
     agent.send(T.PREPARE, 0, PrepareRequest("vda", None).encode())
+    assert agent.result(0)[0] == errno.EALREADY
+
+
+PEM = b"-----BEGIN CERTIFICATE-----\nQUJD\n-----END CERTIFICATE-----\n"
+
+
+def test_a_late_ca_comes_once_right_behind_setup(agent: Agent) -> None:
+    # (Installing it is PID 1's job: tests/integration/test_guest_ca.py.)
+    agent.send(T.CA, 0, encode_ca(PEM))  # before SETUP
+    assert agent.result(0)[0] == errno.EALREADY
+    req = SetupRequest("box", "vda", None, time.time_ns(), os.urandom(32))
+    agent.send(T.SETUP, 0, req.encode())
+    agent.send(T.CA, 0, encode_tlv([(12, PEM), (1, b"host")]))  # pipelined: no wait
+    assert agent.result(0) == (0, "")
+    code, msg = agent.result(0)
+    assert code == errno.EINVAL and "bad field 1" in msg
+    agent.send(T.CA, 0, encode_tlv([]))
+    assert agent.result(0)[0] == errno.EINVAL
+    agent.send(T.CA, 0, encode_ca(PEM))
+    assert agent.result(0) == (0, "")
+    agent.send(T.CA, 0, encode_ca(PEM))
     assert agent.result(0)[0] == errno.EALREADY
 
 

@@ -174,6 +174,7 @@ def test_the_ca_travels_in_setup_and_a_nic_template_is_told_what_setup_brings() 
     req = p.SetupRequest(hostname="h", root_dev=None, upper_dev=None, clock_ns=1,
                          entropy=b"\x02" * 32, ca=pem)
     assert (12, pem) in p.decode_tlv(req.encode()) and p.SetupTag.CA == 12
+    assert p.decode_tlv(p.encode_ca(pem)) == [(12, pem)] and p.T.CA == 0x12
     for bad in (b"", b"a\0b", b"x" * 65537):
         with pytest.raises(ValueError):
             p.SetupRequest(hostname="h", root_dev=None, upper_dev=None, clock_ns=1,

@@ -287,11 +287,23 @@ class AgentConnection:
             raise AgentGone("the guest agent did not start with HELLO")
         return item
 
-    def setup(self, req: p.SetupRequest, timeout: float = 30.0) -> p.Result:
+    def setup(self, req: p.SetupRequest, timeout: float = 30.0,
+              late_ca: Callable[[], bytes] | None = None) -> p.Result:
+        """SETUP; with `late_ca`, its PEM (it may wait for the proxy) follows as a CA frame
+        right behind SETUP, without waiting for SETUP's RESULT: the guest does SETUP meanwhile.
+        The first failure of the two is returned."""
         self.send(T.SETUP, 0, req.encode())
+        if late_ca is not None:
+            self.send(T.CA, 0, p.encode_ca(late_ca()))
         item = self._control_reply(timeout)
         if not isinstance(item, p.Result):
             raise AgentGone("unexpected answer to SETUP")
+        if late_ca is not None:
+            ca = self._control_reply(timeout)
+            if not isinstance(ca, p.Result):
+                raise AgentGone("unexpected answer to CA")
+            if not item.errno:
+                item = ca
         return item
 
     def prepare(self, req: p.PrepareRequest, timeout: float = 30.0) -> p.Result:

@@ -64,6 +64,7 @@ class T(IntEnum):
     OUTPUT_ACK = 0x0F
     PREPARE = 0x10
     RESUME = 0x11
+    CA = 0x12
     # guest -> host
     HELLO = 0x81
     STDOUT = 0x82
@@ -337,10 +338,19 @@ class SetupRequest:
         fields += [(SetupTag.MOUNT, m) for m in self.mounts]
         fields += [(SetupTag.DISK, d) for d in self.disks]
         if self.ca is not None:
-            if not 0 < len(self.ca) <= 65536 or b"\0" in self.ca:
-                raise ValueError("the CA must be 1 to 65536 bytes of PEM")
-            fields.append((SetupTag.CA, self.ca))
+            fields.append(_ca_field(self.ca))
         return encode_tlv(fields)
+
+
+def _ca_field(pem: bytes) -> tuple[int, bytes]:
+    if not 0 < len(pem) <= 65536 or b"\0" in pem:
+        raise ValueError("the CA must be 1 to 65536 bytes of PEM")
+    return SetupTag.CA, pem
+
+
+def encode_ca(pem: bytes) -> bytes:
+    """CA (frame 0x12): the sandbox CA, after a SETUP that went without it."""
+    return encode_tlv([_ca_field(pem)])
 
 
 def encode_resume(clock_ns: int, entropy: bytes) -> bytes:
@@ -354,8 +364,8 @@ def encode_resume(clock_ns: int, entropy: bytes) -> bytes:
 class PrepareRequest(_Record):
     """The sandbox-independent part of SETUP, done once in an image template: the root, the
     files SETUP fills in, and with `net` (a NIC) eth0, the same in every sandbox. Every SETUP
-    after a PREPARE with `net` must carry the same NET, RESOLV and CA (PREPARE sends empty
-    RESOLV and CA fields: their values are each clone's own)."""
+    after a PREPARE with `net` must carry the same NET and a RESOLV, and SETUP or the CA frame
+    the CA (PREPARE sends empty RESOLV and CA fields: their values are each clone's own)."""
 
     _fields = ("root_dev", "upper_dev", "net", "clock_ns")
     __slots__ = _fields

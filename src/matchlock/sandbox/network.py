@@ -256,6 +256,10 @@ class Egress:
         assert self.nic is not None
         return guest_config(self.nic.addressing)
 
+    def proxy_ready(self) -> bool:
+        """Whether ca_pem() would answer at once (or raise the proxy's failure)."""
+        return self._proxy.done()
+
     def ca_pem(self) -> bytes:
         """The sandbox CA's certificate (PEM), once the proxy is up; SETUP hands it to the
         guest agent, which installs it alone and merged with the image's roots."""

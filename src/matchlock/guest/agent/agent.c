@@ -248,6 +248,7 @@ static void dispatch(uint8_t type, uint32_t chan, const uint8_t *p, size_t n)
     case F_SETUP:
     case F_PREPARE:
     case F_RESUME:
+    case F_CA:
     case F_SHUTDOWN:
     case F_PING: control = true; break;
     case F_EXEC:
@@ -273,6 +274,7 @@ static void dispatch(uint8_t type, uint32_t chan, const uint8_t *p, size_t n)
     case F_SETUP: handle_setup(p, n); break;
     case F_PREPARE: handle_prepare(p, n); break;
     case F_RESUME: handle_resume(p, n); break;
+    case F_CA: handle_ca(p, n); break;
     case F_PING:
         if (n > MAX_PING) agent_log("ignoring PING of %zu bytes", n);
         else send_frame(F_PONG, 0, p, n, NULL, 0);

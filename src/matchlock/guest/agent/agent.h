@@ -67,6 +67,7 @@ enum frame_type {
     F_OUTPUT_ACK = 0x0F,
     F_PREPARE = 0x10,
     F_RESUME = 0x11,
+    F_CA = 0x12,
 
     F_HELLO = 0x81,
     F_STDOUT = 0x82,
@@ -174,6 +175,7 @@ int open_port(void);
 void handle_setup(const uint8_t *p, size_t n);
 void handle_prepare(const uint8_t *p, size_t n);
 void handle_resume(const uint8_t *p, size_t n);
+void handle_ca(const uint8_t *p, size_t n);
 __attribute__((noreturn)) void power_off(void);
 
 /* ---- exec.c ------------------------------------------------------------------------------ */

@@ -170,6 +170,8 @@ struct setup {
 static int s_err;
 static char s_msg[1024];
 static bool g_setup_done; /* SETUP was received (whatever its outcome) */
+static bool g_setup_ok;   /* ... and succeeded */
+static bool g_ca_done;    /* the CA was installed (SETUP's CA field, or the CA frame) */
 static bool g_prepared;   /* PREPARE switched to the image's root */
 
 /* Record errno and a message for the RESULT; returns -1 for `return fail(...)`. */
@@ -465,13 +467,11 @@ static int write_ca_files(const char *pem, size_t pem_len)
     return rc;
 }
 
+/* SETUP's CA field, or the CA frame that follows a SETUP without one. */
 static int install_ca(const struct setup *s)
 {
-    if (!s->ca) {
-        if (!g_ca_prepared) return 0;
-        errno = EINVAL;
-        return fail("SETUP: CA missing, but PREPARE made the CA files for it");
-    }
+    if (!s->ca) return 0;
+    g_ca_done = true; /* one attempt */
     if (!g_ca_prepared) return write_ca_files(s->ca, s->ca_len);
     int rc = append_prepared(GUEST_CA, s->ca, s->ca_len, 0);
     if (rc == 0) rc = append_prepared(GUEST_BUNDLE, s->ca, s->ca_len, g_roots_len);
@@ -1089,6 +1089,7 @@ void handle_setup(const uint8_t *p, size_t n)
      * shuts the VM down anyway. */
     g_setup_done = true;
     if (g_stdio) { /* test mode: the host's own root stays as it is */
+        g_setup_ok = true;
         send_result(0, 0, "%s", "");
         return;
     }
@@ -1107,9 +1108,38 @@ void handle_setup(const uint8_t *p, size_t n)
         sandbox_drop();
     }
     if (rc == 0) rc = configure_net(&s);
+    g_setup_ok = rc == 0;
     if (rc == 0) send_result(0, 0, "%s", "");
     else send_result(0, s_err, "%s", s_msg);
     free_setup(&s);
+}
+
+/* CA: the sandbox CA, when it was not ready for SETUP (the host's proxy makes it while the
+ * guest restores): a TLV with SETUP's CA field alone, once, after a successful SETUP without
+ * one. The host sends it right behind SETUP, without waiting for SETUP's RESULT. */
+void handle_ca(const uint8_t *p, size_t n)
+{
+    if (!g_setup_ok || g_ca_done) {
+        send_result(0, EALREADY, "CA must come once, after a successful SETUP without CA");
+        return;
+    }
+    struct setup s = {0};
+    struct tlv t = {p, n, 0};
+    struct tlv_field f;
+    int r = 0, rc = 0;
+    s_err = 0;
+    errno = EINVAL;
+    while (rc == 0 && (r = tlv_next(&t, &f)) > 0) {
+        if (f.tag != SETUP_CA || s.ca || f.len == 0 || f.len > 65536 || memchr(f.val, 0, f.len))
+            rc = fail("CA: bad field %u (%u bytes)", f.tag, f.len);
+        s.ca = (const char *)f.val;
+        s.ca_len = f.len;
+    }
+    if (rc == 0 && (r < 0 || !s.ca)) rc = fail("CA: malformed or without CA");
+    if (rc == 0 && g_stdio) g_ca_done = true; /* test mode: no files of the host's touched */
+    else if (rc == 0) rc = install_ca(&s);
+    if (rc == 0) send_result(0, 0, "%s", "");
+    else send_result(0, s_err, "%s", s_msg);
 }
 
 /* RESUME: the host paused this VM (a warm pool member) and resumed it. The guest clock stood
