@@ -47,6 +47,12 @@ def test_disks_qmp_and_restore() -> None:
     assert "socket,id=qmp,fd=9" in argv
 
 
+def test_a_restore_onto_shared_ram_maps_it_shared() -> None:
+    # Only shared RAM is left out of a snapshot's migration stream (x-ignore-shared).
+    argv = command_line(cfg(ram_file=Path("/proc/self/fd/7"), ram_shared=True, incoming=True))
+    assert "memory-backend-file,id=mem,size=768M,mem-path=/proc/self/fd/7,share=on" in argv
+
+
 def test_seccomp_is_always_on() -> None:
     argv = command_line(cfg())
     assert argv[argv.index("-sandbox") + 1] == (

@@ -116,37 +116,33 @@ def test_an_image_template_whose_layer_changed_is_discarded(
     assert not t.dir.exists()
 
 
-def test_the_ram_of_a_restored_vm_is_the_file_plus_the_pages_written_since(
-        tmp_path: Path) -> None:
-    # This process stands in for the VMM: a private mapping of a template's RAM file, some
-    # pages read (still the file's), some written (anonymous copies), one never touched.
+def test_shared_ram_is_a_sparse_private_copy_of_the_template_ram(tmp_path: Path) -> None:
+    # The RAM of a VM restored to be saved as an image template: the template's data, holes
+    # left holes (no memory for pages the guest never touched), and nothing it writes reaches
+    # the template every other clone maps.
     page = mmap.PAGESIZE
-    size = 64 * page
-    ram = tmp_path / "ram"
-    with open(ram, "wb") as f:
+    size = 256 * page
+    t = template.Template(tmp_path)
+    with open(t.ram, "wb") as f:
         f.truncate(size)
         f.seek(3 * page)
         f.write(b"file" * 1024)
-        f.seek(40 * page)
-        f.write(b"kept" * 1024)
-        f.seek(50 * page)
-        f.write(b"gone" * 1024)
-    fd = os.open(ram, os.O_RDONLY)
-    m = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    os.close(fd)
+        f.seek(255 * page)
+        f.write(b"last" * 1024)
+    fd = template.shared_ram(t)
     try:
-        assert m[40 * page:40 * page + 4] == b"kept"  # read: stays a file page
-        m[3 * page:3 * page + 5] = b"guest"  # written over file data
-        m[10 * page:12 * page] = b"\x07" * (2 * page)  # written over a hole
-        m[63 * page:64 * page] = b"\x01" * page  # the last page
-        m[20 * page:21 * page] = bytes(page)  # zeros over a hole: nothing to write
-        m[50 * page:51 * page] = bytes(page)  # zeros over file data: must be written
-        dest = tmp_path / "copy"
-        template._copy_restored_ram(os.getpid(), ram, dest, size)
-        assert dest.read_bytes() == m[:]
-        assert ram.read_bytes()[3 * page:3 * page + 4] == b"file"  # the template is untouched
-    finally:
+        assert os.fstat(fd).st_size == size
+        assert os.pread(fd, size, 0) == t.ram.read_bytes()
+        assert os.lseek(fd, 0, os.SEEK_DATA) == 3 * page
+        assert os.lseek(fd, 3 * page, os.SEEK_HOLE) == 4 * page
+        assert os.fstat(fd).st_blocks * 512 <= 2 * page
+        m = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+        m[3 * page:3 * page + 5] = b"guest"
         m.close()
+        assert t.ram.read_bytes()[3 * page:3 * page + 4] == b"file"
+        assert os.get_inheritable(fd) is False
+    finally:
+        os.close(fd)
 
 
 def test_image_templates_of_a_removed_or_replaced_rootfs_are_pruned(

@@ -225,7 +225,7 @@ class Sandbox:
                 self._make_upper(upper, None)  # the copy belonged to the template's RAM
         if not self._prepared and tmpl is not None:
             try:
-                self._restore(base, tmpl)
+                self._restore(base, tmpl, for_template=ikey is not None)
             except MatchlockError as e:
                 self._check_abort()  # stopped while restoring: the template is not at fault
                 # A template that no longer loads (QEMU upgraded in place, a damaged file) is
@@ -246,7 +246,7 @@ class Sandbox:
                 self.timings.add("snapshot_save", time.perf_counter() - t)
         if not self._prepared and ikey is not None:
             assert upper is not None and self.opts.rootfs is not None
-            self._prepare(ikey, tmpl if self.restored else None, upper, self.opts.rootfs)
+            self._prepare(ikey, upper, self.opts.rootfs)
         if self._shares is not None:
             self._shares.close()  # QEMU holds its exports now
         if self._disks is not None:
@@ -269,13 +269,12 @@ class Sandbox:
             disk.make_upper(upper, self.opts.disk_size_mb)
         _pad(upper, template.UPPER_DEVICE_BYTES)
 
-    def _prepare(self, ikey: str, restored_from: object, upper: Path, rootfs: Path) -> None:
+    def _prepare(self, ikey: str, upper: Path, rootfs: Path) -> None:
         """Mount the image's root (PREPARE) and save the VM as the image's template, so the
         next sandboxes of this image start with it mounted."""
         from matchlock.sandbox import template
 
         assert self._conn is not None and self._qmp is not None and self._proc is not None
-        assert restored_from is None or isinstance(restored_from, template.Template)
         t = time.perf_counter()
         try:
             # With a NIC, the template has eth0 configured (the same addresses in every
@@ -298,19 +297,25 @@ class Sandbox:
         self.timings.add("prepare", time.perf_counter() - t)
         t = time.perf_counter()
         try:
-            template.save(self._qmp, self._proc.pid, ikey, self.opts.memory_mb,
-                          restored_from=restored_from, upper=upper, rootfs=rootfs)
+            template.save(self._qmp, self._proc.pid, ikey, self.opts.memory_mb, upper=upper,
+                          rootfs=rootfs)
         except (MatchlockError, OSError) as e:
             self._agent_log(f"could not save the image template: {e}")
         self.timings.add("snapshot_save", time.perf_counter() - t)
 
-    def _spawn(self, base: VMConfig, ram_file: Path | None = None) -> None:
-        """Start the VMM with a fresh control channel and QMP socket."""
+    def _spawn(self, base: VMConfig, ram_file: Path | None = None, ram_fd: int = -1) -> None:
+        """Start the VMM with a fresh control channel and QMP socket; its RAM a fresh memfd,
+        the template file `ram_file` mapped privately, or the memfd `ram_fd` mapped shared."""
         assert self.dir is not None and self._owner is not None
         host_sock, guest_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         qmp_host, qmp_guest = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        shared = ram_fd >= 0
+        if shared:
+            ram_file = Path(f"/proc/self/fd/{ram_fd}")  # the same number in the VMM (pass_fds)
         cfg = dataclasses.replace(base, control_fd=guest_sock.fileno(), qmp_fd=qmp_guest.fileno(),
-                                  ram_file=ram_file, incoming=ram_file is not None)
+                                  ram_file=ram_file, ram_shared=shared,
+                                  incoming=ram_file is not None,
+                                  extra_fds=(*base.extra_fds, *([ram_fd] if shared else [])))
         # A Ctrl-C landing between the VMM's birth and our record of it would orphan the VM.
         # The VMM is born inside the sandbox's network namespace, where its TAP lives.
         egress = self.opts.egress
@@ -346,12 +351,23 @@ class Sandbox:
         self.timings.add("vmm_start", (t2 - t1) - boot_s)
         self.timings.add("kernel_to_agent", boot_s)
 
-    def _restore(self, base: VMConfig, tmpl: object) -> None:
+    def _restore(self, base: VMConfig, tmpl: object, for_template: bool = False) -> None:
+        """Restore `tmpl`. `for_template`: this VM will be saved as an image template, so its
+        RAM is a shared copy of the template's (template.shared_ram), not a private mapping:
+        QEMU would put every page of a private mapping in the new template's migration stream,
+        and each of its clones would load them all again (see template.shared_ram)."""
         from matchlock.sandbox import template
 
         assert isinstance(tmpl, template.Template)
         t1 = time.perf_counter()
-        self._spawn(base, ram_file=tmpl.ram)
+        if for_template:
+            fd = template.shared_ram(tmpl)
+            try:
+                self._spawn(base, ram_fd=fd)
+            finally:
+                os.close(fd)  # the VMM has its own
+        else:
+            self._spawn(base, ram_file=tmpl.ram)
         t2 = time.perf_counter()
         assert self._qmp is not None and self._conn is not None
         template.restore(self._qmp, tmpl)

@@ -64,15 +64,20 @@ def sparse_copy(src: Path, dst: Path, mode: int = 0o666) -> None:
     with open(src, "rb") as fin, open(dst, "wb", opener=opener) as fout:
         size = os.fstat(fin.fileno()).st_size
         fout.truncate(size)
-        off = 0
-        while off < size:
-            try:
-                start = os.lseek(fin.fileno(), off, os.SEEK_DATA)
-            except OSError:
-                break  # ENXIO: only a hole remains
-            end = os.lseek(fin.fileno(), start, os.SEEK_HOLE)
-            _copy_range(fin.fileno(), fout.fileno(), start, end)
-            off = end
+        copy_data(fin.fileno(), fout.fileno(), size)
+
+
+def copy_data(src: int, dst: int, size: int) -> None:
+    """Copy the data regions of the first `size` bytes of `src` to the same offsets of `dst`."""
+    off = 0
+    while off < size:
+        try:
+            start = os.lseek(src, off, os.SEEK_DATA)
+        except OSError:
+            break  # ENXIO: only a hole remains
+        end = min(os.lseek(src, start, os.SEEK_HOLE), size)
+        _copy_range(src, dst, start, end)
+        off = end
 
 
 def _copy_range(src: int, dst: int, start: int, end: int) -> None:

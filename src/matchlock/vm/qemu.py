@@ -45,6 +45,9 @@ class VMConfig:
     # Guest RAM: a fresh memfd, or (snapshot restore) a private copy-on-write mapping of a
     # template's RAM file, which every clone shares and none can change.
     ram_file: Path | None = None
+    # ram_file mapped shared instead (a memfd of the owner's, as /proc/self/fd/N): the VM then
+    # writes into it, and a snapshot leaves it out of the migration stream (x-ignore-shared).
+    ram_shared: bool = False
     incoming: bool = False
     # Devices set up by others (the NIC) and the descriptors they need inherited.
     extra_args: Sequence[str] = field(default_factory=tuple)
@@ -134,7 +137,8 @@ def opt_path(path: Path) -> str:
 def _ram_backend(cfg: VMConfig) -> str:
     size = f"size={cfg.memory_mb}M"
     if cfg.ram_file is not None:
-        return f"memory-backend-file,id=mem,{size},mem-path={opt_path(cfg.ram_file)},share=off"
+        share = "on" if cfg.ram_shared else "off"
+        return f"memory-backend-file,id=mem,{size},mem-path={opt_path(cfg.ram_file)},share={share}"
     return f"memory-backend-memfd,id=mem,{size},share=on"
 
 
