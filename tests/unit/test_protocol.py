@@ -159,6 +159,17 @@ def test_setup_carries_disks_after_mounts() -> None:
     assert p.SetupTag.DISK == 11
 
 
+def test_prepare_carries_the_warm_up_command_in_order_and_bounds_it() -> None:
+    req = p.PrepareRequest("vda", "vdb", warm=("python3", "-I", "-c", "pass"))
+    fields = p.decode_tlv(req.encode())
+    assert [v for t, v in fields if t == p.SetupTag.WARM_ARG] == [b"python3", b"-I", b"-c",
+                                                                   b"pass"]
+    assert p.SetupTag.WARM_ARG == 12
+    for bad in (("",), ("x" * 1025,), ("a",) * 17, ("a\0b",)):
+        with pytest.raises(ValueError):
+            p.PrepareRequest("vda", None, warm=bad).encode()
+
+
 def test_prepare_carries_the_root_and_setup_after_it_does_not() -> None:
     prep = dict(p.decode_tlv(p.PrepareRequest(root_dev="vda", upper_dev="vdb").encode()))
     assert prep == {p.SetupTag.ROOT_DEV: b"vda", p.SetupTag.UPPER_DEV: b"vdb"}

@@ -97,6 +97,7 @@ class SetupTag(IntEnum):
     MOUNT = 10
     DISK = 11
     CA = 12
+    WARM_ARG = 13  # PREPARE only
 
 
 class ExecTag(IntEnum):
@@ -367,16 +368,17 @@ class PrepareRequest(_Record):
     after a PREPARE with `net` must carry the same NET and a RESOLV, and SETUP or the CA frame
     the CA (PREPARE sends empty RESOLV and CA fields: their values are each clone's own)."""
 
-    _fields = ("root_dev", "upper_dev", "net", "clock_ns")
+    _fields = ("root_dev", "upper_dev", "net", "clock_ns", "warm")
     __slots__ = _fields
     root_dev: str
     upper_dev: str | None
     net: NetConfig | None
     clock_ns: int | None  # the wall clock, for the times of what PREPARE creates
+    warm: tuple[str, ...]  # a command the template runs once (see PREPARE), or ()
 
     def __init__(self, root_dev: str, upper_dev: str | None, net: NetConfig | None = None,
-                 clock_ns: int | None = None) -> None:
-        self._set(root_dev, upper_dev, net, clock_ns)
+                 clock_ns: int | None = None, warm: Sequence[str] = ()) -> None:
+        self._set(root_dev, upper_dev, net, clock_ns, tuple(warm))
 
     def encode(self) -> bytes:
         fields = [(SetupTag.ROOT_DEV, _text(self.root_dev, "root device"))]
@@ -387,6 +389,9 @@ class PrepareRequest(_Record):
         if self.net is not None:
             fields += [(SetupTag.NET, self.net.encode()), (SetupTag.RESOLV, b""),
                        (SetupTag.CA, b"")]
+        if len(self.warm) > 16 or any(not a or len(a.encode()) > 1024 for a in self.warm):
+            raise ValueError("warm-up command: at most 16 arguments of 1 to 1024 bytes")
+        fields += [(SetupTag.WARM_ARG, _text(a, "warm-up argument")) for a in self.warm]
         return encode_tlv(fields)
 
 

@@ -196,9 +196,10 @@ class Sandbox:
         tmpl = template.find(tkey) if snapshots else None
         # Host mounts and extra disks are mounted before the root switch: no image template.
         ikey: str | None = None
+        warm = template.warm_command()
         if snapshots and self.opts.rootfs is not None and not self.opts.mounts \
                 and self._disks is None:
-            ikey = template.image_key(tkey, self.opts.rootfs, self.opts.disk_size_mb)
+            ikey = template.image_key(tkey, self.opts.rootfs, self.opts.disk_size_mb, warm)
         itmpl = template.find(ikey) if ikey is not None else None
         if upper is not None:
             self._make_upper(upper, itmpl)
@@ -246,7 +247,7 @@ class Sandbox:
                 self.timings.add("snapshot_save", time.perf_counter() - t)
         if not self._prepared and ikey is not None:
             assert upper is not None and self.opts.rootfs is not None
-            self._prepare(ikey, upper, self.opts.rootfs)
+            self._prepare(ikey, upper, self.opts.rootfs, warm)
         if self._shares is not None:
             self._shares.close()  # QEMU holds its exports now
         if self._disks is not None:
@@ -269,9 +270,10 @@ class Sandbox:
             disk.make_upper(upper, self.opts.disk_size_mb)
         _pad(upper, template.UPPER_DEVICE_BYTES)
 
-    def _prepare(self, ikey: str, upper: Path, rootfs: Path) -> None:
-        """Mount the image's root (PREPARE) and save the VM as the image's template, so the
-        next sandboxes of this image start with it mounted."""
+    def _prepare(self, ikey: str, upper: Path, rootfs: Path, warm: tuple[str, ...]) -> None:
+        """Mount the image's root (PREPARE, which also runs the warm-up command `warm`) and
+        save the VM as the image's template, so the next sandboxes of this image start with
+        it mounted."""
         from matchlock.sandbox import template
 
         assert self._conn is not None and self._qmp is not None and self._proc is not None
@@ -287,7 +289,7 @@ class Sandbox:
                 net = egress.guest_config().net_config()
             result = self._conn.prepare(
                 p.PrepareRequest(root_dev="vda", upper_dev="vdb", net=net,
-                                 clock_ns=time.time_ns()),
+                                 clock_ns=time.time_ns(), warm=warm),
                 timeout=self.opts.boot_timeout)
         except AgentGone as e:
             raise self.agent_failure(e) from None

@@ -96,6 +96,7 @@ enum setup_tag {
     SETUP_MOUNT = 10,
     SETUP_DISK = 11,
     SETUP_CA = 12,
+    SETUP_WARM_ARG = 13, /* PREPARE only: one argv element of the warm-up command */
 };
 
 enum exec_tag {
@@ -199,6 +200,9 @@ void exec_kill_all(void);
  * reason in why. sandbox_drop ends it (the next exec starts a new one). */
 int sandbox_ensure(char *why, size_t wsz);
 void sandbox_drop(void);
+/* PREPARE's warm-up: run argv once in the sandbox and end it, with whatever it left running,
+ * then start a fresh sandbox init; 0, or -1 with a reason in why (the init could not start). */
+int sandbox_warm(char **argv, int timeout_ms, char *why, size_t wsz);
 
 /* ---- files.c ----------------------------------------------------------------------------- */
 

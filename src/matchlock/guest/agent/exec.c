@@ -1012,6 +1012,45 @@ static long spawn_into_sandbox(struct spawn *s)
     return pid;
 }
 
+/* PREPARE's warm-up command, for an image template: run once as root (unprivileged, like a
+ * default exec: capabilities dropped, seccomp) with only PATH and HOME, stdio on /dev/null,
+ * for at most timeout_ms. What it reads stays in the page cache and what it writes in the
+ * writable layer of every clone; no process of it does: the sandbox init is then ended (the
+ * kernel kills everything in its PID namespace with it) and a fresh one started. A command
+ * that does not exist or fails changes nothing else. */
+int sandbox_warm(char **argv, int timeout_ms, char *why, size_t wsz)
+{
+    static char path_env[] = "PATH=" DEFAULT_PATH;
+    char *envp[3] = {path_env, NULL, NULL}; /* a spare slot for HOME (run_command) */
+    struct exec_req r = {.argv = argv, .envp = envp, .envc = 1};
+    int null = open("/dev/null", O_RDWR | O_CLOEXEC);
+    if (null >= 0) {
+        int stdio[3] = {null, null, null};
+        sigset_t all, old;
+        sigfillset(&all);
+        sigprocmask(SIG_BLOCK, &all, &old);
+        struct spawn s = {.r = &r, .stdio = stdio, .mntns = g_mntns};
+        long pid = spawn_into_sandbox(&s);
+        sigprocmask(SIG_SETMASK, &old, NULL);
+        close(null);
+        uint64_t end = now_ms() + (uint64_t)timeout_ms;
+        while (pid > 0 && waitpid((pid_t)pid, NULL, WNOHANG) == 0) {
+            if (now_ms() >= end) {
+                agent_log("the warm-up command did not end within %d ms; killing it", timeout_ms);
+                kill((pid_t)pid, SIGKILL);
+                waitpid((pid_t)pid, NULL, 0);
+                break;
+            }
+            struct timespec ts = {0, 5 * 1000 * 1000};
+            nanosleep(&ts, NULL);
+        }
+    }
+    pid_t init = g_init;
+    sandbox_drop();
+    if (init > 0) waitpid(init, NULL, 0); /* its namespace is empty once it is reaped */
+    return sandbox_ensure(why, wsz);
+}
+
 void exec_start(uint32_t chan, const uint8_t *p, size_t n)
 {
     if (channel_busy(chan)) {

@@ -147,6 +147,9 @@ struct disk {
     char *path;
 };
 
+#define MAX_WARM_ARGS 16
+#define WARM_TIMEOUT_MS 20000 /* well within the host's wait for PREPARE */
+
 struct setup {
     struct share shares[MAX_SHARES];
     size_t nshares;
@@ -157,6 +160,8 @@ struct setup {
     size_t ca_len;
     char **hosts;
     size_t nhosts;
+    char *warm[MAX_WARM_ARGS + 1]; /* PREPARE's warm-up command, NULL-terminated */
+    size_t nwarm;
     bool have_clock;
     uint64_t clock_ns;
     const uint8_t *entropy;
@@ -966,6 +971,12 @@ static int parse_setup(const uint8_t *p, size_t n, struct setup *s)
             s->nhosts++;
             break;
         }
+        case SETUP_WARM_ARG:
+            if (s->nwarm == MAX_WARM_ARGS) return fail("PREPARE: too many WARM_ARGs");
+            if (!f.len || f.len > 1024 || !(s->warm[s->nwarm] = tlv_strdup(&f)))
+                return fail("PREPARE: bad WARM_ARG");
+            s->nwarm++;
+            break;
         default: break; /* unknown tags: forward compatibility */
         }
         if (dst) {
@@ -981,6 +992,7 @@ static int parse_setup(const uint8_t *p, size_t n, struct setup *s)
     } else if (!s->root_dev || !valid_dev_name(s->root_dev)) {
         return fail("SETUP: ROOT_DEV missing or not a device name");
     }
+    if (s->nwarm && g_setup_done) return fail("SETUP: WARM_ARG belongs to PREPARE");
     if (s->upper_dev && !valid_dev_name(s->upper_dev))
         return fail("SETUP: UPPER_DEV is not a device name");
     if (s->hostname && (!*s->hostname || strlen(s->hostname) > 64 || strchr(s->hostname, '\n')))
@@ -996,6 +1008,7 @@ static void free_setup(struct setup *s)
     free(s->resolv);
     for (size_t i = 0; i < s->nhosts; i++) free(s->hosts[i]);
     free(s->hosts);
+    for (size_t i = 0; i < s->nwarm; i++) free(s->warm[i]);
     for (size_t i = 0; i < s->nshares; i++) free(s->shares[i].path);
     for (size_t i = 0; i < s->ndisks; i++) free(s->disks[i].path);
 }
@@ -1060,6 +1073,13 @@ void handle_prepare(const uint8_t *p, size_t n)
     if (rc == 0) {
         char why[200];
         if (sandbox_ensure(why, sizeof why)) {
+            errno = EIO;
+            rc = fail("%s", why);
+        }
+    }
+    if (rc == 0 && s.nwarm) {
+        char why[200];
+        if (sandbox_warm(s.warm, WARM_TIMEOUT_MS, why, sizeof why)) {
             errno = EIO;
             rc = fail("%s", why);
         }
