@@ -21,13 +21,13 @@ only complete (written in a temporary directory, then renamed).
 
 An *image template* goes one step further for one image (and writable-layer size): restored
 from the generic template onto a shared copy of its RAM (`shared_ram`), or cold-booted, the
-agent is sent PREPARE, which mounts that image's
-root under a fresh writable layer and starts the sandbox init, and the VM is saved again, with
-a copy of its writable layer (`upper`). Its clones start with the root mounted: each gets its
-own copy of that layer, so the guest's cached file-system state and the disk agree. Only
-sandboxes without host mounts or extra disks use one (those are mounted before the root
-switch). Everything per sandbox (clock, entropy and RNG reseed, hostname, network, CA) still
-comes after the restore, in SETUP.
+agent is sent PREPARE, which mounts that image's root under a fresh writable layer and starts
+the sandbox init (and runs the warm-up command, `WARM_ARGV`), and the VM is saved again, with a
+copy of its writable layer (`upper`). Its clones start with the root mounted: each gets its own
+copy of that layer, so the guest's cached file-system state and the disk agree. Only sandboxes
+without host mounts or extra disks use one (those are mounted before the root switch).
+Everything per sandbox (clock, entropy and RNG reseed, hostname, network, CA) still comes after
+the restore, in SETUP.
 
 QEMU 7.2 opens the RAM file read-write (it has no read-only file with a private writable
 mapping before 8.2's `rom=off`), so a compromised VMM could write to it. The `complete` marker
