@@ -164,7 +164,7 @@ def test_prepare_carries_the_warm_up_command_in_order_and_bounds_it() -> None:
     fields = p.decode_tlv(req.encode())
     assert [v for t, v in fields if t == p.SetupTag.WARM_ARG] == [b"python3", b"-I", b"-c",
                                                                    b"pass"]
-    assert p.SetupTag.WARM_ARG == 12
+    assert p.SetupTag.WARM_ARG == 13
     for bad in (("",), ("x" * 1025,), ("a",) * 17, ("a\0b",)):
         with pytest.raises(ValueError):
             p.PrepareRequest("vda", None, warm=bad).encode()
