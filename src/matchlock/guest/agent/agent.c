@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/signalfd.h>
@@ -29,6 +30,21 @@ static bool g_port_wait;
 
 static uint8_t g_outbuf[OUT_CAP];
 static size_t g_out_head, g_out_tail; /* queued bytes are g_outbuf[head, tail) */
+
+/* Zero-copy output. A spliced frame's header is queued in g_outbuf; its payload waits in
+ * g_mid (moved there from the process's pipe by splice, without a copy) and goes to the port
+ * by a second splice, as the pipe's own pages, once the bytes queued before it were written:
+ * g_outbuf[head, g_splice_at) is written, then g_splice_left bytes of g_mid, then the rest of
+ * g_outbuf. One spliced payload at a time. The header's length is what the first splice
+ * moved, so a splice cut short never breaks the framing. */
+static int g_mid[2] = {-1, -1};
+static bool g_splice_ok;     /* both splices work here (probed once, cleared on a failure) */
+static size_t g_splice_at;   /* offset in g_outbuf where the payload belongs */
+static size_t g_splice_left; /* payload bytes still in g_mid */
+static uint32_t g_splice_chan;
+/* g_mid holds this much: a full payload even when the process's pipe holds it in small
+ * buffers (every buffer takes a slot whatever its length). */
+#define MID_PIPE_BYTES (256 * 1024)
 
 static uint8_t g_inbuf[HDR_SIZE + MAX_HOST_PAYLOAD];
 static size_t g_in_len;
@@ -132,6 +148,7 @@ static uint8_t *out_tail_space(size_t n)
 {
     if (OUT_CAP - g_out_tail < n) {
         memmove(g_outbuf, g_outbuf + g_out_head, g_out_tail - g_out_head);
+        if (g_splice_left) g_splice_at -= g_out_head;
         g_out_tail -= g_out_head;
         g_out_head = 0;
     }
@@ -174,6 +191,31 @@ ssize_t send_from_fd(uint8_t type, uint32_t chan, int fd, size_t max)
         put_header(h, type, chan, (uint32_t)n);
         g_out_tail += HDR_SIZE + (size_t)n;
     }
+    return n;
+}
+
+bool splice_ready(void) { return g_splice_ok && !g_splice_left; }
+
+bool splice_pending(void) { return g_splice_left != 0; }
+
+ssize_t send_spliced(uint8_t type, uint32_t chan, int fd, size_t max)
+{
+    if (max > MAX_DATA) max = MAX_DATA;
+    ssize_t n;
+    do n = splice(fd, NULL, g_mid[1], NULL, max, SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
+    while (n < 0 && errno == EINTR);
+    if (n < 0 && errno == EINVAL) { /* not a pipe, or a kernel without pipe-to-pipe splice */
+        agent_log("splice: %s; output is copied from now on", strerror(errno));
+        g_splice_ok = false;
+        return send_from_fd(type, chan, fd, max);
+    }
+    if (n <= 0) return n;
+    uint8_t *h = out_tail_space(HDR_SIZE);
+    put_header(h, type, chan, (uint32_t)n);
+    g_out_tail += HDR_SIZE;
+    g_splice_at = g_out_tail;
+    g_splice_left = (size_t)n;
+    g_splice_chan = chan;
     return n;
 }
 
@@ -365,10 +407,84 @@ static void port_read(void)
     }
 }
 
+/* Write all of buf to the port, waiting for it: only for the rare fallback below. */
+static bool port_write_all(const uint8_t *buf, size_t len)
+{
+    while (len) {
+        ssize_t n = write(g_out, buf, len);
+        if (n > 0) {
+            buf += n;
+            len -= (size_t)n;
+        } else if (n < 0 && errno == EAGAIN) {
+            struct pollfd p = {.fd = g_out, .events = POLLOUT};
+            poll(&p, 1, 1000);
+        } else if (n == 0 || errno != EINTR) {
+            return false;
+        }
+    }
+    return true;
+}
+
+/* The port refused a splice (or, in a kernel out of atomic memory, dropped its pages): the
+ * payload still in g_mid is copied to the port instead, and output is copied from now on.
+ * Bytes the kernel dropped cannot be recovered: zeros keep the stream in step for every other
+ * channel, and the exec they belonged to is killed so its output is never taken as whole. */
+static void splice_fallback(const char *why)
+{
+    static uint8_t buf[MAX_DATA];
+    int avail = 0;
+    if (ioctl(g_mid[0], FIONREAD, &avail) < 0 || avail < 0) avail = 0;
+    size_t have = (size_t)avail < g_splice_left ? (size_t)avail : g_splice_left;
+    size_t lost = g_splice_left - have;
+    g_splice_ok = false;
+    agent_log("splice to the port: %s; output is copied from now on", why);
+    while (have) {
+        ssize_t n = read(g_mid[0], buf, have < sizeof buf ? have : sizeof buf);
+        if (n <= 0) {
+            if (n < 0 && errno == EINTR) continue;
+            lost += have;
+            break;
+        }
+        have -= (size_t)n;
+        if (!port_write_all(buf, (size_t)n)) port_hangup("writing the port failed");
+    }
+    g_splice_left = 0;
+    if (!lost) return;
+    memset(buf, 0, sizeof buf);
+    for (size_t k; lost; lost -= k) {
+        k = lost < sizeof buf ? lost : sizeof buf;
+        if (!port_write_all(buf, k)) port_hangup("writing the port failed");
+    }
+    agent_log("channel %u: output lost in the kernel; killing the exec", g_splice_chan);
+    exec_kill(g_splice_chan);
+}
+
+/* Move the pending spliced payload to the port; whether it is all gone. */
+static bool splice_to_port(void)
+{
+    while (g_splice_left) {
+        ssize_t n = splice(g_mid[0], NULL, g_out, NULL, g_splice_left,
+                           SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
+        if (n > 0) {
+            g_splice_left -= (size_t)n;
+        } else if (n < 0 && errno == EAGAIN) {
+            return false;
+        } else if (!(n < 0 && errno == EINTR)) {
+            splice_fallback(n == 0 ? "bytes dropped" : strerror(errno));
+        }
+    }
+    return true;
+}
+
 static void port_write(void)
 {
-    while (g_out_head < g_out_tail) {
-        ssize_t n = write(g_out, g_outbuf + g_out_head, g_out_tail - g_out_head);
+    while (g_out_head < g_out_tail || g_splice_left) {
+        size_t end = g_splice_left ? g_splice_at : g_out_tail;
+        if (g_out_head == end) { /* the spliced payload's turn */
+            if (!splice_to_port()) break;
+            continue;
+        }
+        ssize_t n = write(g_out, g_outbuf + g_out_head, end - g_out_head);
         if (n > 0) {
             g_out_head += (size_t)n;
         } else if (n < 0 && errno == EINTR) {
@@ -378,7 +494,24 @@ static void port_write(void)
             break;
         }
     }
-    if (g_out_head == g_out_tail) g_out_head = g_out_tail = 0;
+    if (g_out_head == g_out_tail && !g_splice_left) g_out_head = g_out_tail = 0;
+}
+
+/* Splice needs a kernel and a port that take it (virtio-console does; so do the pipes and
+ * sockets of --stdio): an empty splice to the port fails at once (EINVAL) where they do not. */
+static void splice_probe(void)
+{
+    if (pipe2(g_mid, O_CLOEXEC | O_NONBLOCK) < 0) return;
+    fcntl(g_mid[0], F_SETPIPE_SZ, MID_PIPE_BYTES);
+    ssize_t n = splice(g_mid[0], NULL, g_out, NULL, 1, SPLICE_F_NONBLOCK);
+    g_splice_ok = n == 0 || (n < 0 && errno == EAGAIN);
+    if (!g_splice_ok) {
+        dprintf(2, "matchlock-agent: no splice to the port (%s): output is copied\n",
+                n < 0 ? strerror(errno) : "unexpected data");
+        close(g_mid[0]);
+        close(g_mid[1]);
+        g_mid[0] = g_mid[1] = -1;
+    }
 }
 
 static void drain_signalfd(void)
@@ -415,8 +548,8 @@ static __attribute__((noreturn)) void serve(void)
         g_port_wait = false;
         bool can_read = !parked && g_in_len < sizeof g_inbuf && out_free() >= CTRL_RESERVE;
         pfd[P_IN] = (struct pollfd){.fd = can_read ? g_in : -1, .events = POLLIN};
-        pfd[P_OUT] = (struct pollfd){
-            .fd = !parked && g_out_tail > g_out_head ? g_out : -1, .events = POLLOUT};
+        bool pending = g_out_tail > g_out_head || g_splice_left;
+        pfd[P_OUT] = (struct pollfd){.fd = !parked && pending ? g_out : -1, .events = POLLOUT};
         pfd[P_SIG] = (struct pollfd){.fd = g_sigfd, .events = POLLIN};
         size_t nexec = exec_poll_fill(pfd + P_FIXED);
         size_t n = P_FIXED + nexec;
@@ -439,7 +572,7 @@ static __attribute__((noreturn)) void serve(void)
         exec_poll_handle(pfd + P_FIXED);
         port_poll_handle(pfd + P_FIXED + nexec);
         parse_input();
-        if (g_out_tail > g_out_head && !parked) port_write();
+        if ((g_out_tail > g_out_head || g_splice_left) && !parked) port_write();
     }
 }
 
@@ -492,6 +625,7 @@ int main(int argc, char **argv)
     if (g_sigfd < 0) agent_log("signalfd: %s", strerror(errno));
     set_nonblock(g_in);
     set_nonblock(g_out);
+    splice_probe();
 
     /* HELLO carries the boot clock so the host can tell VMM start-up from kernel boot. */
     struct timespec boot = {0, 0};

@@ -162,6 +162,16 @@ bool send_frame(uint8_t type, uint32_t chan, const void *a, size_t alen, const v
 /* Read up to max (<= MAX_DATA) bytes of fd straight into a queued data frame; returns read()'s
  * result. Only call when out_data_room(). */
 ssize_t send_from_fd(uint8_t type, uint32_t chan, int fd, size_t max);
+/* Zero-copy output (agent.c): move up to max (<= MAX_DATA) bytes from the pipe fd into a data
+ * frame whose payload the port takes straight from the pipe's pages (splice), the header being
+ * queued like any frame; returns the bytes moved, 0 at EOF, -1 with errno (EAGAIN: nothing
+ * there). Only call when out_data_room() and splice_ready(); falls back to send_from_fd by
+ * itself where the kernel cannot splice. */
+ssize_t send_spliced(uint8_t type, uint32_t chan, int fd, size_t max);
+/* Output may be spliced now (supported, and no spliced payload still waiting for the port). */
+bool splice_ready(void);
+/* A spliced payload is still waiting for the port: no other output may be read meanwhile. */
+bool splice_pending(void);
 void send_result(uint32_t chan, int err, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 void agent_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));

@@ -62,6 +62,9 @@
 /* Output frames are 64 KiB with their header: the port takes at most 32 KiB per write (one
  * virtio buffer), so a lone frame of 64 KiB + 12 bytes cost three port writes, this two. */
 #define OUTPUT_READ_MAX (MAX_DATA - HDR_SIZE)
+/* A spliced frame (pipes, not a PTY) carries a full MAX_DATA: its header is a port write of
+ * its own and its payload goes as the pipe's pages, 16 of them, with no 32 KiB limit. */
+#define OUTPUT_SPLICE_MAX MAX_DATA
 /* A PTY master returns at most this much per read (the line discipline's buffer). */
 #define PTY_READ_MAX 4096
 
@@ -1322,7 +1325,9 @@ size_t exec_poll_count(void)
 size_t exec_poll_fill(struct pollfd *pfd)
 {
     size_t n = 0;
-    bool room = out_data_room(); /* a full outgoing buffer stops process output */
+    /* A full outgoing buffer stops process output, as does a spliced payload still waiting
+     * for the port (one at a time). */
+    bool room = out_data_room() && !splice_pending();
     uint64_t now = now_us();
 #define ADD(slot, fd_, ev)                                                                     \
     do {                                                                                       \
@@ -1369,11 +1374,15 @@ int64_t exec_poll_timeout(void)
 static void pump_output(struct exec *e, int *fd, uint8_t type, size_t *owed, uint64_t *hold,
                         bool *was_short)
 {
+    /* Pipes go out zero-copy where the kernel allows it (see send_spliced). */
+    bool spliced = !e->tty && splice_ready();
+    size_t frame = spliced ? OUTPUT_SPLICE_MAX : OUTPUT_READ_MAX;
     size_t credit = output_credit(e->out_unacked);
-    size_t max = e->final && *owed < OUTPUT_READ_MAX ? *owed : OUTPUT_READ_MAX;
+    size_t max = e->final && *owed < frame ? *owed : frame;
     if (credit < max) max = credit;
-    if (!out_data_room() || !max) return;
-    ssize_t n = send_from_fd(type, e->chan, *fd, max);
+    if (!out_data_room() || splice_pending() || !max) return;
+    ssize_t n = spliced ? send_spliced(type, e->chan, *fd, max)
+                        : send_from_fd(type, e->chan, *fd, max);
     size_t full = e->tty && max > PTY_READ_MAX ? PTY_READ_MAX : max;
     bool is_short = n > 0 && (size_t)n < full;
     *hold = is_short && *was_short ? now_us() + OUTPUT_HOLD_US : 0;
