@@ -36,15 +36,22 @@ static size_t g_out_head, g_out_tail; /* queued bytes are g_outbuf[head, tail) *
  * by a second splice, as the pipe's own pages, once the bytes queued before it were written:
  * g_outbuf[head, g_splice_at) is written, then g_splice_left bytes of g_mid, then the rest of
  * g_outbuf. One spliced payload at a time. The header's length is what the first splice
- * moved, so a splice cut short never breaks the framing. */
+ * moved, so a splice cut short never breaks the framing.
+ *
+ * Only full payloads are spliced to the port: MAX_DATA bytes in g_mid's 16 slots, i.e. 16
+ * whole pages. virtio-console's splice_write (Linux 6.1) sizes its scatterlist by the pipe's
+ * buffer count and marks its end there, so a splice that leaves a buffer behind (an empty one,
+ * which a process gets into its pipe with a write from a bad address, or any after it) hands
+ * the virtqueue entries it never filled and overruns the descriptor table. 16 buffers holding
+ * 64 KiB cannot include an empty or partial one, and all of them are taken. Anything shorter
+ * (small or slow output) is read from g_mid into the frame like before. */
 static int g_mid[2] = {-1, -1};
 static bool g_splice_ok;     /* both splices work here (probed once, cleared on a failure) */
 static size_t g_splice_at;   /* offset in g_outbuf where the payload belongs */
 static size_t g_splice_left; /* payload bytes still in g_mid */
 static uint32_t g_splice_chan;
-/* g_mid holds this much: a full payload even when the process's pipe holds it in small
- * buffers (every buffer takes a slot whatever its length). */
-#define MID_PIPE_BYTES (256 * 1024)
+/* g_mid holds this much, in MID_PIPE_BYTES / 4096 slots (see above). */
+#define MID_PIPE_BYTES MAX_DATA
 
 static uint8_t g_inbuf[HDR_SIZE + MAX_HOST_PAYLOAD];
 static size_t g_in_len;
@@ -200,7 +207,8 @@ bool splice_pending(void) { return g_splice_left != 0; }
 
 ssize_t send_spliced(uint8_t type, uint32_t chan, int fd, size_t max)
 {
-    if (max > MAX_DATA) max = MAX_DATA;
+    if (max < MID_PIPE_BYTES) return send_from_fd(type, chan, fd, max); /* never spliced */
+    max = MID_PIPE_BYTES;
     ssize_t n;
     do n = splice(fd, NULL, g_mid[1], NULL, max, SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
     while (n < 0 && errno == EINTR);
@@ -210,13 +218,34 @@ ssize_t send_spliced(uint8_t type, uint32_t chan, int fd, size_t max)
         return send_from_fd(type, chan, fd, max);
     }
     if (n <= 0) return n;
-    uint8_t *h = out_tail_space(HDR_SIZE);
-    put_header(h, type, chan, (uint32_t)n);
-    g_out_tail += HDR_SIZE;
-    g_splice_at = g_out_tail;
-    g_splice_left = (size_t)n;
-    g_splice_chan = chan;
-    return n;
+    if ((size_t)n == MID_PIPE_BYTES) { /* 16 full pages: to the port as they are */
+        uint8_t *h = out_tail_space(HDR_SIZE);
+        put_header(h, type, chan, (uint32_t)n);
+        g_out_tail += HDR_SIZE;
+        g_splice_at = g_out_tail;
+        g_splice_left = (size_t)n;
+        g_splice_chan = chan;
+        return n;
+    }
+    /* A partial payload: copied into an ordinary frame (g_mid is left empty). */
+    uint8_t *h = out_tail_space(HDR_SIZE + (size_t)n);
+    size_t got = 0;
+    while (got < (size_t)n) {
+        ssize_t r = read(g_mid[0], h + HDR_SIZE + got, (size_t)n - got);
+        if (r > 0) got += (size_t)r;
+        else if (!(r < 0 && errno == EINTR)) break;
+    }
+    if (got < (size_t)n) { /* cannot happen: nothing else reads g_mid */
+        agent_log("channel %u: output lost reading the splice pipe; killing the exec", chan);
+        exec_kill(chan);
+    }
+    if (!got) {
+        errno = EAGAIN; /* nothing queued */
+        return -1;
+    }
+    put_header(h, type, chan, (uint32_t)got);
+    g_out_tail += HDR_SIZE + got;
+    return (ssize_t)got;
 }
 
 /* Format into msg (truncated to fit), made valid UTF-8 for the host's strict decoder. */
@@ -502,8 +531,10 @@ static void port_write(void)
 static void splice_probe(void)
 {
     if (pipe2(g_mid, O_CLOEXEC | O_NONBLOCK) < 0) return;
-    fcntl(g_mid[0], F_SETPIPE_SZ, MID_PIPE_BYTES);
-    ssize_t n = splice(g_mid[0], NULL, g_out, NULL, 1, SPLICE_F_NONBLOCK);
+    /* Exactly 16 slots: a full payload is then 16 whole pages (see g_mid). */
+    ssize_t n = fcntl(g_mid[0], F_SETPIPE_SZ, MID_PIPE_BYTES) == (int)MID_PIPE_BYTES
+                    ? splice(g_mid[0], NULL, g_out, NULL, 1, SPLICE_F_NONBLOCK)
+                    : (errno = ERANGE, -1);
     g_splice_ok = n == 0 || (n < 0 && errno == EAGAIN);
     if (!g_splice_ok) {
         dprintf(2, "matchlock-agent: no splice to the port (%s): output is copied\n",
