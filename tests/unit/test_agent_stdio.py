@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from tests.faulty_writer import build_faulty_writer, faulty_writer_output
 
 from matchlock.guest import build
 from matchlock.guest.protocol import (
@@ -434,6 +435,61 @@ def test_20mb_of_output_is_byte_exact(agent: Agent) -> None:
     assert len(r.stdout) == 20_000_000
     assert hashlib.sha256(r.stdout).hexdigest() == r.stderr.decode().strip()
 
+
+
+# Output goes out zero-copy (splice) in full 64 KiB frames, copied otherwise: whatever the
+# mix, each stream arrives byte-exact and in order, and the frames stay in step.
+
+
+def test_big_stdout_and_stderr_at_once_are_each_byte_exact(agent: Agent, tmp_path: Path) -> None:
+    a, b = os.urandom(24_000_000), os.urandom(24_000_000) + b"tail"
+    (tmp_path / "a").write_bytes(a)
+    (tmp_path / "b").write_bytes(b)
+    r = agent.run(["sh", "-c", f"cat {tmp_path}/a & cat {tmp_path}/b >&2; wait"], timeout=90)
+    assert r.code == 0
+    assert r.stdout == a and r.stderr == b
+
+
+def test_stdout_closed_early_while_stderr_goes_on(agent: Agent, tmp_path: Path) -> None:
+    data = os.urandom(3_000_000)
+    (tmp_path / "a").write_bytes(data)
+    script = f"cat {tmp_path}/a; exec 1>&-; head -c 2000000 {tmp_path}/a >&2; echo end >&2"
+    r = agent.run(["sh", "-c", script], timeout=60)
+    assert r.code == 0
+    assert r.stdout == data
+    assert r.stderr == data[:2_000_000] + b"end\n"
+
+
+def test_kill_during_bulk_output_leaves_the_stream_in_step(agent: Agent) -> None:
+    chan = agent.start(ExecRequest(["cat", "/dev/zero"], env=[PATH]))
+    got = 0
+    while got < 4 * MAX_DATA:
+        f = agent.on(chan)
+        assert f.type in (T.STARTED, T.STDOUT), f
+        if f.type == T.STDOUT:
+            assert f.payload == bytes(len(f.payload))
+            got += len(f.payload)
+    agent.send(T.KILL, chan)
+    r = agent.collect(chan)
+    assert r.code == 137 and r.stdout == bytes(len(r.stdout))
+    # The next exec's frames are whole and exact: nothing of the killed one was cut.
+    r = agent.run(["sh", "-c", "head -c 5000000 /dev/urandom | tee /dev/fd/2 | sha256sum"])
+    assert r.code == 0 and len(r.stderr) == 5_000_000
+    assert r.stdout.split()[0].decode() == hashlib.sha256(r.stderr).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def faulty_writer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_faulty_writer(tmp_path_factory.mktemp("faulty"))
+
+
+@pytest.mark.parametrize("every", [1, 5, 64])
+def test_writes_from_bad_addresses_leave_the_output_exact(
+    agent: Agent, faulty_writer: Path, every: int
+) -> None:
+    r = agent.run([str(faulty_writer), "3000", str(every)], timeout=60)
+    assert r.code == 0 and r.stderr == b""
+    assert r.stdout == faulty_writer_output(3000)
 
 # --- stdin ----------------------------------------------------------------------------------
 
