@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from matchlock.sandbox import template
+from matchlock.vm import qemu
 from matchlock.vm.qmp import Qmp
 
 # --- descriptors over QMP --------------------------------------------------------------------
@@ -162,3 +163,10 @@ def test_image_templates_of_a_removed_or_replaced_rootfs_are_pruned(
     assert template.prune_images() == 2
     assert ts["a"].dir.exists() and generic.dir.exists()
     assert not ts["b"].dir.exists() and not ts["c"].dir.exists()
+
+
+def test_a_template_is_tied_to_its_cpu_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A snapshot resumes on the CPU model it was saved with: another model is another template.
+    before = template.key("boot", "tcg", 1, 512, "d")
+    monkeypatch.setattr(qemu, "accel_args", lambda accel: ["-accel", accel, "-cpu", "other"])
+    assert template.key("boot", "tcg", 1, 512, "d") != before

@@ -103,7 +103,7 @@ def key(boot_key: str, accel: str, vcpus: int, memory_mb: int, devices: str) -> 
     except OSError:
         qemu_id = "missing"
     parts = [LAYOUT_VERSION, boot_key, accel, str(vcpus), str(memory_mb), devices, qemu_id,
-             qemu.kernel_cmdline(accel)]
+             qemu.kernel_cmdline(accel), " ".join(qemu.accel_args(accel))]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
 
 
