@@ -1336,6 +1336,12 @@ size_t exec_poll_fill(struct pollfd *pfd)
     } while (0)
     for (struct exec *e = g_execs; e; e = e->next) {
         e->pfd_out = e->pfd_err = e->pfd_in = -1;
+        /* A hold that is over is cleared here, so any hold left is one this poll honours (its
+         * fd asks for no POLLIN) and exec_poll_timeout wakes the loop for it, even when it
+         * runs out before the timeout is computed: that gap used to leave the fd held with
+         * no timeout, the agent asleep until an unrelated frame came. */
+        if (e->hold_out <= now) e->hold_out = 0;
+        if (e->hold_err <= now) e->hold_err = 0;
         /* Output is read only while the host's credit lasts: a slow consumer slows its own
          * process, and the port stays free for every other channel. */
         bool credit = output_credit(e->out_unacked) > 0;
@@ -1361,8 +1367,8 @@ int64_t exec_poll_timeout(void)
     uint64_t now = now_us(), next = UINT64_MAX;
     for (struct exec *e = g_execs; e; e = e->next) {
         if (e->reaped && !e->final && e->deadline * 1000u < next) next = e->deadline * 1000u;
-        if (e->out_fd >= 0 && e->hold_out > now && e->hold_out < next) next = e->hold_out;
-        if (e->err_fd >= 0 && e->hold_err > now && e->hold_err < next) next = e->hold_err;
+        if (e->out_fd >= 0 && e->hold_out && e->hold_out < next) next = e->hold_out;
+        if (e->err_fd >= 0 && e->hold_err && e->hold_err < next) next = e->hold_err;
     }
     if (next == UINT64_MAX) return -1;
     return next <= now ? 0 : next - now > 60000000u ? 60000000 : (int64_t)(next - now);
