@@ -39,11 +39,11 @@ def test_explicit_port_only_that_port() -> None:
 
 
 def test_subdomain_wildcard_excludes_apex() -> None:
-    policy = Policy(["*.npmjs.org"])
-    assert policy.check("registry.npmjs.org", 443).allowed
-    assert policy.check("a.b.npmjs.org", 443).allowed
-    assert not policy.check("npmjs.org", 443).allowed
-    assert not policy.check("evilnpmjs.org", 443).allowed
+    policy = Policy(["*.pkgs.example"])
+    assert policy.check("mirror.pkgs.example", 443).allowed
+    assert policy.check("a.b.pkgs.example", 443).allowed
+    assert not policy.check("pkgs.example", 443).allowed
+    assert not policy.check("evilpkgs.example", 443).allowed
     assert not policy.check("npmjs.org.evil.com", 443).allowed
 
 
