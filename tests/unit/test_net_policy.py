@@ -44,7 +44,7 @@ def test_subdomain_wildcard_excludes_apex() -> None:
     assert policy.check("a.b.pkgs.example", 443).allowed
     assert not policy.check("pkgs.example", 443).allowed
     assert not policy.check("evilpkgs.example", 443).allowed
-    assert not policy.check("npmjs.org.evil.com", 443).allowed
+    assert not policy.check("pkgs.example.evil.com", 443).allowed
 
 
 def test_wildcard_inside_label_stays_in_label() -> None:
