@@ -48,6 +48,22 @@ def _changes(before: dict[str, tuple[int, int, int]],
                if before[p] != after[p]])
 
 
+def stop_fork_servers(under: Path) -> None:
+    """End the fork servers (cli/forkserver.py) that this session's `run`s started under
+    `under`: one whose socket is removed exits (they would otherwise idle for minutes)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"matchlock.cli.forkserver" in argv and len(argv) > 4:
+            sock = Path(os.fsdecode(argv[argv.index(b"matchlock.cli.forkserver") + 1]))
+            if sock.is_relative_to(under):
+                sock.unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def matchlock_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     before = {root: _snapshot(root) for root in (REAL_CACHE, REAL_STATE)}
@@ -62,6 +78,7 @@ def matchlock_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     os.environ.update(MATCHLOCK_HOME=str(home), MATCHLOCK_CACHE_DIR=str(cache),
                       MATCHLOCK_STATE_DIR=str(home))
     yield home
+    stop_fork_servers(tmp_path_factory.getbasetemp())
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)

@@ -186,8 +186,10 @@ def test_resolving_a_stored_image_does_not_load_the_registry_client(tmp_path: Pa
 @pytest.mark.skipif(not Path("/bin/busybox").exists(), reason="needs busybox-static")
 def test_plain_run_no_network_imports_up_to_the_boot(tmp_path: Path, bare: set[str]) -> None:
     # `matchlock run --no-network -- true` on the stored built-in image, stopped where the
-    # VM would boot: what it has imported by then.
-    env = {"MATCHLOCK_STATE_DIR": str(tmp_path), "MATCHLOCK_CACHE_DIR": str(tmp_path / "cache")}
+    # VM would boot: what it has imported by then, in-process (the fork server off, or not
+    # reachable: test_forkserver.py has the client's side).
+    env = {"MATCHLOCK_STATE_DIR": str(tmp_path), "MATCHLOCK_CACHE_DIR": str(tmp_path / "cache"),
+           "MATCHLOCK_FORKSERVER": "0"}
     _, r = _modules(tmp_path, "from matchlock.image.resolve import resolve_image\n"
                     "resolve_image(None)", env)  # builds and stores it
     assert r.returncode == 0, r.stderr

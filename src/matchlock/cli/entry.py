@@ -19,6 +19,12 @@ def main() -> None:
 
 
 def _main() -> None:
+    try:
+        os.fstat(0), os.fstat(1), os.fstat(2)
+    except OSError:
+        from matchlock.sandbox.forked import fill_std_fds
+
+        fill_std_fds()
     if sys.argv[1:] == ["--version"]:  # click's version_option prints the same line
         from matchlock import __version__
 
@@ -41,6 +47,16 @@ def _main() -> None:
 
         params = fastrun.parse(sys.argv[2:])
         if params is not None:
+            # A terminal's job control stays with this process (-t), and a supervisor
+            # (run -d's own process) runs its sandbox itself.
+            if (not params["tty"] and "MATCHLOCK_SUPERVISOR" not in os.environ
+                    and os.environ.get("MATCHLOCK_FORKSERVER", "1") != "0"):
+                from matchlock.cli import forkclient
+
+                if not forkclient.served:
+                    code = forkclient.run(sys.argv)
+                    if code is not None:
+                        sys.exit(code)
             fastrun.run(params)  # exits
     from matchlock.cli.main import main as click_main
 

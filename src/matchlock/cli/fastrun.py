@@ -47,6 +47,31 @@ _DEFAULTS: dict[str, object] = {
 }
 
 
+_BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def rewrite_rm(args: list[str], takes_value: set[str]) -> list[str]:
+    """The reference's spelling `--rm=false` / `--rm=true` (a click boolean flag takes no
+    value) as `--no-rm` / `--rm`, in the options only (up to the first argument or `--`, a
+    value after an option of `takes_value` skipped): the command's own arguments are never
+    touched."""
+    out = list(args)
+    i = 0
+    while i < len(out):
+        tok = out[i]
+        if tok == "--" or not tok.startswith("-"):
+            break  # the command starts here
+        if tok.startswith("--rm="):
+            value = _BOOL_WORDS.get(tok[5:].lower())
+            if value is None:
+                raise MatchlockError(f"invalid {tok!r}", hint="use --rm=true or --rm=false")
+            out[i] = "--rm" if value else "--no-rm"
+        elif tok in takes_value:
+            i += 1  # its value follows
+        i += 1
+    return out
+
+
 def _convert(param: str, value: str) -> object:
     """click's conversion of the typed options (ValueError where click fails)."""
     if param == "timeout":
@@ -62,8 +87,6 @@ def _convert(param: str, value: str) -> object:
 def parse(args: list[str]) -> dict[str, object] | None:
     """The click command's parameters for `run ARGS` (but `pool`), or None for anything this
     reader does not handle."""
-    from matchlock.cli.runbody import rewrite_rm
-
     try:
         args = rewrite_rm(args, {*_VALUES, "--pool"})
     except MatchlockError:

@@ -10,7 +10,8 @@ from typing import Any
 
 import click
 
-from matchlock.cli.runbody import execute, rewrite_rm
+from matchlock.cli.fastrun import rewrite_rm
+from matchlock.cli.runbody import execute
 from matchlock.errors import MatchlockError
 from matchlock.sandbox.command import (
     DEFAULT_PATH,

@@ -19,7 +19,6 @@ import os
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import threading
 import time
@@ -50,9 +49,7 @@ MAX_PIPES = 256  # concurrent port-forward connections per sandbox
 def launch(args: list[str]) -> int:
     """Start the supervisor with the same `run` arguments; print the sandbox's id once it is
     ready. Its error lines are relayed; the exit code is then its own."""
-    env = dict(os.environ)
-    env[SUPERVISE_ENV] = str(os.getpid())  # the supervisor dies with us until it is ready
-    child: list[subprocess.Popen[bytes]] = []
+    child: list[_Forked] = []
     pending: list[int] = []
 
     def forward(signo: int, frame: FrameType | None) -> None:
@@ -67,19 +64,14 @@ def launch(args: list[str]) -> int:
 
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(s, forward)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "matchlock.cli.main", *args], stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, env=env,
-    )
+    proc = _Forked(args)
     child.append(proc)
     if pending:
         forward(pending[0], None)
-    assert proc.stdout is not None and proc.stderr is not None
     err: list[bytes] = []
-    t = threading.Thread(target=lambda: err.append(proc.stderr.read()),  # type: ignore[union-attr]
-                         daemon=True)
+    t = threading.Thread(target=lambda: err.append(_read_all(proc.stderr)), daemon=True)
     t.start()
-    out = proc.stdout.read()
+    out = _read_all(proc.stdout)
     t.join()
     sid = out.decode(errors="replace").strip()
     if sid and proc.poll() is None:
@@ -87,16 +79,69 @@ def launch(args: list[str]) -> int:
         sys.stdout.flush()
         # Only now may the sandbox outlive us: the id is out (see Supervisor._announce).
         with contextlib.suppress(OSError):
-            assert proc.stdin is not None
-            proc.stdin.write(b"ok\n")
-            proc.stdin.close()
+            os.write(proc.stdin, b"ok\n")
+        os.close(proc.stdin)
         return 0
+    os.close(proc.stdin)
     code = proc.wait()
     sys.stderr.buffer.write(b"".join(err))
     sys.stderr.flush()
     if not err or not b"".join(err).strip():
         sys.stderr.write("matchlock: the sandbox's supervisor ended before it was ready\n")
     return 128 - code if code < 0 else code or 1
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 65536):
+        chunks.append(chunk)
+    os.close(fd)
+    return b"".join(chunks)
+
+
+class _Forked:
+    """The supervisor: a fork of this process (still single-threaded: `run -d` calls launch
+    before anything starts a thread) that runs `matchlock ARGS` with the variable that makes
+    it the supervisor, in a session of its own, its stdin, stdout and stderr pipes to us. A
+    fork, not a new interpreter: the modules `run` needs are already imported here (and in
+    the fork server's forks, all of them)."""
+
+    def __init__(self, args: list[str]) -> None:
+        from matchlock.sandbox import forked
+
+        pipes = [os.pipe() for _ in range(3)]  # stdin, stdout, stderr
+        launcher = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # the supervisor
+            try:
+                os.setsid()
+                for n, (r, w) in enumerate(pipes):
+                    os.dup2(r if n == 0 else w, n)
+                os.closerange(3, 1 << 16)  # nothing of ours but the three pipes
+                os.environ[SUPERVISE_ENV] = str(launcher)  # it dies with us until ready
+                forked.reset_signals()
+                forked.reopen_stdio({0, 1, 2})
+            except BaseException:
+                os._exit(1)
+            forked.run_cli([sys.argv[0], *args])
+        self.pid = pid
+        self.returncode: int | None = None
+        for n, (r, w) in enumerate(pipes):
+            os.close(r if n == 0 else w)
+        self.stdin, self.stdout, self.stderr = pipes[0][1], pipes[1][0], pipes[2][0]
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            _, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
 
 
 # --- the supervisor ----------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """`Pool`: N sandboxes of one configuration kept ready, so that `launch` returns at once.
 
-    pool = Pool(Sandbox("python:3.12-alpine").allow_host("api.example.com"), size=2)
+    pool = Pool(Sandbox("python:3.12-alpine").allow_host("x.example"), size=2)
     with pool:
         with Client(pool=pool) as client:
-            client.launch(Sandbox("python:3.12-alpine").allow_host("api.example.com"))  # from the pool
+            client.launch(Sandbox("python:3.12-alpine").allow_host("x.example"))  # pooled
 
 Each member is a `matchlock rpc` child that already ran `create` (a sandbox of its own: id,
 hostname, CA, network namespace, RNG seeded from fresh host entropy) and was then paused
