@@ -33,6 +33,7 @@ MAGIC = b"MLFS1"
 served = False
 # What the server needs of the client's environment to import the same code; nothing else
 # (no secret a user exports) is passed to it. The fork gets the client's whole environment.
+FIRST_REPLY_S = 30.0
 _SERVER_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "PYTHONPATH",
                "PYTHONHOME", "PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX",
                "PYTHONSAFEPATH", "PYTHONWARNINGS", "MATCHLOCK_HOME", "MATCHLOCK_STATE_DIR",
@@ -92,16 +93,25 @@ def run(argv: list[str]) -> int | None:
     """The exit code of `run` served by the fork server, or None to run in-process (the
     server could not be reached or started before the request was handed over; cli/entry.py
     does not call this when MATCHLOCK_FORKSERVER=0)."""
-    try:
-        sock = _connect_or_start(socket_path())
-    except OSError:
-        return None
-    if sock is None:
-        return None
-    try:
-        return _serve(sock, argv)
-    finally:
-        sock.close()
+    path = socket_path()
+    for _ in range(2):  # a stale server (an upgrade, an edit) is replaced once
+        try:
+            sock = _connect_or_start(path)
+        except OSError:
+            return None
+        if sock is None:
+            return None
+        try:
+            return _serve(sock, argv)
+        except _Stale:
+            continue
+        finally:
+            sock.close()
+    return None
+
+
+class _Stale(Exception):
+    """The server is not this install's code any more; it has stopped listening."""
 
 
 def _connect(path: str) -> socket | None:
@@ -183,8 +193,22 @@ def _start(path: str) -> None:
 
 
 def _serve(sock: socket, argv: list[str]) -> int | None:
+    """Hand the request to the fork once the server has made it ("P<pid>"), then wait."""
     from _socket import SCM_RIGHTS, SOL_SOCKET
 
+    try:
+        # A server still importing on a busy machine takes a second or two; one that does
+        # not answer at all is passed over (nothing was sent to it that could run).
+        sock.settimeout(FIRST_REPLY_S)
+        reply = sock.recv(64)
+        sock.settimeout(None)
+    except OSError:
+        return None
+    if reply == b"S":
+        raise _Stale
+    if not reply.startswith(b"P") or not reply[1:].isdigit():
+        return None  # refused, or gone before the fork: nothing ran
+    pid = int(reply[1:])
     fds: list[int] = []
     present = b""
     for fd in (0, 1, 2):
@@ -195,26 +219,21 @@ def _serve(sock: socket, argv: list[str]) -> int | None:
             continue
         fds.append(fd)
         present += b"%d" % fd
-    cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    fds.append(cwd)
     umask = os.umask(0o022)
     os.umask(umask)
     body = request([os.fsencode(a) for a in argv],
                    [k + b"=" + v for k, v in os.environb.items()], umask, present)
+    cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    fds.append(cwd)
     try:
         sock.sendmsg([body], [(SOL_SOCKET, SCM_RIGHTS,
                                b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds))])
     except OSError:
-        return None  # e.g. an environment too large for one message: in-process then
+        # E.g. an environment too large for one message. The fork got nothing (a message
+        # arrives whole or not at all) and ends when we close; this process runs `run`.
+        return None
     finally:
         os.close(cwd)
-    try:
-        reply = sock.recv(64)
-    except OSError:
-        return None
-    if not reply.startswith(b"P") or not reply[1:].isdigit():
-        return None  # stale, refused or gone before the fork: nothing ran
-    pid = int(reply[1:])
     return _wait(sock, pid)
 
 

@@ -9,13 +9,14 @@ state directory; peers checked by SO_PEERCRED), then imports, then serves:
 1. a client connects and sends the install key; a key that is not this server's, or source
    files changed since the import (an upgrade, an edit), get "S" (stale) and the client
    starts a new server;
-2. the server forks; the fork reads the client's second message itself (argv, environment,
-   umask, and, as SCM_RIGHTS, its fds 0-2 and working directory), so the server never holds
-   any client's environment; it becomes that client's `run` (entry.main) and exits as it
-   would have;
-3. the server tells the client the fork's pid ("P<pid>": the client passes its signals on
-   to it) and, when the fork ends, its wait status ("X<status>"). A client that goes away
-   (killed) hangs its fork up (SIGHUP), as a closed terminal would.
+2. the server forks and tells the client the fork's pid ("P<pid>": the client passes its
+   signals on to it); only then does the client send its request (argv, environment, umask,
+   and, as SCM_RIGHTS, its fds 0-2 and working directory), which the fork reads itself: the
+   server never holds any client's environment. The fork becomes that client's `run`
+   (entry.main) and exits as it would have; a fork without a whole request exits 125 and
+   runs nothing;
+3. when the fork ends, the server sends its wait status ("X<status>"). A client that goes
+   away (killed) hangs its fork up (SIGHUP), as a closed terminal would.
 
 It exits when it has been idle (no request, no fork alive) for MATCHLOCK_FORKSERVER_IDLE
 seconds (300 by default), or as soon as its socket is removed or replaced.
@@ -142,11 +143,14 @@ class Server:
                 conn.close()
                 return None
             hello = conn.recv(4096)
-            if hello != forkclient.MAGIC + b" " + self.key or self._stale():
+            ours = hello == forkclient.MAGIC + b" " + self.key
+            if not ours or self._stale():
+                if ours:
+                    # Changed sources: a new server takes over, and no client may queue on
+                    # this socket once the client below hears "S".
+                    self._stop_listening()
                 conn.send(b"S")
                 conn.close()
-                if hello == forkclient.MAGIC + b" " + self.key:
-                    self._stop_listening()  # changed sources: a new server takes over
                 return None
         except OSError:
             conn.close()
@@ -261,7 +265,10 @@ def _sources() -> dict[str, tuple[int, int]]:
 def become_client(conn: socket.socket) -> list[str]:
     """Read the client's request and take over its streams, directory, umask, environment
     and arguments."""
-    data, anc, flags, _ = conn.recvmsg(MAX_REQUEST, socket.CMSG_SPACE(4 * 4))
+    try:
+        data, anc, flags, _ = conn.recvmsg(MAX_REQUEST, socket.CMSG_SPACE(4 * 4))
+    except OSError:  # no request within the timeout: the client went away
+        os._exit(125)
     fds: list[int] = []
     for level, kind, payload in anc:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
