@@ -43,12 +43,64 @@ _SIGNALS = (_signal.SIGHUP, _signal.SIGINT, _signal.SIGQUIT, _signal.SIGTERM)
 
 
 def key() -> bytes:
-    """This install's identity: interpreter, package location and version. A server of
-    another install (another venv, an upgrade) is never used."""
+    """This install and this process's security context. A server of another install
+    (another venv, an upgrade) is never used, and neither is one started from another
+    context: it would run the fork with the other context's namespaces, root, credentials,
+    capabilities, no_new_privs, seccomp filters or LSM label (a `run` inside a sandbox of
+    its own would step out of it). What a fork can take over per run (resource limits,
+    cgroup, CPU affinity, priority, OOM score) is sent with the request instead."""
     import matchlock
 
     return os.fsencode(f"{sys.executable}\0{os.path.dirname(matchlock.__file__)}\0"
-                       f"{matchlock.__version__}")
+                       f"{matchlock.__version__}\0") + context()
+
+
+def context() -> bytes:
+    parts = []
+    for ns in ("mnt", "net", "pid", "user", "uts", "ipc", "cgroup", "time"):
+        try:
+            parts.append(os.fsencode(os.readlink(f"/proc/self/ns/{ns}")))
+        except OSError:
+            parts.append(b"-")
+    parts.append(os.fsencode(os.readlink("/proc/self/root")))
+    with open("/proc/self/status", "rb") as f:
+        parts += [line for line in f.read().split(b"\n") if line.startswith(_CONTEXT_LINES)]
+    try:
+        with open("/proc/self/attr/current", "rb") as f:
+            parts.append(f.read())
+    except OSError:
+        parts.append(b"-")
+    return b"\0".join(parts)
+
+
+_CONTEXT_LINES = (b"Uid:", b"Gid:", b"Groups:", b"NoNewPrivs:", b"Seccomp", b"Cap",
+                  b"Speculation_Store_Bypass:")
+
+
+def attributes() -> list[bytes]:
+    """What a fork takes over from its client for one run (cli/forkserver.py adopts them,
+    or hands the run back when it cannot)."""
+    import resource
+
+    out = []
+    for name in RLIMITS:
+        if not hasattr(resource, name):  # Python names fewer than the kernel has
+            continue
+        soft, hard = resource.getrlimit(getattr(resource, name))
+        out.append(b"%s=%d,%d" % (name.encode(), soft, hard))
+    with open("/proc/self/cgroup", "rb") as f:
+        out.append(b"cgroup=" + f.read().strip())
+    out.append(b"affinity=" + b",".join(b"%d" % c for c in sorted(os.sched_getaffinity(0))))
+    out.append(b"nice=%d" % os.getpriority(os.PRIO_PROCESS, 0))
+    with open("/proc/self/oom_score_adj", "rb") as f:
+        out.append(b"oom=" + f.read().strip())
+    return out
+
+
+RLIMITS = ("RLIMIT_CPU", "RLIMIT_FSIZE", "RLIMIT_DATA", "RLIMIT_STACK", "RLIMIT_CORE",
+            "RLIMIT_RSS", "RLIMIT_NPROC", "RLIMIT_NOFILE", "RLIMIT_MEMLOCK", "RLIMIT_AS",
+            "RLIMIT_LOCKS", "RLIMIT_SIGPENDING", "RLIMIT_MSGQUEUE", "RLIMIT_NICE",
+            "RLIMIT_RTPRIO", "RLIMIT_RTTIME")
 
 
 def socket_path() -> str:
@@ -83,10 +135,12 @@ def decode(data: bytes) -> list[bytes]:
     return out
 
 
-def request(argv: list[bytes], env: list[bytes], umask: int, fds: bytes) -> bytes:
+def request(argv: list[bytes], env: list[bytes], umask: int, fds: bytes,
+            attrs: list[bytes]) -> bytes:
     """What the fork reads: which of fds 0-2 came (b"012", "-" for a closed one), umask,
-    argv and environment."""
-    return encode([fds, b"%d" % umask, b"%d" % len(argv), *argv, *env])
+    argv, the attributes to take over, and the environment."""
+    return encode([fds, b"%d" % umask, b"%d" % len(argv), *argv, b"%d" % len(attrs), *attrs,
+                   *env])
 
 
 def run(argv: list[str]) -> int | None:
@@ -221,8 +275,12 @@ def _serve(sock: socket, argv: list[str]) -> int | None:
         present += b"%d" % fd
     umask = os.umask(0o022)
     os.umask(umask)
+    try:
+        attrs = attributes()
+    except OSError:
+        return None  # e.g. no /proc: the fork gets nothing and ends; this process runs `run`
     body = request([os.fsencode(a) for a in argv],
-                   [k + b"=" + v for k, v in os.environb.items()], umask, present)
+                   [k + b"=" + v for k, v in os.environb.items()], umask, present, attrs)
     cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     fds.append(cwd)
     try:
@@ -237,7 +295,7 @@ def _serve(sock: socket, argv: list[str]) -> int | None:
     return _wait(sock, pid)
 
 
-def _wait(sock: socket, pid: int) -> int:
+def _wait(sock: socket, pid: int) -> int | None:
     """From the fork on, this process is the fork's stand-in: the signals a terminal or a
     parent sends here are passed on to it, and its end is ours."""
     def forward(signo: int, frame: object) -> None:
@@ -254,6 +312,11 @@ def _wait(sock: socket, pid: int) -> int:
             break
         except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for clarity
             continue
+    if msg == b"R":  # handed back before anything ran: this process runs `run` itself
+        for s in _SIGNALS:
+            _signal.signal(s, _signal.default_int_handler if s == _signal.SIGINT
+                           else _signal.SIG_DFL)
+        return None
     if msg.startswith(b"X") and msg[1:].lstrip(b"-").isdigit():
         status = int(msg[1:])
         if os.WIFSIGNALED(status):

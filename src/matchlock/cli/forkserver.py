@@ -275,19 +275,31 @@ def become_client(conn: socket.socket) -> list[str]:
             usable = len(payload) - len(payload) % 4
             fds += [int.from_bytes(payload[i:i + 4], sys.byteorder)
                     for i in range(0, usable, 4)]
-    conn.close()
     try:
         if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
             raise ValueError("truncated")
         fields = forkclient.decode(data)
         present, umask, argc = fields[0], int(fields[1]), int(fields[2])
-        argv, env = fields[3:3 + argc], fields[3 + argc:]
+        argv = fields[3:3 + argc]
+        nattrs = int(fields[3 + argc])
+        attrs = fields[4 + argc:4 + argc + nattrs]
+        env = fields[4 + argc + nattrs:]
         wanted = [int(c) for c in present.decode() if c != "-"]
         if (len(fds) != len(wanted) + 1 or len(argv) != argc or not argv
-                or not set(wanted) <= {0, 1, 2} or not 0 <= umask <= 0o777):
+                or len(attrs) != nattrs or not set(wanted) <= {0, 1, 2}
+                or not 0 <= umask <= 0o777):
             raise ValueError("bad request")
     except (ValueError, IndexError, UnicodeDecodeError):
         os._exit(125)  # a client that is not ours, or one that went away: nothing ran
+    try:
+        adopt(attrs)
+    except (OSError, ValueError):
+        # Something of the client's that this fork cannot take on (a higher hard limit,
+        # another cgroup it may not enter): the client runs `run` itself.
+        with contextlib.suppress(OSError):
+            conn.send(b"R")
+        os._exit(125)
+    conn.close()
     streams = dict(zip(wanted, fds, strict=False))
     null = os.open(os.devnull, os.O_RDWR)
     for n in (0, 1, 2):
@@ -310,6 +322,47 @@ def become_client(conn: socket.socket) -> list[str]:
     forked.reset_signals()
     forked.reopen_stdio({0, 1, 2})
     return [os.fsdecode(a) for a in argv]
+
+
+def adopt(attrs: list[bytes]) -> None:
+    """Take on the client's resource limits, cgroup, CPU affinity, priority and OOM score
+    (forkclient.attributes); OSError or ValueError when one cannot be."""
+    import resource
+
+    for attr in attrs:
+        name, _, value = attr.decode().partition("=")
+        if name in forkclient.RLIMITS and hasattr(resource, name):
+            soft, hard = (int(v) for v in value.split(","))
+            which = getattr(resource, name)
+            if resource.getrlimit(which) != (soft, hard):
+                resource.setrlimit(which, (soft, hard))
+        elif name == "cgroup":
+            _enter_cgroup(value)
+        elif name == "affinity":
+            cpus = {int(c) for c in value.split(",") if c}
+            if cpus != os.sched_getaffinity(0):
+                os.sched_setaffinity(0, cpus)
+        elif name == "nice":
+            if os.getpriority(os.PRIO_PROCESS, 0) != int(value):
+                os.setpriority(os.PRIO_PROCESS, 0, int(value))
+        elif name == "oom":
+            with open("/proc/self/oom_score_adj", "r+") as f:
+                if f.read().strip() != value:
+                    f.seek(0)
+                    f.write(value)
+        else:
+            raise ValueError(f"unknown attribute {name}")
+
+
+def _enter_cgroup(wanted: str) -> None:
+    with open("/proc/self/cgroup") as f:
+        if f.read().strip() == wanted:
+            return
+    # cgroup v2: one "0::/path" line. Anything else (v1 hierarchies): not taken on here.
+    if not wanted.startswith("0::/") or "\n" in wanted or "/../" in wanted + "/":
+        raise ValueError("cgroup")
+    with open(f"/sys/fs/cgroup{wanted[3:]}/cgroup.procs", "w") as f:
+        f.write(str(os.getpid()))
 
 
 def main(argv: list[str]) -> None:
