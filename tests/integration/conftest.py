@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,6 +51,28 @@ def _vmm_processes(state_dir: Path) -> list[int]:
         if b"qemu-system" in cmd and str(state_dir).encode() in cmd:
             pids.append(int(entry.name))
     return pids
+
+
+def sandbox_owners(env: dict[str, str] | None = None) -> dict[str, int]:
+    """Running sandboxes' ids and the pids of the processes that own them (`matchlock ls`).
+    The owner of a `matchlock run` is not always that process: the fork server's fork that
+    serves it is (cli/forkserver.py)."""
+    r = subprocess.run([MATCHLOCK, "ls", "--json", "--running"], capture_output=True,
+                       timeout=60, env=env)
+    assert r.returncode == 0, r.stderr
+    return {s["id"]: s["pid"] for s in json.loads(r.stdout)}
+
+
+def new_owner(before: dict[str, int], env: dict[str, str] | None = None,
+              timeout: float = 30) -> int:
+    """The owner pid of the one sandbox running now that was not in `before`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        new = {k: v for k, v in sandbox_owners(env).items() if k not in before}
+        if len(new) == 1:
+            return next(iter(new.values()))
+        assert time.monotonic() < deadline, new
+        time.sleep(0.1)
 
 
 def leftovers(state_dir: Path) -> list[str]:

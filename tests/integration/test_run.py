@@ -15,7 +15,7 @@ import pytest
 
 from tests.faulty_writer import build_faulty_writer, faulty_writer_output
 
-from .conftest import MATCHLOCK, leftovers
+from .conftest import MATCHLOCK, leftovers, new_owner, sandbox_owners
 
 pytestmark = pytest.mark.vm
 Run = Callable[..., subprocess.CompletedProcess[bytes]]
@@ -180,11 +180,12 @@ def test_sigterm_while_guest_ignores_it_ends_with_kill(state_dir: Path) -> None:
 
 
 def test_sigkilled_host_process_then_gc_leaves_nothing(state_dir: Path) -> None:
+    before = sandbox_owners()
     proc = subprocess.Popen([MATCHLOCK, "run", "--", "sh", "-c", "echo ready; sleep 600"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     assert proc.stdout is not None
     assert proc.stdout.readline() == b"ready\n"
-    proc.kill()
+    os.kill(new_owner(before), signal.SIGKILL)  # the process that owns the sandbox
     proc.wait()
     r = subprocess.run([MATCHLOCK, "gc"], capture_output=True, timeout=60)
     assert r.returncode == 0, r.stderr

@@ -28,7 +28,14 @@ import pytest
 from matchlock.paths import cache_dir
 
 from . import test_network
-from .conftest import MATCHLOCK, PYTHON_IMAGE, TESTDATA, db_file_bytes
+from .conftest import (
+    MATCHLOCK,
+    PYTHON_IMAGE,
+    TESTDATA,
+    db_file_bytes,
+    new_owner,
+    sandbox_owners,
+)
 from .test_network import Upstream
 
 # The upstream namespace of the egress tests (module-scoped: set up again for this module).
@@ -307,6 +314,17 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
+def _all_pids() -> list[int]:
+    return [int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit()]
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def _read_until(proc: subprocess.Popen[bytes], marker: bytes, timeout: float) -> bytes:
     assert proc.stdout is not None
     os.set_blocking(proc.stdout.fileno(), False)
@@ -330,28 +348,36 @@ def _read_until(proc: subprocess.Popen[bytes], marker: bytes, timeout: float) ->
 def test_a_killed_run_leaves_no_value_and_gc_removes_what_it_left(
         upstream: Upstream, env: Env) -> None:
     before = upstream.log("heads.log")
+    owners = sandbox_owners(env.environ)
     proc = subprocess.Popen([MATCHLOCK, *run_flags(upstream, env), *guest("then-wait")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env.environ)
+    owner = None
     try:
         out = _read_until(proc, b"ready\n", 240)
         assert b"http 200 " in out, out
         _upstream_saw_all_values(upstream, before)
-        # Every process the CLI started (QEMU above all, which a guest escape would land in):
-        # no value in its environment or command line.
-        children = _descendants(proc.pid)
+        # The sandbox's owner: `run` itself, or the fork server's fork that serves it.
+        owner = new_owner(owners, env.environ)
+        # Every process started for the run (QEMU above all, which a guest escape would land
+        # in), and the fork server, which holds no client's environment: no value in its
+        # environment or command line.
+        children = _descendants(owner) + _descendants(proc.pid)
         qemu = [pid for pid in children
                 if b"qemu-system" in Path(f"/proc/{pid}/cmdline").read_bytes()]
         assert qemu, children
-        for pid in children:
+        servers = [p for p in _all_pids() if b"matchlock.cli.forkserver" in _cmdline(p)
+                   and os.fsencode(env.state) in _cmdline(p)]
+        for pid in [*children, owner, *servers]:
             for what in ("environ", "cmdline"):
                 data = Path(f"/proc/{pid}/{what}").read_bytes()
                 assert found_in(data) == [], (pid, what, found_in(data))
         [sandbox] = env.sandboxes()
         assert (sandbox / "network.log").stat().st_size > 0
     finally:
-        proc.send_signal(signal.SIGKILL)
+        # The owner dies unannounced (the CLI with it, when they are one process).
+        os.kill(owner if owner is not None else proc.pid, signal.SIGKILL)
         rest_out, err = proc.communicate(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
+    assert proc.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), err
     assert found_in(out + rest_out) == [] and found_in(err) == []
     assert b"net allow api.test:80 GET /headers" in err, err
     # What the killed owner left behind (its sandbox dir, perhaps a VM) holds no value…

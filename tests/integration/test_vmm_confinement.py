@@ -18,7 +18,7 @@ import pytest
 from matchlock.paths import cache_dir, runtime_dir
 from matchlock.vm import confine
 
-from .conftest import MATCHLOCK, leftovers
+from .conftest import MATCHLOCK, leftovers, new_owner, sandbox_owners
 
 pytestmark = [
     pytest.mark.vm,
@@ -54,6 +54,7 @@ def _vmm_of(owner: int, timeout: float = 30) -> int:
 @contextmanager
 def _sandbox(*run_args: str) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     """A sandbox that stays up (its guest sleeps) while the test looks at its VMM."""
+    before = sandbox_owners()
     proc = subprocess.Popen([MATCHLOCK, "run", *run_args, "--", "sh", "-c",
                              "echo ready; exec sleep 600"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -61,7 +62,7 @@ def _sandbox(*run_args: str) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         assert line == b"ready\n", proc.stderr.read() if proc.stderr else b""
-        yield proc, _vmm_of(proc.pid)
+        yield proc, _vmm_of(new_owner(before))
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -150,13 +151,15 @@ def test_templates_are_private(ml: Run) -> None:
 def test_the_vmm_dies_with_its_owner(state_dir: Path) -> None:
     """Dropping privileges clears PR_SET_PDEATHSIG; the hang-up of the owner's terminal
     takes its place."""
+    before = sandbox_owners()
     proc = subprocess.Popen([MATCHLOCK, "run", "--", "sh", "-c", "echo ready; sleep 600"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     assert proc.stdout is not None
     assert proc.stdout.readline() == b"ready\n"
-    vmm = _vmm_of(proc.pid)
+    owner = new_owner(before)
+    vmm = _vmm_of(owner)
     assert int(_status(vmm)["Uid"].split()[0]) != 0
-    proc.kill()
+    os.kill(owner, signal.SIGKILL)  # the owner (the fork server's fork, or `run` itself)
     proc.wait()
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:

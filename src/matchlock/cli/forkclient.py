@@ -222,8 +222,10 @@ def _start(path: str) -> None:
     try:
         null = os.open(os.devnull, os.O_RDWR)
         # Its own errors (there should be none) go to a log next to its socket.
-        log = os.open(path + ".log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+        log = os.open(path + ".log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
                       0o600)
+        if os.fstat(log).st_size > 1 << 20:
+            os.ftruncate(log, 0)
         try:
             # -P: nothing from the current directory on sys.path; a new session: no
             # terminal's signals reach it.
@@ -322,7 +324,8 @@ def _wait(sock: socket, pid: int) -> int | None:
         if os.WIFSIGNALED(status):
             signo = os.WTERMSIG(status)
             sys.stdout.flush()
-            _signal.signal(signo, _signal.SIG_DFL)
+            if signo not in (_signal.SIGKILL, _signal.SIGSTOP):
+                _signal.signal(signo, _signal.SIG_DFL)
             os.kill(os.getpid(), signo)  # die the same way, for the shell's `$?`
             return 128 + signo
         return os.waitstatus_to_exitcode(status)

@@ -113,6 +113,7 @@ class Server:
         os.write(ready_fd, b"ready\n")
         os.close(ready_fd)
         self.preload()
+        _log(f"serving {self.path}")
         self.ep.register(self.sock.fileno(), select.EPOLLIN)
         last = time.monotonic()
         while self.listening or self.forks:
@@ -126,9 +127,10 @@ class Server:
                 elif fd in self.conns:
                     self._hang_up(self.conns[fd])
                 last = time.monotonic()
-            idle = not self.forks and time.monotonic() - last >= self.idle_s
-            if self.listening and (idle or not self._socket_is_ours()):
-                self._stop_listening()
+            if self.listening and not self.forks and time.monotonic() - last >= self.idle_s:
+                self._stop_listening("idle")
+            elif self.listening and not self._socket_is_ours():
+                self._stop_listening("its socket was removed or replaced")
         return None
 
     def _accept(self) -> socket.socket | None:
@@ -148,7 +150,7 @@ class Server:
                 if ours:
                     # Changed sources: a new server takes over, and no client may queue on
                     # this socket once the client below hears "S".
-                    self._stop_listening()
+                    self._stop_listening("its sources changed")
                 conn.send(b"S")
                 conn.close()
                 return None
@@ -199,9 +201,10 @@ class Server:
         with contextlib.suppress(ProcessLookupError):
             os.kill(f.pid, signal.SIGHUP)
 
-    def _stop_listening(self) -> None:
+    def _stop_listening(self, why: str) -> None:
         if not self.listening:
             return
+        _log(f"stops listening: {why}")
         self.listening = False
         self.ep.unregister(self.sock.fileno())
         if self._socket_is_ours():
@@ -228,6 +231,12 @@ class Server:
         self.forks.clear()
         self.conns.clear()
         conn.settimeout(10.0)
+
+
+def _log(line: str) -> None:
+    """The server's own log (its stderr: a file next to its socket)."""
+    sys.stderr.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} pid {os.getpid()}: {line}\n")
+    sys.stderr.flush()
 
 
 def _idle_seconds() -> float:
@@ -319,6 +328,9 @@ def become_client(conn: socket.socket) -> list[str]:
             with contextlib.suppress(ValueError):  # a NUL byte: not an environment entry
                 os.environb[k] = v
     forkclient.served = True
+    # `ps -o comm`, `top`: a run, not the server.
+    with contextlib.suppress(OSError), open("/proc/self/comm", "w") as f:
+        f.write("matchlock-run")
     forked.reset_signals()
     forked.reopen_stdio({0, 1, 2})
     return [os.fsdecode(a) for a in argv]

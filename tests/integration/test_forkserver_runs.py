@@ -1,0 +1,155 @@
+"""`matchlock run` served by the fork server (cli/forkserver.py), with real sandboxes: the
+client's streams, directory, stdin and signals reach the run; a killed client takes its
+sandbox down; and no process holds another run's secrets — not the server, not a sibling.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import MATCHLOCK, leftovers, new_owner, sandbox_owners
+
+pytestmark = pytest.mark.vm
+
+
+def _memory(pid: int) -> bytes:
+    chunks = []
+    with open(f"/proc/{pid}/mem", "rb", 0) as mem:
+        for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+            span, perms = line.split()[:2]
+            if "r" not in perms or line.endswith(("[vvar]", "[vsyscall]")):
+                continue
+            start, end = (int(x, 16) for x in span.split("-"))
+            try:
+                mem.seek(start)
+                chunks.append(mem.read(end - start))
+            except (OSError, OverflowError, ValueError):
+                continue
+    return b"".join(chunks)
+
+
+def _servers(state_dir: Path) -> list[int]:
+    out = []
+    for e in Path("/proc").iterdir():
+        if not e.name.isdigit():
+            continue
+        try:
+            cmd = (e / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"matchlock.cli.forkserver" in cmd and os.fsencode(state_dir) in cmd:
+            out.append(int(e.name))
+    return _without_forks(out)
+
+
+def _without_forks(pids: list[int]) -> list[int]:
+    """The servers among pids: a fork (a run) shows its server's command line too."""
+    def parent(pid: int) -> int:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return 0
+        return int(stat[stat.rindex(")") + 2:].split()[1])
+
+    return [p for p in pids if parent(p) not in pids]
+
+
+def _gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except FileNotFoundError:
+            return True
+        if stat[stat.rindex(")") + 2] == "Z":
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_stdin_directory_and_exit_code_are_the_client_s(state_dir: Path,
+                                                        tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "f").write_text("from the host\n")
+    r = subprocess.run([MATCHLOCK, "run", "-i", "-v", "./sub:/workspace/sub", "--", "sh", "-c",
+                        "cat /workspace/sub/f; cat; exit 7"], input=b"piped in\n",
+                       capture_output=True, cwd=tmp_path, timeout=180)
+    assert (r.returncode, r.stdout) == (7, b"from the host\npiped in\n"), r.stderr
+    assert _servers(state_dir), "the run did not go through the fork server"
+    assert leftovers(state_dir) == []
+
+
+def test_sigint_reaches_the_command_as_in_process(state_dir: Path) -> None:
+    results = []
+    for served in ("1", "0"):
+        proc = subprocess.Popen(
+            [MATCHLOCK, "run", "--", "sh", "-c",
+             "trap 'echo got INT; exit 3' INT; echo ready; while :; do sleep 0.1; done"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env={**os.environ, "MATCHLOCK_FORKSERVER": served})
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"ready\n"
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+        results.append((proc.returncode, out))
+    assert results[0] == results[1] == (3, b"got INT\n")
+    assert leftovers(state_dir) == []
+
+
+def test_a_killed_client_takes_its_sandbox_down(state_dir: Path) -> None:
+    before = sandbox_owners()
+    proc = subprocess.Popen([MATCHLOCK, "run", "--", "sh", "-c", "echo ready; sleep 600"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"ready\n"
+    owner = new_owner(before)
+    assert owner != proc.pid  # served: the fork owns it
+    proc.kill()
+    proc.wait()
+    # Hung up like a closed terminal: the owner forwards, then ends the sandbox itself.
+    assert _gone(owner, 60)
+    assert leftovers(state_dir) == []  # no `gc` needed
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a secret needs the sealed network (root)")
+def test_no_process_holds_another_run_s_secret(state_dir: Path) -> None:
+    values = {n: f"fsv-{n}-" + os.urandom(12).hex() for n in ("A", "B")}
+    before = sandbox_owners()
+    procs = {}
+    owners = {}
+    for n, value in values.items():
+        procs[n] = subprocess.Popen(
+            [MATCHLOCK, "run", "--secret", f"TOK_{n}@api.test", "--", "sh", "-c",
+             f"echo $TOK_{n}; echo ready; sleep 600"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env={**os.environ, f"TOK_{n}": value})
+        stdout = procs[n].stdout
+        assert stdout is not None
+        placeholder = stdout.readline()
+        assert placeholder.startswith(b"SANDBOX_SECRET_") and value.encode() not in placeholder
+        assert stdout.readline() == b"ready\n"
+        owners[n] = new_owner(before)
+        before = sandbox_owners()
+    try:
+        servers = _servers(state_dir)
+        assert len(servers) == 1, [Path(f"/proc/{p}/cmdline").read_bytes() for p in servers]
+        [server] = servers
+        server_memory = _memory(server)
+        for n, value in values.items():
+            other = "B" if n == "A" else "A"
+            assert value.encode() in _memory(owners[n])  # the positive control
+            assert value.encode() not in _memory(owners[other])
+            assert value.encode() not in server_memory
+            assert value.encode() not in Path(f"/proc/{server}/environ").read_bytes()
+    finally:
+        for p in procs.values():
+            p.send_signal(signal.SIGTERM)
+        for p in procs.values():
+            p.communicate(timeout=60)
+    assert leftovers(state_dir) == []
