@@ -102,6 +102,36 @@ def test_sigint_reaches_the_command_as_in_process(state_dir: Path) -> None:
     assert leftovers(state_dir) == []
 
 
+def _state_of(pid: int) -> str:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2]
+
+
+def _wait_state(pid: int, want: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while _state_of(pid) not in want:
+        assert time.monotonic() < deadline, (pid, _state_of(pid), want)
+        time.sleep(0.05)
+
+
+def test_ctrl_z_stops_the_run_and_fg_resumes_it(state_dir: Path) -> None:
+    before = sandbox_owners()
+    proc = subprocess.Popen([MATCHLOCK, "run", "--", "sh", "-c",
+                             "echo ready; sleep 3; echo after"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"ready\n"
+    owner = new_owner(before)
+    proc.send_signal(signal.SIGTSTP)
+    _wait_state(proc.pid, "T")
+    _wait_state(owner, "T")  # the owner stops with its client, as one process would
+    time.sleep(4)  # the guest's sleep ends meanwhile; its output waits for the owner
+    proc.send_signal(signal.SIGCONT)
+    out, err = proc.communicate(timeout=60)
+    assert (proc.returncode, out) == (0, b"after\n"), err
+    assert leftovers(state_dir) == []
+
+
 def test_a_killed_client_takes_its_sandbox_down(state_dir: Path) -> None:
     before = sandbox_owners()
     proc = subprocess.Popen([MATCHLOCK, "run", "--", "sh", "-c", "echo ready; sleep 600"],

@@ -47,9 +47,11 @@ def _main() -> None:
 
         params = fastrun.parse(sys.argv[2:])
         if params is not None:
-            # A terminal's job control stays with this process (-t), and a supervisor
-            # (run -d's own process) runs its sandbox itself.
-            if (not params["tty"] and "MATCHLOCK_SUPERVISOR" not in os.environ
+            # A terminal stays with this process (-t, or -i reading one: a fork outside the
+            # terminal's job control would go on reading it after a Ctrl-Z), and a
+            # supervisor (run -d's own process) runs its sandbox itself.
+            if (not params["tty"] and not (params["interactive"] and os.isatty(0))
+                    and "MATCHLOCK_SUPERVISOR" not in os.environ
                     and os.environ.get("MATCHLOCK_FORKSERVER", "1") != "0"):
                 from matchlock.cli import forkclient
 

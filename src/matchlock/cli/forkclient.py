@@ -306,8 +306,17 @@ def _wait(sock: socket, pid: int) -> int | None:
         except ProcessLookupError:  # contextlib is not imported here: ~1 ms
             return
 
+    def stop(signo: int, frame: object) -> None:
+        # Ctrl-Z: the fork stops with us (as an in-process run would), and goes on with us.
+        forward(_signal.SIGSTOP, frame)
+        _signal.signal(_signal.SIGTSTP, _signal.SIG_DFL)
+        os.kill(os.getpid(), _signal.SIGTSTP)
+        _signal.signal(_signal.SIGTSTP, stop)  # resumed (SIGCONT) from here on
+        forward(_signal.SIGCONT, frame)
+
     for s in _SIGNALS:
         _signal.signal(s, forward)
+    _signal.signal(_signal.SIGTSTP, stop)
     while True:
         try:
             msg = sock.recv(64)
@@ -315,6 +324,7 @@ def _wait(sock: socket, pid: int) -> int | None:
         except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for clarity
             continue
     if msg == b"R":  # handed back before anything ran: this process runs `run` itself
+        _signal.signal(_signal.SIGTSTP, _signal.SIG_DFL)
         for s in _SIGNALS:
             _signal.signal(s, _signal.default_int_handler if s == _signal.SIGINT
                            else _signal.SIG_DFL)
