@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from matchlock import paths
+from tests import procs
 
 REAL_CACHE = paths.cache_dir()
 REAL_STATE = paths.state_dir()
@@ -51,17 +52,11 @@ def _changes(before: dict[str, tuple[int, int, int]],
 def stop_fork_servers(under: Path) -> None:
     """End the fork servers (cli/forkserver.py) that this session's `run`s started under
     `under`: one whose socket is removed exits (they would otherwise idle for minutes)."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"matchlock.cli.forkserver" in argv and len(argv) > 4:
-            sock = Path(os.fsdecode(argv[argv.index(b"matchlock.cli.forkserver") + 1]))
-            if sock.is_relative_to(under):
-                sock.unlink(missing_ok=True)
+    for pid in procs.fork_servers(under):
+        argv = procs.cmdline(pid).split(b"\0")
+        if b"matchlock.cli.forkserver" in argv[:-1]:
+            Path(os.fsdecode(argv[argv.index(b"matchlock.cli.forkserver") + 1])).unlink(
+                missing_ok=True)
 
 
 @pytest.fixture(scope="session", autouse=True)

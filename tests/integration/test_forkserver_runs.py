@@ -13,64 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from tests import procs
+
 from .conftest import MATCHLOCK, leftovers, new_owner, sandbox_owners
 
 pytestmark = pytest.mark.vm
-
-
-def _memory(pid: int) -> bytes:
-    chunks = []
-    with open(f"/proc/{pid}/mem", "rb", 0) as mem:
-        for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
-            span, perms = line.split()[:2]
-            if "r" not in perms or line.endswith(("[vvar]", "[vsyscall]")):
-                continue
-            start, end = (int(x, 16) for x in span.split("-"))
-            try:
-                mem.seek(start)
-                chunks.append(mem.read(end - start))
-            except (OSError, OverflowError, ValueError):
-                continue
-    return b"".join(chunks)
-
-
-def _servers(state_dir: Path) -> list[int]:
-    out = []
-    for e in Path("/proc").iterdir():
-        if not e.name.isdigit():
-            continue
-        try:
-            cmd = (e / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"matchlock.cli.forkserver" in cmd and os.fsencode(state_dir) in cmd:
-            out.append(int(e.name))
-    return _without_forks(out)
-
-
-def _without_forks(pids: list[int]) -> list[int]:
-    """The servers among pids: a fork (a run) shows its server's command line too."""
-    def parent(pid: int) -> int:
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            return 0
-        return int(stat[stat.rindex(")") + 2:].split()[1])
-
-    return [p for p in pids if parent(p) not in pids]
-
-
-def _gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except FileNotFoundError:
-            return True
-        if stat[stat.rindex(")") + 2] == "Z":
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_stdin_directory_and_exit_code_are_the_client_s(state_dir: Path,
@@ -81,7 +28,7 @@ def test_stdin_directory_and_exit_code_are_the_client_s(state_dir: Path,
                         "cat /workspace/sub/f; cat; exit 7"], input=b"piped in\n",
                        capture_output=True, cwd=tmp_path, timeout=180)
     assert (r.returncode, r.stdout) == (7, b"from the host\npiped in\n"), r.stderr
-    assert _servers(state_dir), "the run did not go through the fork server"
+    assert procs.fork_servers(state_dir), "the run did not go through the fork server"
     assert leftovers(state_dir) == []
 
 
@@ -102,15 +49,10 @@ def test_sigint_reaches_the_command_as_in_process(state_dir: Path) -> None:
     assert leftovers(state_dir) == []
 
 
-def _state_of(pid: int) -> str:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return stat[stat.rindex(")") + 2]
-
-
 def _wait_state(pid: int, want: str, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
-    while _state_of(pid) not in want:
-        assert time.monotonic() < deadline, (pid, _state_of(pid), want)
+    while procs.state(pid) not in want:
+        assert time.monotonic() < deadline, (pid, procs.state(pid), want)
         time.sleep(0.05)
 
 
@@ -143,7 +85,7 @@ def test_a_killed_client_takes_its_sandbox_down(state_dir: Path) -> None:
     proc.kill()
     proc.wait()
     # Hung up like a closed terminal: the owner forwards, then ends the sandbox itself.
-    assert _gone(owner, 60)
+    assert procs.gone(owner, 60)
     assert leftovers(state_dir) == []  # no `gc` needed
 
 
@@ -151,15 +93,15 @@ def test_a_killed_client_takes_its_sandbox_down(state_dir: Path) -> None:
 def test_no_process_holds_another_run_s_secret(state_dir: Path) -> None:
     values = {n: f"fsv-{n}-" + os.urandom(12).hex() for n in ("A", "B")}
     before = sandbox_owners()
-    procs = {}
+    runs = {}
     owners = {}
     for n, value in values.items():
-        procs[n] = subprocess.Popen(
+        runs[n] = subprocess.Popen(
             [MATCHLOCK, "run", "--secret", f"TOK_{n}@api.test", "--", "sh", "-c",
              f"echo $TOK_{n}; echo ready; sleep 600"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env={**os.environ, f"TOK_{n}": value})
-        stdout = procs[n].stdout
+        stdout = runs[n].stdout
         assert stdout is not None
         placeholder = stdout.readline()
         assert placeholder.startswith(b"SANDBOX_SECRET_") and value.encode() not in placeholder
@@ -167,19 +109,19 @@ def test_no_process_holds_another_run_s_secret(state_dir: Path) -> None:
         owners[n] = new_owner(before)
         before = sandbox_owners()
     try:
-        servers = _servers(state_dir)
+        servers = procs.fork_servers(state_dir)
         assert len(servers) == 1, [Path(f"/proc/{p}/cmdline").read_bytes() for p in servers]
         [server] = servers
-        server_memory = _memory(server)
+        server_memory = procs.memory(server)
         for n, value in values.items():
             other = "B" if n == "A" else "A"
-            assert value.encode() in _memory(owners[n])  # the positive control
-            assert value.encode() not in _memory(owners[other])
+            assert value.encode() in procs.memory(owners[n])  # the positive control
+            assert value.encode() not in procs.memory(owners[other])
             assert value.encode() not in server_memory
             assert value.encode() not in Path(f"/proc/{server}/environ").read_bytes()
     finally:
-        for p in procs.values():
+        for p in runs.values():
             p.send_signal(signal.SIGTERM)
-        for p in procs.values():
+        for p in runs.values():
             p.communicate(timeout=60)
     assert leftovers(state_dir) == []

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from matchlock.paths import cache_dir
+from tests import procs
 
 from . import test_network
 from .conftest import (
@@ -314,17 +315,6 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
-def _all_pids() -> list[int]:
-    return [int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit()]
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
-
-
 def _read_until(proc: subprocess.Popen[bytes], marker: bytes, timeout: float) -> bytes:
     assert proc.stdout is not None
     os.set_blocking(proc.stdout.fileno(), False)
@@ -365,8 +355,7 @@ def test_a_killed_run_leaves_no_value_and_gc_removes_what_it_left(
         qemu = [pid for pid in children
                 if b"qemu-system" in Path(f"/proc/{pid}/cmdline").read_bytes()]
         assert qemu, children
-        servers = [p for p in _all_pids() if b"matchlock.cli.forkserver" in _cmdline(p)
-                   and os.fsencode(env.state) in _cmdline(p)]
+        servers = procs.fork_servers(env.state)
         for pid in [*children, owner, *servers]:
             for what in ("environ", "cmdline"):
                 data = Path(f"/proc/{pid}/{what}").read_bytes()

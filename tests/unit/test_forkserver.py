@@ -14,11 +14,11 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tests import procs
 
 from matchlock.cli import forkclient
 
@@ -28,40 +28,12 @@ BAD_RUN = ["run", "--cpus", "abc", "--", "true"]  # fails in the fork, before an
 BAD_RUN_ERROR = b"matchlock: invalid --cpus 'abc'; use a number such as 1 or 0.5\n"
 
 
-def _servers(state: Path) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"matchlock.cli.forkserver" in argv and any(
-                a.startswith(os.fsencode(state)) for a in argv):
-            pids.append(int(entry.name))
-    return pids  # no run is alive in these tests: no fork shows up here
-
-
-def _gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except FileNotFoundError:
-            return True
-        if stat[stat.rindex(")") + 2] == "Z":
-            return True
-        time.sleep(0.05)
-    return False
-
-
 @pytest.fixture
 def state(tmp_path: Path) -> Iterator[Path]:
     d = tmp_path / "state"
     d.mkdir(mode=0o700)
     yield d
-    for pid in _servers(d):
+    for pid in procs.fork_servers(d):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
 
@@ -103,13 +75,13 @@ def test_malformed_fields_are_refused(data: bytes) -> None:
 
 def test_a_run_is_served_by_a_fork_and_answers_as_in_process(state: Path) -> None:
     served = _run(state, BAD_RUN)
-    [server] = _servers(state)
+    [server] = procs.fork_servers(state)
     local = _run(state, BAD_RUN, MATCHLOCK_FORKSERVER="0")
     assert (served.returncode, served.stdout, served.stderr) == (1, b"", BAD_RUN_ERROR)
     assert (local.returncode, local.stdout, local.stderr) == (1, b"", BAD_RUN_ERROR)
     # The next run uses the same server; the disabled one started none.
     assert _run(state, BAD_RUN).returncode == 1
-    assert _servers(state) == [server]
+    assert procs.fork_servers(state) == [server]
     sock = _socket(state)
     assert sock.stat().st_mode & 0o777 == 0o600
 
@@ -137,40 +109,24 @@ def test_the_server_never_holds_a_client_s_environment(state: Path) -> None:
     value = "fs-secret-" + os.urandom(8).hex()
     r = _run(state, BAD_RUN, SOME_API_TOKEN=value)
     assert r.returncode == 1
-    [server] = _servers(state)
+    [server] = procs.fork_servers(state)
     assert value.encode() not in Path(f"/proc/{server}/environ").read_bytes()
     assert value.encode() not in Path(f"/proc/{server}/cmdline").read_bytes()
-    assert value.encode() not in _memory(server)
-
-
-def _memory(pid: int) -> bytes:
-    chunks = []
-    with open(f"/proc/{pid}/mem", "rb", 0) as mem:
-        for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
-            span, perms = line.split()[:2]
-            if "r" not in perms:
-                continue
-            start, end = (int(x, 16) for x in span.split("-"))
-            try:
-                mem.seek(start)
-                chunks.append(mem.read(end - start))
-            except (OSError, OverflowError, ValueError):
-                continue
-    return b"".join(chunks)
+    assert value.encode() not in procs.memory(server)
 
 
 def test_an_idle_server_exits(state: Path) -> None:
     _run(state, BAD_RUN, MATCHLOCK_FORKSERVER_IDLE="0.5")
-    [server] = _servers(state)
-    assert _gone(server, 10)
+    [server] = procs.fork_servers(state)
+    assert procs.gone(server, 10)
     assert list(state.glob("forkserver-*.sock")) == []
 
 
 def test_a_removed_socket_ends_the_server(state: Path) -> None:
     _run(state, BAD_RUN)
-    [server] = _servers(state)
+    [server] = procs.fork_servers(state)
     _socket(state).unlink()
-    assert _gone(server, 10)
+    assert procs.gone(server, 10)
 
 
 def test_changed_sources_make_a_new_server(state: Path, tmp_path: Path) -> None:
@@ -187,12 +143,12 @@ def test_changed_sources_make_a_new_server(state: Path, tmp_path: Path) -> None:
                               timeout=60, env=_env(state, **env), stdin=subprocess.DEVNULL)
 
     assert run().stderr == BAD_RUN_ERROR
-    [old] = _servers(state)
+    [old] = procs.fork_servers(state)
     edited = pkg / "matchlock" / "errors.py"
     edited.write_text(edited.read_text() + "\n# an upgrade\n")
     assert run().stderr == BAD_RUN_ERROR
-    assert _gone(old, 10)
-    [new] = _servers(state)
+    assert procs.gone(old, 10)
+    [new] = procs.fork_servers(state)
     assert new != old
 
 
@@ -216,7 +172,7 @@ def test_a_wrong_key_gets_no_fork(state: Path) -> None:
         s.sendall(forkclient.MAGIC + b" another-install")
         assert s.recv(64) == b"S"
         assert s.recv(64) == b""
-    assert len(_servers(state)) == 1  # still serving its own install
+    assert len(procs.fork_servers(state)) == 1  # still serving its own install
 
 
 @pytest.mark.parametrize("body", [b"", b"garbage", forkclient.encode([b"012", b"18", b"9"])])
