@@ -226,6 +226,10 @@ def api_worker(case_list: list[Case], rounds: int) -> None:
 def checkout_env(src: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(src)
+    # `run` in-process: served by the fork server, the owner is a fork that writes to the same
+    # stdout the same way, but it is not the CLI's child, so its CPU and QEMU's would not be
+    # found here (benchmarks/forkserver.py compares the two start paths).
+    env["MATCHLOCK_FORKSERVER"] = "0"
     return env
 
 
