@@ -37,6 +37,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent.parent / "src"
+# The executable's path (cli/entry.py, as bin/matchlock runs it), not `python -m
+# matchlock.cli.main` (click alone): a user's `run` goes to the fork server from there.
+ML = [sys.executable, "-c", "from matchlock.cli.entry import main; main()"]
 MAPPING = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S+) \S+ \S+ \S+\s*(.*)$")
 CONCURRENT = 16
 
@@ -52,7 +55,7 @@ class Tree:
         self.env = {**os.environ, "PYTHONPATH": str(src)}
 
     def ml(self, *args: str, check: bool = True, timeout: float = 120) -> str:
-        r = subprocess.run([sys.executable, "-m", "matchlock.cli.main", *args], env=self.env,
+        r = subprocess.run([*ML, *args], env=self.env,
                            capture_output=True, text=True, timeout=timeout)
         if check and r.returncode != 0:
             raise RuntimeError(f"matchlock {' '.join(args)}: {r.stderr.strip()}")
@@ -268,12 +271,10 @@ def concurrent(trees: list[Tree], runs: int) -> None:
     got: dict[str, list[float]] = {}
     for _ in range(runs):
         for tree in trees:
-            argv = [sys.executable, "-m", "matchlock.cli.main", "run", "--", "sh", "-c",
-                    "sleep 2"]
+            argv = [*ML, "run", "--", "sh", "-c", "sleep 2"]
             got.setdefault(f"matchlock ({tree.label})", []).append(
                 _wave([argv] * CONCURRENT, tree.env))
-        argv = [sys.executable, "-m", "matchlock.cli.main", "run", "--no-network", "--", "sh",
-                "-c", "sleep 2"]
+        argv = [*ML, "run", "--no-network", "--", "sh", "-c", "sleep 2"]
         got.setdefault(f"matchlock --no-network ({trees[-1].label})", []).append(
             _wave([argv] * CONCURRENT, trees[-1].env))
         if srt is not None:
