@@ -110,9 +110,15 @@ def _one(mode: str, args: list[str], env: dict[str, str]) -> dict[str, float]:
         out["to_boot"] = (booting - wall0) * 1000
     if "-d" in args:
         sid = r.stdout.decode().strip()
+        global ACCEL
+        if ACCEL == "?":
+            ACCEL = _accel()
         subprocess.run([sys.executable, str(LAUNCHER), "rm", "-f", sid], env=env,
                        capture_output=True, timeout=120)
     return out
+
+
+ACCEL = "?"
 
 
 def _accel() -> str:
@@ -147,18 +153,21 @@ def main() -> None:
     for _, args in cases:  # images, root filesystems, templates, a server: made once
         for m in modes:
             _one(m, args, envs[m])
-    accel = "?"
     results: dict[tuple[str, str], list[dict[str, float]]] = {}
+    srt = _srt()
     load0 = os.getloadavg()[0]
     for _ in range(a.runs):
         for name, args in cases:
             for m in modes:
                 results.setdefault((name, m), []).append(_one(m, args, envs[m]))
-                if accel == "?":
-                    accel = _accel()
+        if srt is not None:
+            t0 = time.perf_counter()
+            subprocess.run(srt, capture_output=True, timeout=120, check=True)
+            results.setdefault(("srt -c true", "peer"), []).append(
+                {"wall": (time.perf_counter() - t0) * 1000, "cpu": 0.0})
     load1 = os.getloadavg()[0]
     print(f"# fork server vs in-process, {a.runs} runs each, interleaved; accelerator "
-          f"{accel if accel != '?' else 'TCG/KVM not seen'}; {os.cpu_count()} CPUs; "
+          f"{ACCEL if ACCEL != '?' else 'not seen'}; {os.cpu_count()} CPUs; "
           f"load {load0:.1f} -> {load1:.1f}")
     print("| case | mode | wall p50 (min) | CLI start to VMM spawn p50 | CPU per run p50 |")
     print("|---|---|---|---|---|")
@@ -177,6 +186,28 @@ def main() -> None:
         served = statistics.median(x["wall"] for x in results[(name, "served")])
         if base:
             print(f"| {name} | served / in-process | {served / base:.2f}x | | |")
+    if ("srt -c true", "peer") in results:
+        walls = [x["wall"] for x in results[("srt -c true", "peer")]]
+        print(f"| srt -c true (sandbox-runtime, namespaces) | peer | "
+              f"{statistics.median(walls):.0f} ({min(walls):.0f}) | | |")
+
+
+def _srt() -> list[str] | None:
+    """`srt -c true` with a settings file that allows nothing, or None without srt."""
+    import json
+    import shutil
+    import tempfile
+
+    srt = shutil.which("srt")
+    if srt is None:
+        return None
+    work = Path(tempfile.mkdtemp(prefix="forkserver-srt-"))
+    settings = work / "srt-settings.json"
+    settings.write_text(json.dumps({
+        "network": {"allowedDomains": [], "deniedDomains": []},
+        "filesystem": {"denyRead": [], "allowWrite": [str(work)], "denyWrite": []},
+    }))
+    return [srt, "-s", str(settings), "-c", "true"]
 
 
 if __name__ == "__main__":
