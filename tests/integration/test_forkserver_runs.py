@@ -125,3 +125,51 @@ def test_no_process_holds_another_run_s_secret(state_dir: Path) -> None:
         for p in runs.values():
             p.communicate(timeout=60)
     assert leftovers(state_dir) == []
+
+
+def _hand_over_and_leave(state_dir: Path, argv: list[str]) -> int:
+    """A client that hands its run over and is gone at once (killed right after): the pid
+    of the fork that got the run."""
+    import socket as socketmod
+    import sys
+
+    from matchlock.cli import forkclient
+
+    subprocess.run([MATCHLOCK, "run", "--cpus", "x", "--", "true"], capture_output=True,
+                   timeout=60)  # the server is up
+    [sock_path] = state_dir.glob("forkserver-*.sock")
+    s = socketmod.socket(socketmod.AF_UNIX, socketmod.SOCK_SEQPACKET)
+    s.connect(str(sock_path))
+    s.sendall(forkclient.MAGIC + b" " + forkclient.key())
+    reply = s.recv(64)
+    assert reply.startswith(b"P"), reply
+    null = os.open(os.devnull, os.O_RDWR)
+    cwd = os.open("/", os.O_PATH | os.O_DIRECTORY)
+    body = forkclient.request([os.fsencode(a) for a in argv],
+                              [k + b"=" + v for k, v in os.environb.items()], 0o22, b"012",
+                              forkclient.attributes())
+    fds = b"".join(fd.to_bytes(4, sys.byteorder) for fd in (null, null, null, cwd))
+    s.sendmsg([body], [(socketmod.SOL_SOCKET, socketmod.SCM_RIGHTS, fds)])
+    os.close(null)
+    os.close(cwd)
+    s.close()  # gone
+    return int(reply[1:])
+
+
+def test_a_client_gone_right_after_the_hand_over_runs_nothing_on(state_dir: Path) -> None:
+    fork = _hand_over_and_leave(state_dir, ["matchlock", "run", "--", "sleep", "600"])
+    # The hang-up was held until the fork could act on it: the run ends, nothing is left.
+    assert procs.gone(fork, 90)
+    assert leftovers(state_dir) == []
+
+
+def test_a_server_killed_mid_run_still_tells_the_client_its_code(state_dir: Path) -> None:
+    proc = subprocess.Popen([MATCHLOCK, "run", "--", "sh", "-c", "echo ready; sleep 3; exit 5"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"ready\n"
+    [server] = procs.fork_servers(state_dir)
+    os.kill(server, signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 5, err
+    assert leftovers(state_dir) == []

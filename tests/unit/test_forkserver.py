@@ -221,3 +221,71 @@ def test_another_user_is_refused(state: Path) -> None:
     os.waitpid(pid, 0)
     shutil.rmtree(open_dir)
     assert os.read(r, 64) == b"refused"  # closed unheard: no fork, no "P"
+
+
+def _attacker(sock: Path, confine: str) -> bytes:
+    """What a client confined by `confine` (in a child process) hears from the server when
+    it sends the server's own key: b"refused" when it gets no fork."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            if confine == "no_new_privs":
+                assert libc.prctl(38, 1, 0, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
+            elif confine == "netns":
+                assert libc.unshare(0x40000000) == 0  # CLONE_NEWNET
+            with _connect(sock) as s:
+                try:
+                    _hello(s)  # the real key: a forged claim costs nothing to make
+                    reply = s.recv(64)
+                except (BrokenPipeError, ConnectionResetError):
+                    reply = b""
+                os.write(w, reply or b"refused")
+        except BaseException as e:
+            os.write(w, repr(e).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    try:
+        return os.read(r, 200)
+    finally:
+        os.close(r)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a new network namespace needs root")
+@pytest.mark.parametrize("confine", ["no_new_privs", "netns"])
+def test_a_confined_client_gets_no_fork_even_with_the_server_s_key(state: Path,
+                                                                 confine: str) -> None:
+    _run(state, BAD_RUN)
+    assert _attacker(_socket(state), confine) == b"refused"
+    assert _attacker(_socket(state), "none").startswith(b"P")  # the control: served
+
+
+def test_a_confined_run_is_not_served(state: Path) -> None:
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("needs setpriv")
+    r = subprocess.run([setpriv, "--no-new-privs", sys.executable, str(LAUNCHER), *BAD_RUN],
+                       capture_output=True, timeout=60, env=_env(state),
+                       stdin=subprocess.DEVNULL)
+    assert (r.returncode, r.stderr) == (1, BAD_RUN_ERROR)
+    assert procs.fork_servers(state) == []  # answered in-process; no server started for it
+
+
+def test_only_run_is_served(state: Path) -> None:
+    _run(state, BAD_RUN)
+    with _connect(_socket(state)) as s:
+        _hello(s)
+        assert s.recv(64).startswith(b"P")
+        body = forkclient.request([b"matchlock", b"setup"], [], 0o22, b"", [])
+        null = os.open(os.devnull, os.O_RDONLY)
+        try:
+            s.sendmsg([body], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                null.to_bytes(4, sys.byteorder))])
+        finally:
+            os.close(null)
+        assert s.recv(64) == b"X%d" % (125 << 8)

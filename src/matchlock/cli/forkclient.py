@@ -43,38 +43,95 @@ _SIGNALS = (_signal.SIGHUP, _signal.SIGINT, _signal.SIGQUIT, _signal.SIGTERM)
 
 
 def key() -> bytes:
-    """This install and this process's security context. A server of another install
-    (another venv, an upgrade) is never used, and neither is one started from another
-    context: it would run the fork with the other context's namespaces, root, credentials,
-    capabilities, no_new_privs, seccomp filters or LSM label (a `run` inside a sandbox of
-    its own would step out of it). What a fork can take over per run (resource limits,
-    cgroup, CPU affinity, priority, OOM score) is sent with the request instead."""
+    """This install (interpreter, package, version) and a digest of this process's security
+    context: the name of the server that serves it. Only a name: each side checks the
+    other's context itself, from the kernel (`verify_peer`)."""
+    from binascii import crc32
+
     import matchlock
 
+    ctx = context("self") or b""
     return os.fsencode(f"{sys.executable}\0{os.path.dirname(matchlock.__file__)}\0"
-                       f"{matchlock.__version__}\0") + context()
+                       f"{matchlock.__version__}\0{crc32(ctx):08x}")
 
 
-def context() -> bytes:
+_NAMESPACES = ("mnt", "net", "pid", "user", "uts", "ipc", "cgroup", "time")
+_CONTEXT_LINES = (b"Uid:", b"Gid:", b"Groups:", b"NoNewPrivs:", b"Seccomp", b"Cap",
+                  b"Speculation")
+
+
+def context(pid: int | str) -> bytes | None:
+    """What a fork of the server must share with its client, read from /proc: namespaces,
+    root, uids, gids, groups, capability sets, no_new_privs, seccomp, speculation controls,
+    personality, audit login and session, LSM label. None when any of it cannot be read."""
+    base = f"/proc/{pid}"
     parts = []
-    for ns in ("mnt", "net", "pid", "user", "uts", "ipc", "cgroup", "time"):
-        try:
-            parts.append(os.fsencode(os.readlink(f"/proc/self/ns/{ns}")))
-        except OSError:
-            parts.append(b"-")
-    parts.append(os.fsencode(os.readlink("/proc/self/root")))
-    with open("/proc/self/status", "rb") as f:
-        parts += [line for line in f.read().split(b"\n") if line.startswith(_CONTEXT_LINES)]
     try:
-        with open("/proc/self/attr/current", "rb") as f:
+        for ns in _NAMESPACES:
+            parts.append(os.fsencode(os.readlink(f"{base}/ns/{ns}")))
+        parts.append(os.fsencode(os.readlink(f"{base}/root")))
+        for name in ("status", "personality", "loginuid", "sessionid"):
+            with open(f"{base}/{name}", "rb") as f:
+                data = f.read()
+            if name == "status":
+                parts += [ln for ln in data.split(b"\n") if ln.startswith(_CONTEXT_LINES)]
+            else:
+                parts.append(data)
+    except OSError:
+        return None
+    try:
+        with open(f"{base}/attr/current", "rb") as f:
             parts.append(f.read())
     except OSError:
-        parts.append(b"-")
+        parts.append(b"-")  # no LSM
     return b"\0".join(parts)
 
 
-_CONTEXT_LINES = (b"Uid:", b"Gid:", b"Groups:", b"NoNewPrivs:", b"Seccomp", b"Cap",
-                  b"Speculation_Store_Bypass:")
+def confined(ctx: bytes) -> bool:
+    """no_new_privs or a seccomp filter: what more such a process may not do (a filter's
+    rules, a Landlock domain) cannot be read from /proc, so it is never served."""
+    lines = ctx.split(b"\0")
+    return b"NoNewPrivs:\t0" not in lines or b"Seccomp:\t0" not in lines
+
+
+SO_PEERCRED = 17
+SO_PEERPIDFD = 77  # Linux 6.5
+
+
+def verify_peer(sock: socket, own: bytes) -> int | None:
+    """The pid of the process at the other end of sock, when it is this user's and has
+    exactly the context `own`; else None. The peer is pinned by a pidfd (from the kernel
+    with the connection on Linux >= 6.5): its /proc is read while the pidfd shows it alive,
+    so no other process can have taken its pid meanwhile."""
+    import select
+    from _socket import SOL_SOCKET
+
+    try:
+        cred = sock.getsockopt(SOL_SOCKET, SO_PEERCRED, 12)
+        pid = int.from_bytes(cred[0:4], sys.byteorder)
+        if int.from_bytes(cred[4:8], sys.byteorder) != os.geteuid() or pid <= 0:
+            return None
+        try:
+            pidfd = int.from_bytes(sock.getsockopt(SOL_SOCKET, SO_PEERPIDFD, 4), sys.byteorder)
+        except OSError:
+            # An older kernel: pidfd_open on the pid from SO_PEERCRED, which another process
+            # could have taken if the peer died first; only where pids are not soon reused.
+            with open("/proc/sys/kernel/pid_max", "rb") as f:
+                if int(f.read()) < 4194304:
+                    return None
+            pidfd = os.pidfd_open(pid)
+    except (OSError, ValueError):
+        return None
+    try:
+        theirs = context(pid)
+        p = select.poll()
+        p.register(pidfd, select.POLLIN)
+        alive = not p.poll(0)
+    finally:
+        os.close(pidfd)
+    if theirs is None or not alive or theirs != own or confined(theirs):
+        return None
+    return pid
 
 
 def attributes() -> list[bytes]:
@@ -147,16 +204,22 @@ def run(argv: list[str]) -> int | None:
     """The exit code of `run` served by the fork server, or None to run in-process (the
     server could not be reached or started before the request was handed over; cli/entry.py
     does not call this when MATCHLOCK_FORKSERVER=0)."""
+    own = context("self")
+    if own is None or confined(own):
+        return None  # never served (see `confined`); nothing is started for it either
     path = socket_path()
+    if not _private_dir(os.path.dirname(path)):
+        return None
     for _ in range(2):  # a stale server (an upgrade, an edit) is replaced once
         try:
-            sock = _connect_or_start(path)
+            got = _connect_or_start(path, own)
         except OSError:
             return None
-        if sock is None:
+        if got is None:
             return None
+        sock, server = got
         try:
-            return _serve(sock, argv)
+            return _serve(sock, argv, server)
         except _Stale:
             continue
         finally:
@@ -164,12 +227,26 @@ def run(argv: list[str]) -> int | None:
     return None
 
 
+def _private_dir(d: str) -> bool:
+    """The state dir, made if missing, is this user's and nobody else may write in it (a
+    lock, log or socket there must be ours)."""
+    try:
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        st = os.stat(d)
+    except OSError:
+        return False
+    return st.st_uid == os.geteuid() and not st.st_mode & 0o022
+
+
 class _Stale(Exception):
     """The server is not this install's code any more; it has stopped listening."""
 
 
-def _connect(path: str) -> socket | None:
-    from _socket import AF_UNIX, SOCK_CLOEXEC, SOCK_SEQPACKET, SOL_SOCKET
+def _connect(path: str, own: bytes) -> tuple[socket, int] | None:
+    """A connection to the server at path and its pid, when it is this user's and in this
+    very context: a socket is only as good as the process behind it, and the request (with
+    the environment) goes nowhere else."""
+    from _socket import AF_UNIX, SOCK_CLOEXEC, SOCK_SEQPACKET
     from _socket import socket as new_socket
 
     from matchlock.sandbox.sockpath import sock_path
@@ -177,37 +254,34 @@ def _connect(path: str) -> socket | None:
     s = new_socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC)
     try:
         s.connect(sock_path(path))
-        # The server must be this user's (the socket sits in the user's own state dir, but
-        # a socket is only as good as the process behind it).
-        SO_PEERCRED = 17
-        cred = s.getsockopt(SOL_SOCKET, SO_PEERCRED, 12)
-        if int.from_bytes(cred[4:8], sys.byteorder) != os.geteuid():
+        server = verify_peer(s, own)
+        if server is None:
             s.close()
             return None
         s.sendall(MAGIC + b" " + key())
     except OSError:
         s.close()
         return None
-    return s
+    return s, server
 
 
-def _connect_or_start(path: str) -> socket | None:
-    sock = _connect(path)
-    if sock is not None:
-        return sock
+def _connect_or_start(path: str, own: bytes) -> tuple[socket, int] | None:
+    got = _connect(path, own)
+    if got is not None:
+        return got
     import fcntl
 
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                   0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one `run` starts it; the others wait and connect
-        sock = _connect(path)
-        if sock is None:
+        got = _connect(path, own)
+        if got is None:
             _start(path)
-            sock = _connect(path)
+            got = _connect(path, own)
     finally:
         os.close(lock)
-    return sock
+    return got
 
 
 def _start(path: str) -> None:
@@ -222,8 +296,8 @@ def _start(path: str) -> None:
     try:
         null = os.open(os.devnull, os.O_RDWR)
         # Its own errors (there should be none) go to a log next to its socket.
-        log = os.open(path + ".log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
-                      0o600)
+        log = os.open(path + ".log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+                      | os.O_NOFOLLOW, 0o600)
         if os.fstat(log).st_size > 1 << 20:
             os.ftruncate(log, 0)
         try:
@@ -248,7 +322,7 @@ def _start(path: str) -> None:
             os.close(w)
 
 
-def _serve(sock: socket, argv: list[str]) -> int | None:
+def _serve(sock: socket, argv: list[str], server: int) -> int | None:
     """Hand the request to the fork once the server has made it ("P<pid>"), then wait."""
     from _socket import SCM_RIGHTS, SOL_SOCKET
 
@@ -264,81 +338,134 @@ def _serve(sock: socket, argv: list[str]) -> int | None:
         raise _Stale
     if not reply.startswith(b"P") or not reply[1:].isdigit():
         return None  # refused, or gone before the fork: nothing ran
-    pid = int(reply[1:])
-    fds: list[int] = []
-    present = b""
-    for fd in (0, 1, 2):
+    fork = _Fork.pin(int(reply[1:]), server)
+    if fork is None:
+        return None  # not the server's child: nothing is sent to it
+    try:
+        fds: list[int] = []
+        present = b""
+        for fd in (0, 1, 2):
+            try:
+                os.fstat(fd)
+            except OSError:
+                present += b"-"
+                continue
+            fds.append(fd)
+            present += b"%d" % fd
+        umask = os.umask(0o022)
+        os.umask(umask)
         try:
-            os.fstat(fd)
+            attrs = attributes()
+            cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError:
-            present += b"-"
-            continue
-        fds.append(fd)
-        present += b"%d" % fd
-    umask = os.umask(0o022)
-    os.umask(umask)
-    try:
-        attrs = attributes()
-    except OSError:
-        return None  # e.g. no /proc: the fork gets nothing and ends; this process runs `run`
-    body = request([os.fsencode(a) for a in argv],
-                   [k + b"=" + v for k, v in os.environb.items()], umask, present, attrs)
-    cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    fds.append(cwd)
-    try:
-        sock.sendmsg([body], [(SOL_SOCKET, SCM_RIGHTS,
-                               b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds))])
-    except OSError:
-        # E.g. an environment too large for one message. The fork got nothing (a message
-        # arrives whole or not at all) and ends when we close; this process runs `run`.
-        return None
+            return None  # no /proc, a directory we may not open: the fork gets nothing
+        body = request([os.fsencode(a) for a in argv],
+                       [k + b"=" + v for k, v in os.environb.items()], umask, present, attrs)
+        fds.append(cwd)
+        # Our signals are the fork's from the moment it may run (a Ctrl-C now stops it).
+        fork.forward_signals()
+        try:
+            sock.sendmsg([body], [(SOL_SOCKET, SCM_RIGHTS,
+                                   b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds))])
+        except OSError:
+            # E.g. an environment too large for one message. The fork got nothing (a message
+            # arrives whole or not at all) and ends when we close; this process runs `run`.
+            fork.restore_signals()
+            return None
+        finally:
+            os.close(cwd)
+        return _wait(sock, fork)
     finally:
-        os.close(cwd)
-    return _wait(sock, pid)
+        fork.close()
 
 
-def _wait(sock: socket, pid: int) -> int | None:
-    """From the fork on, this process is the fork's stand-in: the signals a terminal or a
-    parent sends here are passed on to it, and its end is ours."""
-    def forward(signo: int, frame: object) -> None:
+class _Fork:
+    """The fork serving us, pinned by a pidfd (a signal never reaches another process that
+    got its pid), and checked to be the server's child."""
+
+    def __init__(self, pid: int, pidfd: int) -> None:
+        self.pid = pid
+        self.pidfd = pidfd
+
+    @staticmethod
+    def pin(pid: int, server: int) -> _Fork | None:
         try:
-            os.kill(pid, signo)
-        except ProcessLookupError:  # contextlib is not imported here: ~1 ms
-            return
-
-    def stop(signo: int, frame: object) -> None:
-        # Ctrl-Z: the fork stops with us (as an in-process run would), and goes on with us.
-        forward(_signal.SIGSTOP, frame)
-        _signal.signal(_signal.SIGTSTP, _signal.SIG_DFL)
-        os.kill(os.getpid(), _signal.SIGTSTP)
-        _signal.signal(_signal.SIGTSTP, stop)  # resumed (SIGCONT) from here on
-        forward(_signal.SIGCONT, frame)
-
-    for s in _SIGNALS:
-        _signal.signal(s, forward)
-    _signal.signal(_signal.SIGTSTP, stop)
-    while True:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return None
         try:
-            msg = sock.recv(64)
-            break
-        except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for clarity
-            continue
-    if msg == b"R":  # handed back before anything ran: this process runs `run` itself
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+            if int(stat[stat.rindex(b")") + 2:].split()[1]) == server:
+                return _Fork(pid, pidfd)
+        except (OSError, ValueError):
+            pass
+        os.close(pidfd)
+        return None
+
+    def close(self) -> None:
+        os.close(self.pidfd)
+
+    def send(self, signo: int) -> None:
+        try:
+            _signal.pidfd_send_signal(self.pidfd, signo)
+        except ProcessLookupError:
+            return  # it has ended (contextlib is not imported here: ~1 ms)
+
+    def forward_signals(self) -> None:
+        def forward(signo: int, frame: object) -> None:
+            self.send(signo)
+
+        def stop(signo: int, frame: object) -> None:
+            # Ctrl-Z: the fork stops with us (as an in-process run would), goes on with us.
+            self.send(_signal.SIGSTOP)
+            _signal.signal(_signal.SIGTSTP, _signal.SIG_DFL)
+            os.kill(os.getpid(), _signal.SIGTSTP)
+            _signal.signal(_signal.SIGTSTP, stop)  # resumed (SIGCONT) from here on
+            self.send(_signal.SIGCONT)
+
+        for s in _SIGNALS:
+            _signal.signal(s, forward)
+        _signal.signal(_signal.SIGTSTP, stop)
+
+    def restore_signals(self) -> None:
         _signal.signal(_signal.SIGTSTP, _signal.SIG_DFL)
         for s in _SIGNALS:
             _signal.signal(s, _signal.default_int_handler if s == _signal.SIGINT
                            else _signal.SIG_DFL)
-        return None
-    if msg.startswith(b"X") and msg[1:].lstrip(b"-").isdigit():
-        status = int(msg[1:])
-        if os.WIFSIGNALED(status):
-            signo = os.WTERMSIG(status)
-            sys.stdout.flush()
-            if signo not in (_signal.SIGKILL, _signal.SIGSTOP):
-                _signal.signal(signo, _signal.SIG_DFL)
-            os.kill(os.getpid(), signo)  # die the same way, for the shell's `$?`
-            return 128 + signo
-        return os.waitstatus_to_exitcode(status)
-    sys.stderr.write("matchlock: the fork server ended before the command did; its exit "
-                     "code is unknown (see `matchlock ls`)\n")
+
+
+def _wait(sock: socket, fork: _Fork) -> int | None:
+    """From the fork on, this process is the fork's stand-in: the signals a terminal or a
+    parent sends here are passed on to it, and its end is ours. The fork says how it ends
+    ("E<code>"), the server how it ended ("X<wait status>", which also knows a death by a
+    signal); the connection ends when both are done with it."""
+    code: int | None = None
+    while True:
+        try:
+            msg = sock.recv(64)
+        except OSError:
+            msg = b""
+        if msg == b"R":  # handed back before anything ran: this process runs `run` itself
+            fork.restore_signals()
+            return None
+        if msg.startswith(b"E") and msg[1:].isdigit():
+            code = int(msg[1:])
+            continue
+        if msg.startswith(b"X") and msg[1:].isdigit():
+            status = int(msg[1:])
+            if os.WIFSIGNALED(status):
+                signo = os.WTERMSIG(status)
+                sys.stdout.flush()
+                if signo not in (_signal.SIGKILL, _signal.SIGSTOP):
+                    _signal.signal(signo, _signal.SIG_DFL)
+                os.kill(os.getpid(), signo)  # die the same way, for the shell's `$?`
+                return 128 + signo
+            return os.waitstatus_to_exitcode(status)
+        if not msg:
+            break
+    if code is not None:
+        return code  # the server went away; the fork had told us its code
+    sys.stderr.write("matchlock: the fork server and the run ended without an exit code "
+                     "(see `matchlock ls -a`)\n")
     return 1

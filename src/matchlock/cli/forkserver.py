@@ -35,9 +35,11 @@ import sys
 import time
 
 from matchlock.cli import forkclient
+from matchlock.cli.forkclient import verify_peer
 from matchlock.sandbox import forked
 
 IDLE_S = 300.0
+_HELD = {signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGQUIT}
 TICK_S = 2.0  # how often an idle server looks at its socket
 MAX_REQUEST = 1 << 20
 # What `run` imports on its way to a sandbox, with and without a network; the fork then
@@ -76,6 +78,10 @@ class Server:
 
         self.path = path
         self.key = forkclient.key()
+        own = forkclient.context("self")
+        if own is None or forkclient.confined(own):
+            raise OSError("this process's context cannot be served")
+        self.context = own
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         old = os.umask(0o177)  # 0600 from its creation on
         try:
@@ -90,6 +96,7 @@ class Server:
         self.ep = select.epoll()
         self.listening = True
         self.sources: dict[str, tuple[int, int]] = {}
+        self.dependencies: dict[str, tuple[int, int]] = {}
 
     # --- set-up ------------------------------------------------------------------------
 
@@ -100,6 +107,7 @@ class Server:
             except ImportError:
                 continue  # optional parts (e.g. uvloop): the fork imports or skips them
         self.sources = _sources()
+        self.dependencies = _dependencies()
         # Objects that exist now are never collected by a fork's GC passes: their pages stay
         # shared with this process instead of being copied into every fork.
         gc.collect()
@@ -140,8 +148,10 @@ class Server:
             return None
         try:
             conn.settimeout(1.0)
-            cred = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-            if int.from_bytes(cred[4:8], sys.byteorder) != os.geteuid():
+            # The peer's context as the kernel tells it, never as the client says: a client
+            # under other namespaces, credentials, capabilities, no_new_privs, seccomp or LSM
+            # label gets no fork of this (less confined) process.
+            if verify_peer(conn, self.context) is None:
                 conn.close()
                 return None
             hello = conn.recv(4096)
@@ -159,6 +169,11 @@ class Server:
             return None
         pid = os.fork()
         if pid == 0:
+            # The client's signals (and the hang-up of a client that is gone) wait until
+            # the fork has become that client's run: held, not lost (the server ignores them).
+            signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+            signal.signal(signal.SIGHUP, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             self._close_in_fork(conn)
             return conn
         try:
@@ -178,6 +193,10 @@ class Server:
             conn.send(b"P%d" % pid)
         except OSError:
             self._hang_up(f)
+        if self._upgraded():
+            # This run goes on with the code it started with; the next one gets a new
+            # server (a library or the interpreter changed on disk).
+            self._stop_listening("a dependency or the interpreter changed")
         return None
 
     def _reap(self, f: _Fork) -> None:
@@ -221,6 +240,9 @@ class Server:
     def _stale(self) -> bool:
         return _sources() != self.sources
 
+    def _upgraded(self) -> bool:
+        return _dependencies() != self.dependencies or _replaced_mappings()
+
     def _close_in_fork(self, conn: socket.socket) -> None:
         """Nothing of the server's, nor any other client's connection, stays in a fork."""
         self.ep.close()
@@ -247,9 +269,16 @@ def _idle_seconds() -> float:
     return v if v >= 0 else IDLE_S
 
 
+def _replaced_mappings() -> bool:
+    """A library or the interpreter this process has mapped was replaced on disk (an
+    upgrade of libssl, of Python): forks must not go on running the old one."""
+    with open("/proc/self/maps", "rb") as f:
+        return any(line.endswith(b" (deleted)") and b"/" in line for line in f.read().split(b"\n"))
+
+
 def _sources() -> dict[str, tuple[int, int]]:
-    """(mtime, size) of every module file of the package: an edit or upgrade makes the
-    server stale."""
+    """(mtime, size) of every module file of the package, new ones included: an edit or
+    an upgrade of matchlock makes the server stale (checked before each fork)."""
     import matchlock
 
     root = os.path.dirname(matchlock.__file__)
@@ -265,6 +294,22 @@ def _sources() -> dict[str, tuple[int, int]]:
                 elif e.name.endswith(".py"):
                     st = e.stat()
                     out[e.path] = (st.st_mtime_ns, st.st_size)
+    return out
+
+
+def _dependencies() -> dict[str, tuple[int, int]]:
+    """(mtime, size) of the interpreter and of every other module loaded from a file: an
+    upgrade of a dependency makes the server stale (checked while a fork runs: ~2 ms)."""
+    out: dict[str, tuple[int, int]] = {}
+    for path in {sys.executable, *(getattr(m, "__file__", None) or ""
+                                   for m in list(sys.modules.values()))}:
+        if path:
+            try:
+                st = os.stat(path)
+            except OSError:
+                out[path] = (-1, -1)
+                continue
+            out[path] = (st.st_mtime_ns, st.st_size)
     return out
 
 
@@ -294,7 +339,7 @@ def become_client(conn: socket.socket) -> list[str]:
         attrs = fields[4 + argc:4 + argc + nattrs]
         env = fields[4 + argc + nattrs:]
         wanted = [int(c) for c in present.decode() if c != "-"]
-        if (len(fds) != len(wanted) + 1 or len(argv) != argc or not argv
+        if (len(fds) != len(wanted) + 1 or len(argv) != argc or argv[1:2] != [b"run"]
                 or len(attrs) != nattrs or not set(wanted) <= {0, 1, 2}
                 or not 0 <= umask <= 0o777):
             raise ValueError("bad request")
@@ -308,7 +353,6 @@ def become_client(conn: socket.socket) -> list[str]:
         with contextlib.suppress(OSError):
             conn.send(b"R")
         os._exit(125)
-    conn.close()
     streams = dict(zip(wanted, fds, strict=False))
     null = os.open(os.devnull, os.O_RDWR)
     for n in (0, 1, 2):
@@ -381,6 +425,11 @@ def main(argv: list[str]) -> None:
     path, ready_fd = argv[1], int(argv[2])
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # Nothing of the client that started it: not its directory (which could not be
+    # unmounted), not the descriptors it inherited (a lock, a pipe's end) but the ready pipe.
+    os.chdir("/")
+    os.closerange(ready_fd + 1, 1 << 20)
+    os.closerange(3, ready_fd)
     try:
         server = Server(path)
     except OSError:
@@ -389,7 +438,20 @@ def main(argv: list[str]) -> None:
     conn = server.serve(ready_fd)
     if conn is None:
         return
-    forked.run_cli(become_client(conn))
+    try:
+        argv = become_client(conn)
+    except KeyboardInterrupt:  # a Ctrl-C held since the fork: as `run` answers one
+        sys.stderr.write("matchlock: interrupted\n")
+        os._exit(130)
+    try:
+        forked.run_cli(argv)
+    except SystemExit as e:
+        # The client hears the code from us too: if the server is gone by then, it still
+        # knows how its run ended (the server adds a death by a signal, which we cannot).
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        with contextlib.suppress(OSError):
+            conn.send(b"E%d" % (code & 0xFF))
+        raise
 
 
 if __name__ == "__main__":

@@ -72,3 +72,24 @@ def run_cli(argv: list[str]) -> None:
 
     main()
     raise SystemExit(0)
+
+
+def run_to_exit(argv: list[str]) -> int:
+    """run_cli in a fork that must not unwind the stack it was forked from (nor run the
+    parent's exit handlers): the exit code, once the streams are flushed, for os._exit."""
+    code = 1
+    try:
+        run_cli(argv)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
+    return code

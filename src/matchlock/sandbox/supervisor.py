@@ -123,7 +123,7 @@ class _Forked:
                 forked.reopen_stdio({0, 1, 2})
             except BaseException:
                 os._exit(1)
-            forked.run_cli([sys.argv[0], *args])
+            os._exit(forked.run_to_exit([sys.argv[0], *args]))
         self.pid = pid
         self.returncode: int | None = None
         for n, (r, w) in enumerate(pipes):
