@@ -371,6 +371,7 @@ def become_client(conn: socket.socket) -> list[str]:
         if eq and k:
             with contextlib.suppress(ValueError):  # a NUL byte: not an environment entry
                 os.environb[k] = v
+    time.tzset()  # the client's TZ, for the times `run` prints
     forkclient.served = True
     # `ps -o comm`, `top`: a run, not the server.
     with contextlib.suppress(OSError), open("/proc/self/comm", "w") as f:
