@@ -279,8 +279,10 @@ def concurrent(trees: list[Tree], runs: int) -> None:
             _wave([argv] * CONCURRENT, trees[-1].env))
         if srt is not None:
             argv = [srt, "-s", str(settings), "-c", "sleep 2"]
+            # Not in the writable directory: 16 srt started there at once race to make their
+            # mount points in it (bwrap: "Can't create file at …/.claude/agents").
             got.setdefault("srt", []).append(_wave([argv] * CONCURRENT, dict(os.environ),
-                                                   cwd=str(work)))
+                                                   cwd="/"))
     shutil.rmtree(work, ignore_errors=True)
     print(f"\n## {CONCURRENT} concurrent `run -- sh -c 'sleep 2'` (wall s, median of {runs}; "
           f"TCG; load {load()})")
