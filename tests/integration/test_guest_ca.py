@@ -18,7 +18,8 @@ from matchlock.sandbox.network import Egress, NetworkOptions
 
 from .conftest import MATCHLOCK
 from .guest_util import booted
-from .test_stuck_channels import BUNDLE, write_layout_with_bundle, write_layout_with_layer
+from .layouts import write_layout_with_layer
+from .test_stuck_channels import BUNDLE, write_layout_with_bundle
 
 pytestmark = [
     pytest.mark.vm,
