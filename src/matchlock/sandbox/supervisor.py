@@ -72,7 +72,6 @@ def launch(args: list[str]) -> int:
     t = threading.Thread(target=lambda: err.append(_read_all(proc.stderr)), daemon=True)
     t.start()
     out = _read_all(proc.stdout)
-    t.join()
     sid = out.decode(errors="replace").strip()
     if sid and proc.poll() is None:
         sys.stdout.write(sid + "\n")
@@ -81,7 +80,12 @@ def launch(args: list[str]) -> int:
         with contextlib.suppress(OSError):
             os.write(proc.stdin, b"ok\n")
         os.close(proc.stdin)
+        # Until it has read that, the supervisor dies with us (PR_SET_PDEATHSIG); it closes
+        # its last end of the stderr pipe once it no longer does. Ending before that would
+        # take the sandbox down with us.
+        t.join(HEADER_TIMEOUT)
         return 0
+    t.join()
     os.close(proc.stdin)
     code = proc.wait()
     sys.stderr.buffer.write(b"".join(err))
@@ -339,22 +343,28 @@ class Supervisor:
         except OSError:  # the launcher is gone (EPIPE): nobody will ever know the id
             self.sandbox.opts.keep_dir = False
             raise MatchlockError("`run -d` ended before it printed the sandbox's id") from None
+        # The launcher waits for this end of the stderr pipe to close: once the sandbox no
+        # longer dies with it (below), not before.
+        spare = os.dup(2) if self.launcher is not None else -1
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         os.dup2(fd, 1)  # the launcher's read of our stdout ends here
         os.dup2(fd, 2)
         os.close(fd)
         if self.launcher is None:
             return
-        ack = b""
-        with contextlib.suppress(OSError):
-            ack = os.read(0, 16)
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        os.close(null)
-        if ack != b"ok\n":
-            self.sandbox.opts.keep_dir = False  # never announced: nothing for `rm` to find
-            raise MatchlockError("`run -d` ended before it printed the sandbox's id")
-        _set_pdeathsig(0)
+        try:
+            ack = b""
+            with contextlib.suppress(OSError):
+                ack = os.read(0, 16)
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 0)
+            os.close(null)
+            if ack != b"ok\n":
+                self.sandbox.opts.keep_dir = False  # never announced: nothing for `rm` to find
+                raise MatchlockError("`run -d` ended before it printed the sandbox's id")
+            _set_pdeathsig(0)
+        finally:
+            os.close(spare)
 
     def _start_background(self, argv: list[str]) -> None:
         req = RunRequest(argv=argv, image=self.base.image, env_files=self.base.env_files,
