@@ -26,14 +26,13 @@ if TYPE_CHECKING:
 else:
     import _signal
 
-ENV = "MATCHLOCK_FORKSERVER"
 IDLE_ENV = "MATCHLOCK_FORKSERVER_IDLE"
 MAGIC = b"MLFS1"
 # Set in a process the server forked: its `run` is served, never forwarded again.
 served = False
+FIRST_REPLY_S = 30.0
 # What the server needs of the client's environment to import the same code; nothing else
 # (no secret a user exports) is passed to it. The fork gets the client's whole environment.
-FIRST_REPLY_S = 30.0
 _SERVER_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "PYTHONPATH",
                "PYTHONHOME", "PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX",
                "PYTHONSAFEPATH", "PYTHONWARNINGS", "MATCHLOCK_HOME", "MATCHLOCK_STATE_DIR",
@@ -42,15 +41,14 @@ _SERVER_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "PY
 _SIGNALS = (_signal.SIGHUP, _signal.SIGINT, _signal.SIGQUIT, _signal.SIGTERM)
 
 
-def key() -> bytes:
-    """This install (interpreter, package, version) and a digest of this process's security
-    context: the name of the server that serves it. Only a name: each side checks the
-    other's context itself, from the kernel (`verify_peer`)."""
+def key(ctx: bytes) -> bytes:
+    """This install (interpreter, package, version) and a digest of `ctx`, this process's
+    security context (`context`): the name of the server that serves it. Only a name: each
+    side checks the other's context itself, from the kernel (`verify_peer`)."""
     from binascii import crc32
 
     import matchlock
 
-    ctx = context("self") or b""
     return os.fsencode(f"{sys.executable}\0{os.path.dirname(matchlock.__file__)}\0"
                        f"{matchlock.__version__}\0{crc32(ctx):08x}")
 
@@ -160,12 +158,12 @@ RLIMITS = ("RLIMIT_CPU", "RLIMIT_FSIZE", "RLIMIT_DATA", "RLIMIT_STACK", "RLIMIT_
             "RLIMIT_RTPRIO", "RLIMIT_RTTIME")
 
 
-def socket_path() -> str:
+def socket_path(ctx: bytes) -> str:
     from binascii import crc32
 
     from matchlock.paths import state_dir_str
 
-    return os.path.join(state_dir_str(), f"forkserver-{crc32(key()):08x}.sock")
+    return os.path.join(state_dir_str(), f"forkserver-{crc32(key(ctx)):08x}.sock")
 
 
 def encode(fields: list[bytes]) -> bytes:
@@ -207,7 +205,7 @@ def run(argv: list[str]) -> int | None:
     own = context("self")
     if own is None or confined(own):
         return None  # never served (see `confined`); nothing is started for it either
-    path = socket_path()
+    path = socket_path(own)
     if not _private_dir(os.path.dirname(path)):
         return None
     for _ in range(2):  # a stale server (an upgrade, an edit) is replaced once
@@ -258,7 +256,7 @@ def _connect(path: str, own: bytes) -> tuple[socket, int] | None:
         if server is None:
             s.close()
             return None
-        s.sendall(MAGIC + b" " + key())
+        s.sendall(MAGIC + b" " + key(own))
     except OSError:
         s.close()
         return None
@@ -294,13 +292,13 @@ def _start(path: str) -> None:
     env = {k: os.environ[k] for k in _SERVER_ENV if k in os.environ}
     r, w = os.pipe()
     try:
-        null = os.open(os.devnull, os.O_RDWR)
         # Its own errors (there should be none) go to a log next to its socket.
         log = os.open(path + ".log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
                       | os.O_NOFOLLOW, 0o600)
-        if os.fstat(log).st_size > 1 << 20:
-            os.ftruncate(log, 0)
+        null = os.open(os.devnull, os.O_RDWR)
         try:
+            if os.fstat(log).st_size > 1 << 20:
+                os.ftruncate(log, 0)
             # -P: nothing from the current directory on sys.path; a new session: no
             # terminal's signals reach it.
             os.posix_spawn(sys.executable,
@@ -383,8 +381,7 @@ class _Fork:
     """The fork serving us, pinned by a pidfd (a signal never reaches another process that
     got its pid), and checked to be the server's child."""
 
-    def __init__(self, pid: int, pidfd: int) -> None:
-        self.pid = pid
+    def __init__(self, pidfd: int) -> None:
         self.pidfd = pidfd
 
     @staticmethod
@@ -397,7 +394,7 @@ class _Fork:
             with open(f"/proc/{pid}/stat", "rb") as f:
                 stat = f.read()
             if int(stat[stat.rindex(b")") + 2:].split()[1]) == server:
-                return _Fork(pid, pidfd)
+                return _Fork(pidfd)
         except (OSError, ValueError):
             pass
         os.close(pidfd)

@@ -4,9 +4,11 @@ what `matchlock run` needs, and forks once per `run` (cli/forkclient.py is the o
 Started by the first `run` that finds none (`python -P -m matchlock.cli.forkserver PATH FD`),
 in a session of its own, with only the environment it needs to import (no secret a user
 exports reaches it). It listens on PATH (a 0600 SOCK_SEQPACKET socket in the user's 0700
-state directory; peers checked by SO_PEERCRED), then imports, then serves:
+state directory), then imports, then serves:
 
-1. a client connects and sends the install key; a key that is not this server's, or source
+1. a client connects; one that is not this user's or not in this server's security context,
+   as its /proc tells (`forkclient.verify_peer`, the client checks the server the same way),
+   is closed unheard. It sends the install key; a key that is not this server's, or source
    files changed since the import (an upgrade, an edit), get "S" (stale) and the client
    starts a new server;
 2. the server forks and tells the client the fork's pid ("P<pid>": the client passes its
@@ -15,11 +17,14 @@ state directory; peers checked by SO_PEERCRED), then imports, then serves:
    server never holds any client's environment. The fork becomes that client's `run`
    (entry.main) and exits as it would have; a fork without a whole request exits 125 and
    runs nothing;
-3. when the fork ends, the server sends its wait status ("X<status>"). A client that goes
-   away (killed) hangs its fork up (SIGHUP), as a closed terminal would.
+3. when its run is over, the fork sends its exit code ("E<code>"); when the fork has ended,
+   the server sends its wait status ("X<status>"). A client that goes away (killed) hangs
+   its fork up (SIGHUP), as a closed terminal would.
 
-It exits when it has been idle (no request, no fork alive) for MATCHLOCK_FORKSERVER_IDLE
-seconds (300 by default), or as soon as its socket is removed or replaced.
+It stops listening when it has been idle (no request, no fork alive) for
+MATCHLOCK_FORKSERVER_IDLE seconds (300 by default), as soon as its socket is removed or
+replaced, or when a dependency or the interpreter changed on disk, and exits once its last
+fork has ended.
 """
 
 from __future__ import annotations
@@ -77,11 +82,11 @@ class Server:
         from matchlock.sandbox.sockpath import sock_path
 
         self.path = path
-        self.key = forkclient.key()
         own = forkclient.context("self")
         if own is None or forkclient.confined(own):
             raise OSError("this process's context cannot be served")
         self.context = own
+        self.key = forkclient.key(own)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         old = os.umask(0o177)  # 0600 from its creation on
         try:
