@@ -140,7 +140,7 @@ def _hand_over_and_leave(state_dir: Path, argv: list[str]) -> int:
     [sock_path] = state_dir.glob("forkserver-*.sock")
     s = socketmod.socket(socketmod.AF_UNIX, socketmod.SOCK_SEQPACKET)
     s.connect(str(sock_path))
-    s.sendall(forkclient.MAGIC + b" " + forkclient.key())
+    s.sendall(forkclient.MAGIC + b" " + forkclient.key(forkclient.context("self") or b""))
     reply = s.recv(64)
     assert reply.startswith(b"P"), reply
     null = os.open(os.devnull, os.O_RDWR)

@@ -155,8 +155,13 @@ def test_changed_sources_make_a_new_server(state: Path, tmp_path: Path) -> None:
 # --- hostile clients ------------------------------------------------------------------------
 
 
-def _hello(sock: socket.socket) -> None:
-    sock.sendall(forkclient.MAGIC + b" " + forkclient.key())
+def _hello_bytes() -> bytes:
+    """The hello of a client in this (the test's, and so the server's) context."""
+    return forkclient.MAGIC + b" " + forkclient.key(forkclient.context("self") or b"")
+
+
+def _hello(sock: socket.socket, hello: bytes | None = None) -> None:
+    sock.sendall(hello or _hello_bytes())
 
 
 def _connect(path: Path) -> socket.socket:
@@ -209,6 +214,7 @@ def test_another_user_is_refused(state: Path) -> None:
 def _attacker(sock: Path, confine: str) -> bytes:
     """What a client confined by `confine` (in a child process) hears from the server when
     it sends the server's own key: b"refused" when it gets no fork."""
+    hello = _hello_bytes()  # the server's key, made before the child confines itself
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
@@ -225,7 +231,7 @@ def _attacker(sock: Path, confine: str) -> bytes:
                 assert libc.unshare(0x40000000) == 0  # CLONE_NEWNET
             with _connect(sock) as s:
                 try:
-                    _hello(s)  # the real key: a forged claim costs nothing to make
+                    _hello(s, hello)  # the real key: a forged claim costs nothing to make
                     reply = s.recv(64)
                 except (BrokenPipeError, ConnectionResetError):
                     reply = b""
