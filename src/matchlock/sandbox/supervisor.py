@@ -121,7 +121,7 @@ class _Forked:
                 os.setsid()
                 for n, (r, w) in enumerate(pipes):
                     os.dup2(r if n == 0 else w, n)
-                os.closerange(3, 1 << 16)  # nothing of ours but the three pipes
+                os.closerange(3, 1 << 20)  # only the three pipes (as the fork server)
                 os.environ[SUPERVISE_ENV] = str(launcher)  # it dies with us until ready
                 forked.reset_signals()
                 forked.reopen_stdio({0, 1, 2})
